@@ -1,0 +1,20 @@
+"""Model families and the registry that names them."""
+
+from volo_jax.models import volo  # noqa: F401  (registers the VOLO variants)
+from volo_jax.models.registry import (
+    PretrainedCfg,
+    create_model,
+    list_models,
+    model_kwargs,
+    pretrained_cfg,
+    register_model,
+)
+
+__all__ = [
+    "PretrainedCfg",
+    "create_model",
+    "list_models",
+    "model_kwargs",
+    "pretrained_cfg",
+    "register_model",
+]

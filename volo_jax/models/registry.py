@@ -1,0 +1,100 @@
+"""Model registry: timm's model names, their constructors and pretrained configs.
+
+`create_model('volo_d1_224', num_classes=10, dtype=jnp.bfloat16)` builds the Flax
+module; `pretrained_cfg(name)` gives the preprocessing its weights expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+import flax.linen as nn
+
+from volo_jax.errors import ConfigError, UnknownModelError
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedCfg:
+    """What a model's published weights expect of their input (timm's `pretrained_cfg`)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W), as timm
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    num_classes: int = 1000
+    url: str = ""
+    hf_hub_id: str = ""
+
+    @property
+    def img_size(self) -> int:
+        return self.input_size[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    module: type[nn.Module]
+    kwargs: dict[str, Any]
+    cfg: PretrainedCfg
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str, module: type[nn.Module], cfg: PretrainedCfg, **kwargs: Any
+) -> None:
+    """Registers `name` as `module(**kwargs)` with the pretrained config `cfg`."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = ModelEntry(name, module, kwargs, cfg)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def _entry(name: str) -> ModelEntry:
+    base = name.split(".")[0]  # accept timm's 'volo_d1_224.sail_in1k'
+    if base not in _REGISTRY:
+        close = [n for n in _REGISTRY if base.rsplit("_", 1)[0] in n] or list_models()
+        raise UnknownModelError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(close))}"
+        )
+    return _REGISTRY[base]
+
+
+def pretrained_cfg(name: str) -> PretrainedCfg:
+    """The input size, crop_pct, interpolation, mean and std of `name`'s weights."""
+    return _entry(name).cfg
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """Constructor arguments of `name` with `overrides` applied and checked."""
+    entry = _entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.module)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown model argument(s) {unknown}; valid ones: {', '.join(sorted(fields))}"
+        )
+    kwargs = {"img_size": entry.cfg.img_size, "num_classes": entry.cfg.num_classes}
+    kwargs.update(entry.kwargs)
+    kwargs.update(overrides)
+    # Module fields must be hashable: lists from configs become tuples.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Builds a registered model; `overrides` replace any constructor argument."""
+    entry = _entry(name)
+    return entry.module(**model_kwargs(name, **overrides))
+
+

@@ -1,0 +1,454 @@
+"""VOLO: Vision Outlooker (Yuan et al., arXiv 2106.13112), as timm's `VOLO`.
+
+NHWC images in, logits out. Module and parameter names mirror timm's so that a
+checkpoint converts name by name (`network.0.1.attn.v.weight` is
+`network_0_1/attn/v/kernel` here). Stage 1 is a stack of Outlookers on the 1/8
+grid, a strided-conv Downsample to the 1/16 grid follows, then Transformer
+blocks, then class-attention blocks on a class token, a final LayerNorm, the class
+head on the class token and an aux head on every patch token (token labeling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from volo_jax.models.layers import (
+    Attention,
+    DropPath,
+    Mlp,
+    TorchLayerNorm,
+    dense_init,
+    dot_product_attention,
+)
+from volo_jax.ops.outlook import OutlookAttention
+
+Dtype = Any
+
+
+class PatchEmbed(nn.Module):
+    """Conv stem (7x7/s, 3x3, 3x3, each + BatchNorm + ReLU) and a patch projection.
+
+    Input (B, H, W, in_chans) -> (B, H / patch_size, W / patch_size, embed_dim).
+    """
+
+    hidden_dim: int
+    embed_dim: int
+    patch_size: int = 8
+    stem_stride: int = 2
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(
+            use_running_average=not train,
+            momentum=0.9,  # PyTorch's momentum 0.1
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...
+        x = nn.Conv(self.hidden_dim, (7, 7), self.stem_stride, ((3, 3), (3, 3)), name="conv_0", **conv)(x)
+        x = nn.relu(nn.BatchNorm(name="conv_1", **norm)(x))
+        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_3", **conv)(x)
+        x = nn.relu(nn.BatchNorm(name="conv_4", **norm)(x))
+        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_6", **conv)(x)
+        x = nn.relu(nn.BatchNorm(name="conv_7", **norm)(x))
+        k = self.patch_size // self.stem_stride
+        return nn.Conv(
+            self.embed_dim, (k, k), k, "VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
+
+
+class Downsample(nn.Module):
+    """Patch merging by a strided conv. (B, H, W, C) -> (B, H / p, W / p, out_dim)."""
+
+    out_dim: int
+    patch_size: int = 2
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        p = self.patch_size
+        return nn.Conv(
+            self.out_dim, (p, p), p, "VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
+
+
+class Outlooker(nn.Module):
+    """Pre-norm outlook-attention block + MLP block. (B, H, W, C) -> (B, H, W, C)."""
+
+    dim: int
+    num_heads: int
+    kernel_size: int = 3
+    padding: int = 1
+    stride: int = 2
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = False
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = OutlookAttention(
+            self.dim, self.num_heads, self.kernel_size, self.padding, self.stride,
+            qkv_bias=self.qkv_bias, attn_drop=self.attn_drop, name="attn", **dt,
+        )
+        y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
+        x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
+        y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
+            TorchLayerNorm(name="norm2", **dt)(x), train
+        )
+        return x + DropPath(self.drop_path, name="drop_path2")(y, train)
+
+
+class Transformer(nn.Module):
+    """Pre-norm self-attention block + MLP block. (B, H, W, C) -> (B, H, W, C)."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = False
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = Attention(
+            self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt
+        )
+        y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
+        x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
+        y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
+            TorchLayerNorm(name="norm2", **dt)(x), train
+        )
+        return x + DropPath(self.drop_path, name="drop_path2")(y, train)
+
+
+class ClassAttention(nn.Module):
+    """The class token attends to all tokens. (B, 1 + N, C) -> class token (B, 1, C)."""
+
+    dim: int
+    num_heads: int
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init())
+        b, n, _ = x.shape
+        head_dim = self.head_dim or self.dim // self.num_heads
+        inner = head_dim * self.num_heads
+        kv = nn.Dense(2 * inner, use_bias=self.qkv_bias, name="kv", **dense)(x)
+        k, v = jnp.moveaxis(kv.reshape(b, n, 2, self.num_heads, head_dim), 2, 0)
+        q = nn.Dense(inner, use_bias=self.qkv_bias, name="q", **dense)(x[:, :1])
+        q = q.reshape(b, 1, self.num_heads, head_dim)
+        attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
+        cls = dot_product_attention(q, k, v, attn_drop).reshape(b, 1, inner)
+        cls = nn.Dense(self.dim, name="proj", **dense)(cls)
+        return nn.Dropout(self.proj_drop, deterministic=not train)(cls)
+
+
+class ClassBlock(nn.Module):
+    """Updates only the class token (first token); patch tokens pass through.
+
+    (B, 1 + N, C) -> (B, 1 + N, C).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int | None = None
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = False
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = ClassAttention(
+            self.dim, self.num_heads, self.head_dim, self.qkv_bias, self.attn_drop, self.drop,
+            name="attn", **dt,
+        )
+        cls = x[:, :1]
+        y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
+        cls = cls + DropPath(self.drop_path, name="drop_path1")(y, train)
+        y = Mlp(int(self.dim * self.mlp_ratio), drop=self.drop, name="mlp", **dt)(
+            TorchLayerNorm(name="norm2", **dt)(cls), train
+        )
+        cls = cls + DropPath(self.drop_path, name="drop_path2")(y, train)
+        return jnp.concatenate([cls, x[:, 1:]], axis=1)
+
+
+def mix_token_mask(height: int, width: int, box: jax.Array, scale: int = 1) -> jax.Array:
+    """Boolean (height, width) mask of the box (y0, x0, y1, x1), given on a grid
+    `scale` times coarser (half-open ranges, as Python slices)."""
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    y0, x0, y1, x1 = (box * scale)[0], (box * scale)[1], (box * scale)[2], (box * scale)[3]
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+
+
+def sample_mix_box(rng: jax.Array, grid: tuple[int, int], beta: float = 1.0) -> jax.Array:
+    """MixToken's random box on the (h, w) token grid, as the official `rand_bbox`.
+
+    lam ~ Beta(beta, beta); the box has sides int(side * sqrt(1 - lam)) around a
+    uniform centre, clipped to the grid. Returns int32 (y0, x0, y1, x1).
+    """
+    lam_key, y_key, x_key = jax.random.split(rng, 3)
+    lam = jax.random.beta(lam_key, beta, beta)
+    h, w = grid
+    cut = jnp.sqrt(1.0 - lam)
+    cut_h = (h * cut).astype(jnp.int32)
+    cut_w = (w * cut).astype(jnp.int32)
+    cy = jax.random.randint(y_key, (), 0, h)
+    cx = jax.random.randint(x_key, (), 0, w)
+    y0 = jnp.clip(cy - cut_h // 2, 0, h)
+    x0 = jnp.clip(cx - cut_w // 2, 0, w)
+    y1 = jnp.clip(cy + (cut_h + 1) // 2, 0, h)
+    x1 = jnp.clip(cx + (cut_w + 1) // 2, 0, w)
+    return jnp.stack([y0, x0, y1, x1]).astype(jnp.int32)
+
+
+def mix_box_lam(box: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Fraction of tokens NOT replaced by the box: 1 - area / (h * w)."""
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return 1.0 - area.astype(jnp.float32) / (grid[0] * grid[1])
+
+
+class VOLO(nn.Module):
+    """VOLO classifier; arguments and defaults as timm's `VOLO`.
+
+    `__call__(images (B, H, W, in_chans), train=False)` returns the class logits
+    `head(cls) + 0.5 * max_tokens(aux_head(tokens))`, (B, num_classes); with
+    `return_dense=True`, the pair (head(cls) (B, num_classes), aux logits
+    (B, N, num_classes)) that token labeling trains on. `mix_box` (int32
+    (y0, x0, y1, x1) on the token grid, see `sample_mix_box`) applies MixToken:
+    the box of every image's stem output is replaced by that of the image at the
+    mirrored batch index, and the aux logits are un-mixed before they are returned.
+    RNG streams: 'dropout' (dropout and stochastic depth) when training.
+    """
+
+    layers: Sequence[int]
+    embed_dims: Sequence[int]
+    num_heads: Sequence[int]
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"
+    patch_size: int = 8
+    stem_hidden_dim: int = 64
+    downsamples: Sequence[bool] = (True, False, False, False)
+    outlook_attention: Sequence[bool] = (True, False, False, False)
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = False
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    post_layers: Sequence[str] = ("ca", "ca")
+    use_aux_head: bool = True
+    pooling_scale: int = 2
+    remat: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self._check()
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.patch_embed = PatchEmbed(
+            self.stem_hidden_dim, self.embed_dims[0], self.patch_size, stem_stride=2, **dt
+        )
+        grid = self.img_size // self.patch_size // self.pooling_scale
+        init = nn.initializers.truncated_normal(0.02)
+        self.pos_embed = self.param(
+            "pos_embed", init, (1, grid, grid, self.embed_dims[-1]), self.param_dtype
+        )
+        outlooker = nn.remat(Outlooker, static_argnums=(2,)) if self.remat else Outlooker
+        transformer = nn.remat(Transformer, static_argnums=(2,)) if self.remat else Transformer
+        total = sum(self.layers)
+        network: list[Any] = []
+        for i, depth in enumerate(self.layers):
+            dim, heads = self.embed_dims[i], self.num_heads[i]
+            if self.outlook_attention[i]:
+                # As in the official code, outlooker blocks get no stochastic depth.
+                stage = [
+                    outlooker(dim, heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                              attn_drop=self.attn_drop_rate, **dt)
+                    for _ in range(depth)
+                ]
+            else:
+                start = sum(self.layers[:i])
+                stage = [
+                    transformer(
+                        dim, heads, self.mlp_ratio, self.qkv_bias, self.attn_drop_rate,
+                        drop_path=self.drop_path_rate * (start + j) / max(total - 1, 1), **dt,
+                    )
+                    for j in range(depth)
+                ]
+            network.append(stage)
+            if self.downsamples[i]:
+                network.append(Downsample(self.embed_dims[i + 1], 2, **dt))
+        self.network = network
+        self.pos_drop = nn.Dropout(self.pos_drop_rate)
+        self.post_network = [
+            ClassBlock(
+                self.embed_dims[-1], self.num_heads[-1], mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias, attn_drop=self.attn_drop_rate, **dt,
+            )
+            for _ in self.post_layers
+        ]
+        if self.post_layers:
+            self.cls_token = self.param(
+                "cls_token", init, (1, 1, self.embed_dims[-1]), self.param_dtype
+            )
+        self.norm = TorchLayerNorm(**dt)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        dense = dict(kernel_init=dense_init(), **dt)
+        self.head = nn.Dense(self.num_classes, **dense)
+        if self.use_aux_head:
+            self.aux_head = nn.Dense(self.num_classes, **dense)
+
+    def _check(self) -> None:
+        n = len(self.layers)
+        for name in ("embed_dims", "num_heads", "downsamples", "outlook_attention"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"VOLO: {name} needs one entry per stage ({n}), got "
+                                 f"{getattr(self, name)}")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"VOLO: global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.img_size % (self.patch_size * self.pooling_scale):
+            raise ValueError(
+                f"VOLO: img_size {self.img_size} must be a multiple of patch_size x pooling_scale "
+                f"= {self.patch_size * self.pooling_scale}"
+            )
+        if self.num_classes < 1:
+            raise ValueError(f"VOLO: num_classes must be >= 1, got {self.num_classes}")
+        if any(p != "ca" for p in self.post_layers):
+            raise ValueError(f"VOLO: post_layers may only hold 'ca', got {self.post_layers}")
+        if self.global_pool == "token" and not self.post_layers:
+            raise ValueError("VOLO: global_pool='token' needs post_layers (the class token)")
+
+    def forward_features(
+        self, x: jax.Array, train: bool = False, mix_box: jax.Array | None = None
+    ) -> jax.Array:
+        """Images (B, H, W, in_chans) -> normalised tokens (B, [1 +] N, C), class token first."""
+        expected = (self.img_size, self.img_size, self.in_chans)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"VOLO built for img_size {self.img_size} expects images (B, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}) in NHWC, got {tuple(x.shape)}"
+            )
+        x = self.patch_embed(x, train)
+        if mix_box is not None:
+            mask = mix_token_mask(x.shape[1], x.shape[2], mix_box, self.pooling_scale)
+            x = jnp.where(mask[None, :, :, None], x[::-1], x)
+        for idx, stage in enumerate(self.network):
+            if idx == 2:  # after the outlooker stage and its downsample, as timm
+                x = self.pos_drop(x + self.pos_embed.astype(x.dtype), deterministic=not train)
+            for block in stage if isinstance(stage, (list, tuple)) else (stage,):
+                x = block(x, train)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.post_layers:
+            cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+            for block in self.post_network:
+                x = block(x, train)
+        return self.norm(x)
+
+    def forward_head(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        return_dense: bool = False,
+        mix_box: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Tokens (B, 1 + N, C) -> logits (B, num_classes), or with `return_dense`
+        (class logits (B, num_classes), aux logits (B, N, num_classes))."""
+        pooled = x.mean(axis=1) if self.global_pool == "avg" else x[:, 0]
+        pooled = self.head_drop(pooled, deterministic=not train)
+        x = self.head_drop(x, deterministic=not train)
+        logits = self.head(pooled)
+        if not self.use_aux_head:
+            if return_dense:
+                raise ValueError("return_dense needs the aux head (use_aux_head=True)")
+            return logits
+        aux = self.aux_head(x[:, 1:])  # (B, N, classes), patch tokens only
+        if return_dense:
+            if mix_box is not None:
+                grid = self.img_size // self.patch_size // self.pooling_scale
+                aux = aux.reshape(aux.shape[0], grid, grid, -1)
+                mask = mix_token_mask(grid, grid, mix_box)
+                aux = jnp.where(mask[None, :, :, None], aux[::-1], aux)
+                aux = aux.reshape(aux.shape[0], grid * grid, -1)
+            return logits, aux
+        return logits + 0.5 * aux.max(axis=1)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        return_dense: bool = False,
+        mix_box: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        if mix_box is not None and not return_dense:
+            raise ValueError("mix_box (MixToken) needs return_dense=True: the targets are per token")
+        tokens = self.forward_features(x, train, mix_box)
+        return self.forward_head(tokens, train, return_dense, mix_box)
+
+
+def _register_variants() -> None:
+    from volo_jax.models.registry import PretrainedCfg, register_model
+
+    base = "https://github.com/sail-sg/volo/releases/download/volo_1/"
+    archs = {
+        "d1": dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12)),
+        "d2": dict(layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
+        "d3": dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
+        "d4": dict(layers=(8, 8, 16, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16)),
+        "d5": dict(
+            layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
+            mlp_ratio=4.0, stem_hidden_dim=128,
+        ),
+    }
+    # (variant, resolution, crop_pct, release file) as timm's default_cfgs.
+    releases = [
+        ("d1", 224, 0.96, "d1_224_84.2"), ("d1", 384, 1.0, "d1_384_85.2"),
+        ("d2", 224, 0.96, "d2_224_85.2"), ("d2", 384, 1.0, "d2_384_86.0"),
+        ("d3", 224, 0.96, "d3_224_85.4"), ("d3", 448, 1.0, "d3_448_86.3"),
+        ("d4", 224, 0.96, "d4_224_85.7"), ("d4", 448, 1.15, "d4_448_86.79"),
+        ("d5", 224, 0.96, "d5_224_86.10"), ("d5", 448, 1.15, "d5_448_87.0"),
+        ("d5", 512, 1.15, "d5_512_87.07"),
+    ]
+    for variant, size, crop_pct, release in releases:
+        name = f"volo_{variant}_{size}"
+        cfg = PretrainedCfg(
+            input_size=(3, size, size), crop_pct=crop_pct, interpolation="bicubic",
+            url=f"{base}{release}.pth.tar", hf_hub_id=f"timm/{name}.sail_in1k",
+        )
+        register_model(name, VOLO, cfg, **archs[variant])
+
+
+_register_variants()

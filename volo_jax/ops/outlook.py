@@ -1,0 +1,85 @@
+"""Outlook attention (VOLO, arXiv 2106.13112): attention weights generated from the
+centre token of each K x K window, applied to the window's values, folded back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from volo_jax.ops.patches import fold, unfold
+
+Dtype = Any
+
+
+def outlook_aggregate(
+    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
+) -> jax.Array:
+    """Applies per-window attention to unfolded values and folds the result back.
+
+    Args:
+      v: values, (B, H, W, C) with C = heads * head_dim.
+      attn: attention weights, (B, h, w, heads, K*K, K*K) (output offset, input
+        offset), h, w the window grid of `unfold(v, K, stride, padding)`.
+    Returns:
+      (B, H, W, C): the sum over every window covering a position.
+    """
+    b, height, width, c = v.shape
+    heads, kk = attn.shape[3], attn.shape[4]
+    windows = unfold(v, kernel_size, stride, padding)  # (B, h, w, KK, C)
+    h, w = windows.shape[1:3]
+    windows = windows.reshape(b, h, w, kk, heads, c // heads)
+    out = jnp.einsum("bxynij,bxyjnd->bxyind", attn, windows)  # (B, h, w, KK, heads, hd)
+    return fold(out.reshape(b, h, w, kk, c), (height, width), kernel_size, stride, padding)
+
+
+class OutlookAttention(nn.Module):
+    """Multi-head outlook attention, parameter names as timm's `OutlookAttention`.
+
+    Attributes:
+      dim: channels C; num_heads divides it.
+      kernel_size, padding, stride: window geometry K, p, s (VOLO: 3, 1, 2).
+    Input (B, H, W, C) -> output (B, H, W, C).
+    """
+
+    dim: int
+    num_heads: int
+    kernel_size: int = 3
+    padding: int = 1
+    stride: int = 1
+    qkv_bias: bool = False
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        b, height, width, c = x.shape
+        if c != self.dim or self.dim % self.num_heads:
+            raise ValueError(
+                f"OutlookAttention(dim={self.dim}, num_heads={self.num_heads}) got {c} channels"
+            )
+        k, s = self.kernel_size, self.stride
+        scale = (self.dim // self.num_heads) ** -0.5
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.truncated_normal(0.02),
+        )
+        v = nn.Dense(self.dim, use_bias=self.qkv_bias, name="v", **dense)(x)
+        # Average pool with kernel = stride = s, ceil mode: partial windows average
+        # only the positions they cover, as PyTorch's AvgPool2d(ceil_mode=True).
+        pad = ((0, -height % s), (0, -width % s))
+        pooled = nn.avg_pool(x, (s, s), (s, s), padding=pad, count_include_pad=False)
+        h, w = pooled.shape[1:3]
+        logits = nn.Dense(k**4 * self.num_heads, name="attn", **dense)(pooled)
+        logits = logits.reshape(b, h, w, self.num_heads, k * k, k * k) * scale
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
+        x = outlook_aggregate(v, attn, k, s, self.padding)
+        x = nn.Dense(self.dim, name="proj", **dense)(x)
+        return nn.Dropout(self.proj_drop, deterministic=not train)(x)
