@@ -10,6 +10,7 @@ from typing import Any
 from volo_jax.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    INTERPOLATIONS,
     decode_image,
     eval_transform,
     imagenet_class_names,
@@ -21,6 +22,7 @@ _LAZY_ATTRIBUTES = {'create_eval_dataset': 'volo_jax.data.input_pipeline'}
 __all__ = [
     'IMAGENET_DEFAULT_MEAN',
     'IMAGENET_DEFAULT_STD',
+    'INTERPOLATIONS',
     'create_eval_dataset',
     'decode_image',
     'eval_transform',

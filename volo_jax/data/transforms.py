@@ -34,6 +34,7 @@ _PIL_FILTERS = {
     'bicubic': Image.Resampling.BICUBIC,
     'lanczos': Image.Resampling.LANCZOS,
 }
+INTERPOLATIONS = tuple(_PIL_FILTERS)
 
 
 def _open_rgb(file: str | os.PathLike | BinaryIO, source: str) -> np.ndarray:
@@ -44,7 +45,8 @@ def _open_rgb(file: str | os.PathLike | BinaryIO, source: str) -> np.ndarray:
     except FileNotFoundError:
         raise ImageReadError(f'Cannot read image {source}: file not found.') from None
     except UnidentifiedImageError:
-        raise ImageReadError(f'Cannot read image {source}: not a recognised image format.') from None
+        reason = 'not a recognised image format'
+        raise ImageReadError(f'Cannot read image {source}: {reason}.') from None
     except OSError as e:  # Truncated or otherwise corrupt data, unreadable file.
         raise ImageReadError(f'Cannot read image {source}: {e}') from e
 
@@ -113,8 +115,8 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
         image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
                                (0, 0)))
     # torchvision rounds the offset with Python's round() (half to even).
-    top = int(round((image.shape[0] - size) / 2.0))
-    left = int(round((image.shape[1] - size) / 2.0))
+    top = round((image.shape[0] - size) / 2.0)
+    left = round((image.shape[1] - size) / 2.0)
     return image[top:top + size, left:left + size]
 
 
@@ -140,9 +142,9 @@ def eval_transform(
     Returns:
         float32 array of shape (input_size, input_size, 3).
     """
-    if interpolation not in _PIL_FILTERS:
+    if interpolation not in INTERPOLATIONS:
         raise ValueError(f'Unsupported interpolation {interpolation!r}; '
-                         f'expected one of {sorted(_PIL_FILTERS)}.')
+                         f'expected one of {INTERPOLATIONS}.')
     if crop_pct <= 0:
         raise ValueError(f'crop_pct must be positive, got {crop_pct}.')
     scale_size = math.floor(input_size / crop_pct)
