@@ -4,4 +4,4 @@ from volo_jax.models import create_model, list_models, pretrained_cfg
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "pretrained_cfg", "__version__"]
+__all__ = ["__version__", "create_model", "list_models", "pretrained_cfg"]

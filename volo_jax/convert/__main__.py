@@ -18,7 +18,9 @@ def main() -> int:
     parser.add_argument("--src", required=True, help=".pth.tar, .pth, .bin or .safetensors file")
     parser.add_argument("--dst", required=True, help="output weights directory")
     parser.add_argument(
-        "--key", choices=WRAPPER_KEYS, default=None,
+        "--key",
+        choices=WRAPPER_KEYS,
+        default=None,
         help="wrapper entry to read from a training checkpoint (default: the first present)",
     )
     args = parser.parse_args()

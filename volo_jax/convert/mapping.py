@@ -148,7 +148,9 @@ def torch_to_flax(
             value = resize_pos_embed(value, tuple(leaf.shape[1:3]), antialias)
         if value.shape != leaf.shape:
             expected = to_torch_layout(path[-1], np.empty(leaf.shape, np.bool_)).shape
-            misshaped.append(f"{name}: checkpoint {tuple(state_dict[name].shape)}, model {expected}")
+            misshaped.append(
+                f"{name}: checkpoint {tuple(state_dict[name].shape)}, model {expected}"
+            )
             continue
         out[(collection, *path)] = value.astype(leaf.dtype)
     unexpected = sorted(

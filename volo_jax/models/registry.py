@@ -47,9 +47,7 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(
-    name: str, module: type[nn.Module], cfg: PretrainedCfg, **kwargs: Any
-) -> None:
+def register_model(name: str, module: type[nn.Module], cfg: PretrainedCfg, **kwargs: Any) -> None:
     """Registers `name` as `module(**kwargs)` with the pretrained config `cfg`."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
@@ -65,9 +63,7 @@ def _entry(name: str) -> ModelEntry:
     base = name.split(".")[0]  # accept timm's 'volo_d1_224.sail_in1k'
     if base not in _REGISTRY:
         close = [n for n in _REGISTRY if base.rsplit("_", 1)[0] in n] or list_models()
-        raise UnknownModelError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(close))}"
-        )
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(close))}")
     return _REGISTRY[base]
 
 
@@ -96,5 +92,3 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; `overrides` replace any constructor argument."""
     entry = _entry(name)
     return entry.module(**model_kwargs(name, **overrides))
-
-

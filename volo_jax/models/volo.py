@@ -54,7 +54,9 @@ class PatchEmbed(nn.Module):
             param_dtype=self.param_dtype,
         )
         # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...
-        x = nn.Conv(self.hidden_dim, (7, 7), self.stem_stride, ((3, 3), (3, 3)), name="conv_0", **conv)(x)
+        x = nn.Conv(
+            self.hidden_dim, (7, 7), self.stem_stride, ((3, 3), (3, 3)), name="conv_0", **conv
+        )(x)
         x = nn.relu(nn.BatchNorm(name="conv_1", **norm)(x))
         x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_3", **conv)(x)
         x = nn.relu(nn.BatchNorm(name="conv_4", **norm)(x))
@@ -62,7 +64,12 @@ class PatchEmbed(nn.Module):
         x = nn.relu(nn.BatchNorm(name="conv_7", **norm)(x))
         k = self.patch_size // self.stem_stride
         return nn.Conv(
-            self.embed_dim, (k, k), k, "VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            self.embed_dim,
+            (k, k),
+            k,
+            "VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="proj",
         )(x)
 
@@ -79,7 +86,12 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         p = self.patch_size
         return nn.Conv(
-            self.out_dim, (p, p), p, "VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            self.out_dim,
+            (p, p),
+            p,
+            "VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="proj",
         )(x)
 
@@ -103,8 +115,15 @@ class Outlooker(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = OutlookAttention(
-            self.dim, self.num_heads, self.kernel_size, self.padding, self.stride,
-            qkv_bias=self.qkv_bias, attn_drop=self.attn_drop, name="attn", **dt,
+            self.dim,
+            self.num_heads,
+            self.kernel_size,
+            self.padding,
+            self.stride,
+            qkv_bias=self.qkv_bias,
+            attn_drop=self.attn_drop,
+            name="attn",
+            **dt,
         )
         y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
@@ -129,9 +148,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = Attention(
-            self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt
-        )
+        attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt)
         y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
         y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
@@ -189,8 +206,14 @@ class ClassBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = ClassAttention(
-            self.dim, self.num_heads, self.head_dim, self.qkv_bias, self.attn_drop, self.drop,
-            name="attn", **dt,
+            self.dim,
+            self.num_heads,
+            self.head_dim,
+            self.qkv_bias,
+            self.attn_drop,
+            self.drop,
+            name="attn",
+            **dt,
         )
         cls = x[:, :1]
         y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
@@ -295,16 +318,27 @@ class VOLO(nn.Module):
             if self.outlook_attention[i]:
                 # As in the official code, outlooker blocks get no stochastic depth.
                 stage = [
-                    outlooker(dim, heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
-                              attn_drop=self.attn_drop_rate, **dt)
+                    outlooker(
+                        dim,
+                        heads,
+                        mlp_ratio=self.mlp_ratio,
+                        qkv_bias=self.qkv_bias,
+                        attn_drop=self.attn_drop_rate,
+                        **dt,
+                    )
                     for _ in range(depth)
                 ]
             else:
                 start = sum(self.layers[:i])
                 stage = [
                     transformer(
-                        dim, heads, self.mlp_ratio, self.qkv_bias, self.attn_drop_rate,
-                        drop_path=self.drop_path_rate * (start + j) / max(total - 1, 1), **dt,
+                        dim,
+                        heads,
+                        self.mlp_ratio,
+                        self.qkv_bias,
+                        self.attn_drop_rate,
+                        drop_path=self.drop_path_rate * (start + j) / max(total - 1, 1),
+                        **dt,
                     )
                     for j in range(depth)
                 ]
@@ -315,8 +349,12 @@ class VOLO(nn.Module):
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
         self.post_network = [
             ClassBlock(
-                self.embed_dims[-1], self.num_heads[-1], mlp_ratio=self.mlp_ratio,
-                qkv_bias=self.qkv_bias, attn_drop=self.attn_drop_rate, **dt,
+                self.embed_dims[-1],
+                self.num_heads[-1],
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                attn_drop=self.attn_drop_rate,
+                **dt,
             )
             for _ in self.post_layers
         ]
@@ -335,10 +373,13 @@ class VOLO(nn.Module):
         n = len(self.layers)
         for name in ("embed_dims", "num_heads", "downsamples", "outlook_attention"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"VOLO: {name} needs one entry per stage ({n}), got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(
+                    f"VOLO: {name} needs one entry per stage ({n}), got {getattr(self, name)}"
+                )
         if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"VOLO: global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+            raise ValueError(
+                f"VOLO: global_pool must be 'token' or 'avg', got {self.global_pool!r}"
+            )
         if self.img_size % (self.patch_size * self.pooling_scale):
             raise ValueError(
                 f"VOLO: img_size {self.img_size} must be a multiple of patch_size x pooling_scale "
@@ -414,7 +455,9 @@ class VOLO(nn.Module):
         mix_box: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         if mix_box is not None and not return_dense:
-            raise ValueError("mix_box (MixToken) needs return_dense=True: the targets are per token")
+            raise ValueError(
+                "mix_box (MixToken) needs return_dense=True: the targets are per token"
+            )
         tokens = self.forward_features(x, train, mix_box)
         return self.forward_head(tokens, train, return_dense, mix_box)
 
@@ -425,28 +468,45 @@ def _register_variants() -> None:
     base = "https://github.com/sail-sg/volo/releases/download/volo_1/"
     archs = {
         "d1": dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12)),
-        "d2": dict(layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
-        "d3": dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
-        "d4": dict(layers=(8, 8, 16, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16)),
+        "d2": dict(
+            layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)
+        ),
+        "d3": dict(
+            layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)
+        ),
+        "d4": dict(
+            layers=(8, 8, 16, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16)
+        ),
         "d5": dict(
-            layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
-            mlp_ratio=4.0, stem_hidden_dim=128,
+            layers=(12, 12, 20, 4),
+            embed_dims=(384, 768, 768, 768),
+            num_heads=(12, 16, 16, 16),
+            mlp_ratio=4.0,
+            stem_hidden_dim=128,
         ),
     }
     # (variant, resolution, crop_pct, release file) as timm's default_cfgs.
     releases = [
-        ("d1", 224, 0.96, "d1_224_84.2"), ("d1", 384, 1.0, "d1_384_85.2"),
-        ("d2", 224, 0.96, "d2_224_85.2"), ("d2", 384, 1.0, "d2_384_86.0"),
-        ("d3", 224, 0.96, "d3_224_85.4"), ("d3", 448, 1.0, "d3_448_86.3"),
-        ("d4", 224, 0.96, "d4_224_85.7"), ("d4", 448, 1.15, "d4_448_86.79"),
-        ("d5", 224, 0.96, "d5_224_86.10"), ("d5", 448, 1.15, "d5_448_87.0"),
+        ("d1", 224, 0.96, "d1_224_84.2"),
+        ("d1", 384, 1.0, "d1_384_85.2"),
+        ("d2", 224, 0.96, "d2_224_85.2"),
+        ("d2", 384, 1.0, "d2_384_86.0"),
+        ("d3", 224, 0.96, "d3_224_85.4"),
+        ("d3", 448, 1.0, "d3_448_86.3"),
+        ("d4", 224, 0.96, "d4_224_85.7"),
+        ("d4", 448, 1.15, "d4_448_86.79"),
+        ("d5", 224, 0.96, "d5_224_86.10"),
+        ("d5", 448, 1.15, "d5_448_87.0"),
         ("d5", 512, 1.15, "d5_512_87.07"),
     ]
     for variant, size, crop_pct, release in releases:
         name = f"volo_{variant}_{size}"
         cfg = PretrainedCfg(
-            input_size=(3, size, size), crop_pct=crop_pct, interpolation="bicubic",
-            url=f"{base}{release}.pth.tar", hf_hub_id=f"timm/{name}.sail_in1k",
+            input_size=(3, size, size),
+            crop_pct=crop_pct,
+            interpolation="bicubic",
+            url=f"{base}{release}.pth.tar",
+            hf_hub_id=f"timm/{name}.sail_in1k",
         )
         register_model(name, VOLO, cfg, **archs[variant])
 

@@ -58,7 +58,7 @@ class PatchGeometry:
         """Number of window positions (h, w) on an (height, width) input."""
         sizes = []
         for n, k, s, p, d in zip(
-            (height, width), self.kernel, self.stride, self.padding, self.dilation
+            (height, width), self.kernel, self.stride, self.padding, self.dilation, strict=True
         ):
             span = d * (k - 1) + 1
             if n + 2 * p < span:

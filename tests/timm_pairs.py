@@ -1,0 +1,69 @@
+"""Builds a timm VOLO and a volo-jax VOLO of the same structure with the same
+(random, non-trivial) weights, for parity tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from volo_jax.models import create_model, model_kwargs
+
+#: Fields of our VOLO that timm's constructor does not take.
+JAX_ONLY_FIELDS = ("remat", "dtype", "param_dtype")
+
+
+def shrunk_overrides(name: str, factor: int = 4) -> dict[str, Any]:
+    """A small version of `name`: one or two blocks a stage, widths / factor, the
+    same heads (so head_dim keeps its ratio between variants), mlp ratio and grid."""
+    kw = model_kwargs(name)
+    return dict(
+        layers=(2, 1, 2, 1),
+        embed_dims=tuple(d // factor for d in kw["embed_dims"]),
+        stem_hidden_dim=kw.get("stem_hidden_dim", 64) // factor,
+        num_classes=17,
+    )
+
+
+def randomize_(torch_model: Any, seed: int = 0) -> None:
+    """Perturbs every parameter and BatchNorm statistic so no weight is trivial."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in torch_model.named_parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+        for name, buf in torch_model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
+
+
+def timm_volo(name: str, seed: int = 0, **overrides: Any) -> Any:
+    """timm's VOLO with the arguments our registry gives `name`, weights randomized."""
+    from timm.models.volo import VOLO
+
+    kw = {k: v for k, v in model_kwargs(name, **overrides).items() if k not in JAX_ONLY_FIELDS}
+    model = VOLO(**kw).eval()
+    randomize_(model, seed)
+    return model
+
+
+def state_dict_numpy(torch_model: Any) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+
+
+def timm_logits(torch_model: Any, images_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eval logits (B, K), aux logits (B, N, K)) of a timm VOLO."""
+    import torch
+
+    x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = torch_model(x).numpy()
+        aux = torch_model.aux_head(torch_model.forward_features(x)[:, 1:]).numpy()
+    return logits, aux
+
+
+def jax_volo(name: str, **overrides: Any) -> Any:
+    return create_model(name, **overrides)
