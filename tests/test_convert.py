@@ -1,0 +1,195 @@
+"""The converter: every checkpoint format, strictness, variant detection, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from tests import timm_pairs  # noqa: E402
+from volo_jax.convert import read_state_dict, torch_to_flax  # noqa: E402
+from volo_jax.errors import CheckpointError  # noqa: E402
+from volo_jax.weights import load_weights, load_weights_into  # noqa: E402
+
+NAME = "volo_d1_224"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(overrides, timm model, numpy state dict) of a shrunk volo_d1_224."""
+    overrides = timm_pairs.shrunk_overrides(NAME, factor=8)
+    torch_model = timm_pairs.timm_volo(NAME, **overrides)
+    return overrides, torch_model, timm_pairs.state_dict_numpy(torch_model)
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "state_dict_ema"])
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_reads_official_pth_tar_in_every_wrapping(tmp_path, tiny, wrapper, prefix):
+    _, torch_model, state = tiny
+    tensors = {prefix + k: v for k, v in torch_model.state_dict().items()}
+    payload = tensors if wrapper is None else {wrapper: tensors, "epoch": 7}
+    path = tmp_path / "d1_224_84.2.pth.tar"
+    torch.save(payload, path)
+    loaded = read_state_dict(path)
+    assert sorted(loaded) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(loaded[name], value)
+
+
+def test_reads_training_checkpoints_with_args(tmp_path, tiny):
+    import argparse
+
+    _, torch_model, _ = tiny
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": torch_model.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
+    assert "cls_token" in read_state_dict(path)
+
+
+def test_safetensors_and_pth_give_the_same_variables(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    overrides, torch_model, state = tiny
+    save_file(torch_model.state_dict(), tmp_path / "model.safetensors")
+    torch.save(torch_model.state_dict(), tmp_path / "pytorch_model.pth")
+    model = timm_pairs.jax_volo(NAME, **overrides)
+    a = torch_to_flax(read_state_dict(tmp_path / "model.safetensors"), model)
+    b = torch_to_flax(read_state_dict(tmp_path / "pytorch_model.pth"), model)
+    c = torch_to_flax(state, model)
+    import chex
+
+    chex.assert_trees_all_equal(a, b, c)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "nope.pth")
+    bad = tmp_path / "truncated.pth.tar"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        read_state_dict(bad)
+    bad_st = tmp_path / "x.safetensors"
+    bad_st.write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(bad_st)
+
+
+def test_strict_errors_list_missing_unexpected_and_misshaped(tiny):
+    overrides, _, state = tiny
+    model = timm_pairs.jax_volo(NAME, **overrides)
+    broken = dict(state)
+    del broken["network.0.0.attn.v.weight"]
+    broken["extra.weight"] = np.zeros(3, np.float32)
+    broken["head.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError) as err:
+        torch_to_flax(broken, model)
+    message = str(err.value)
+    assert "missing from the checkpoint (1)" in message and "network.0.0.attn.v.weight" in message
+    assert "unexpected in the checkpoint (1)" in message and "extra.weight" in message
+    assert "mis-shaped (1)" in message and "head.bias: checkpoint (3,), model (17,)" in message
+
+
+def test_a_checkpoint_of_another_variant_is_named():
+    import timm
+
+    state = timm_pairs.state_dict_numpy(timm.create_model("volo_d2_224"))
+    model = timm_pairs.jax_volo("volo_d1_224")
+    with pytest.raises(CheckpointError, match="fits volo_d2_224 / volo_d2_384"):
+        torch_to_flax(state, model, model_name="volo_d1_224")
+
+
+def test_skip_leaves_out_the_classifier(tiny):
+    overrides, _, state = tiny
+    model = timm_pairs.jax_volo(NAME, **dict(overrides, num_classes=3))
+    variables = torch_to_flax(state, model, skip=[r"^params/(head|aux_head)/"])
+    assert "head" not in variables["params"] and "aux_head" not in variables["params"]
+    assert "network_0_0" in variables["params"]
+
+
+def test_cli_writes_a_weights_directory_that_loads_at_another_resolution(tmp_path, tiny):
+    _, _, _ = tiny
+    import timm
+
+    torch_model = timm.create_model("volo_d1_224")
+    timm_pairs.randomize_(torch_model)
+    src = tmp_path / "d1_224_84.2.pth.tar"
+    torch.save(torch_model.state_dict(), src)
+    dst = tmp_path / "weights"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "volo_jax.convert",
+            "--model",
+            NAME,
+            "--src",
+            str(src),
+            "--dst",
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "26,632,040 parameters" in done.stdout
+    variables, meta = load_weights(dst)
+    assert meta["model"] == NAME
+    np.testing.assert_array_equal(
+        variables["params"]["cls_token"], torch_model.cls_token.detach().numpy()
+    )
+    at_384 = load_weights_into(dst, timm_pairs.jax_volo("volo_d1_384"), "volo_d1_384")
+    assert at_384["params"]["pos_embed"].shape == (1, 24, 24, 384)
+    with pytest.raises(CheckpointError, match="holds weights for volo_d1_224"):
+        load_weights(dst, expected_model="volo_d2_224")
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "volo_jax.convert",
+            "--model",
+            "volo_d7",
+            "--src",
+            "x.pth",
+            "--dst",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "unknown model 'volo_d7'" in done.stderr and "volo_d1_224" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "volo_jax.convert",
+            "--model",
+            NAME,
+            "--src",
+            str(tmp_path / "missing.pth"),
+            "--dst",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "checkpoint file not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_weights_directory_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"python -m volo_jax\.convert"):
+        load_weights(tmp_path)

@@ -1,0 +1,170 @@
+"""The VOLO module itself: registry, parameter counts, dtypes, train-mode behaviour."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import volo_jax
+from volo_jax.errors import ConfigError, UnknownModelError
+from volo_jax.models.volo import mix_box_lam, mix_token_mask, sample_mix_box
+
+#: timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()).
+TIMM_PARAM_COUNTS = {
+    "volo_d1_224": 26_632_040,
+    "volo_d1_384": 26_777_960,
+    "volo_d2_224": 58_678_336,
+    "volo_d2_384": 58_872_896,
+    "volo_d3_224": 86_325_072,
+    "volo_d3_448": 86_626_128,
+    "volo_d4_224": 192_961_520,
+    "volo_d4_448": 193_413_104,
+    "volo_d5_224": 295_455_584,
+    "volo_d5_448": 295_907_168,
+    "volo_d5_512": 296_091_488,
+}
+
+TINY = dict(
+    layers=(1, 1, 1, 1),
+    embed_dims=(16, 32, 32, 32),
+    num_heads=(2, 4, 4, 4),
+    stem_hidden_dim=8,
+    num_classes=5,
+    img_size=32,
+)
+
+
+def _param_count(model) -> int:
+    size = model.img_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+def test_registry_has_timms_names_and_configs():
+    assert volo_jax.list_models() == sorted(TIMM_PARAM_COUNTS)
+    cfg = volo_jax.pretrained_cfg("volo_d4_448")
+    assert cfg.input_size == (3, 448, 448) and cfg.crop_pct == 1.15
+    assert cfg.interpolation == "bicubic" and cfg.mean == (0.485, 0.456, 0.406)
+    assert volo_jax.pretrained_cfg("volo_d1_224.sail_in1k").crop_pct == 0.96
+    assert volo_jax.pretrained_cfg("volo_d1_384").crop_pct == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
+def test_parameter_count_equals_timms(name):
+    assert _param_count(volo_jax.create_model(name)) == TIMM_PARAM_COUNTS[name]
+
+
+def test_parameter_counts_agree_with_live_timm():
+    timm = pytest.importorskip("timm")
+    for name in ("volo_d1_224", "volo_d2_384"):
+        torch_model = timm.create_model(name)
+        expected = sum(p.numel() for p in torch_model.parameters())
+        assert _param_count(volo_jax.create_model(name)) == expected
+
+
+def test_unknown_names_and_arguments_are_clear_errors():
+    with pytest.raises(UnknownModelError, match="volo_d1_224"):
+        volo_jax.create_model("volo_d9_224")
+    with pytest.raises(ConfigError, match="num_clases"):
+        volo_jax.create_model("volo_d1_224", num_clases=10)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = volo_jax.create_model("volo_d1_224", **TINY)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="img_size 32"):
+        model.apply(variables, jnp.zeros((1, 3, 32, 32)))
+
+
+def test_bf16_compute_keeps_float32_params():
+    model = volo_jax.create_model("volo_d1_224", dtype=jnp.bfloat16, **TINY)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal_dtypes(
+        variables["params"],
+        jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables["params"]),
+    )
+    logits = model.apply(variables, x)
+    assert logits.dtype == jnp.bfloat16
+    reference = volo_jax.create_model("volo_d1_224", **TINY).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(logits, np.float32), reference, atol=0.1, rtol=0.1)
+    grads = jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(
+        variables["params"]
+    )
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_stochastic_depth_and_batchnorm_in_train_mode():
+    model = volo_jax.create_model("volo_d1_224", drop_path_rate=0.5, **TINY)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def train_logits(seed):
+        (cls, _), state = model.apply(
+            variables,
+            x,
+            train=True,
+            return_dense=True,
+            rngs={"dropout": jax.random.key(seed)},
+            mutable=["batch_stats"],
+        )
+        return cls, state
+
+    a, state = train_logits(0)
+    b, _ = train_logits(1)
+    assert not np.allclose(a, b)  # different blocks dropped
+    chex.assert_trees_all_close(train_logits(0)[0], a)  # same rng, same result
+    moved = jax.tree_util.tree_map(
+        lambda new, old: float(jnp.abs(new - old).max()),
+        state["batch_stats"],
+        variables["batch_stats"],
+    )
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # running stats updated
+    chex.assert_trees_all_close(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_mix_box_sampling_and_mask():
+    for seed in range(20):
+        box = np.asarray(sample_mix_box(jax.random.key(seed), (14, 14)))
+        y0, x0, y1, x1 = box
+        assert 0 <= y0 <= y1 <= 14 and 0 <= x0 <= x1 <= 14
+        mask = np.asarray(mix_token_mask(28, 28, jnp.asarray(box), scale=2))
+        assert mask.sum() == 4 * (y1 - y0) * (x1 - x0)
+        lam = float(mix_box_lam(jnp.asarray(box), (14, 14)))
+        assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 196)
+
+
+def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
+    """With a box covering everything, every image becomes its batch mirror: class
+    logits come out mirrored, and the un-mixed aux map is back in batch order."""
+    model = volo_jax.create_model("volo_d1_224", **TINY)
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    cls, aux = model.apply(variables, x, return_dense=True)
+    full = jnp.array([0, 0, 2, 2], jnp.int32)  # the token grid is 2x2 at 32 px
+    mixed_cls, mixed_aux = model.apply(variables, x, return_dense=True, mix_box=full)
+    np.testing.assert_allclose(mixed_cls, cls[::-1], atol=1e-5)
+    np.testing.assert_allclose(mixed_aux, aux, atol=1e-5)
+    empty = jnp.array([1, 1, 1, 1], jnp.int32)
+    same_cls, _ = model.apply(variables, x, return_dense=True, mix_box=empty)
+    np.testing.assert_allclose(same_cls, cls, atol=1e-6)
+    with pytest.raises(ValueError, match="return_dense"):
+        model.apply(variables, x, mix_box=full)
+
+
+def test_remat_gives_the_same_gradients():
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    plain = volo_jax.create_model("volo_d1_224", **TINY)
+    variables = plain.init(jax.random.key(0), x)
+    remat = volo_jax.create_model("volo_d1_224", remat=True, **TINY)
+
+    def grads(model):
+        return jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(
+            variables["params"]
+        )
+
+    chex.assert_trees_all_close(grads(plain), grads(remat), atol=1e-6)
