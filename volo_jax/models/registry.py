@@ -12,10 +12,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from volo_jax.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from volo_jax.errors import ConfigError, UnknownModelError
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
