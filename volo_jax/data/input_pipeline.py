@@ -47,7 +47,7 @@ def configure_tensorflow() -> None:
         logging.getLogger(__name__).warning('Could not hide GPUs from TensorFlow: %s', e)
 
 
-def process_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+def _process_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
     """[start, stop) of this process's examples; the first ``num_examples % process_count``
     processes get one extra example (the same split as ``tfds.even_splits``)."""
     base, extra = divmod(num_examples, process_count)
@@ -71,16 +71,6 @@ class _Records(NamedTuple):
     num_local: int  # Examples this process reads.
     num_per_process_max: int  # Examples the busiest process reads.
     num_total: int  # Examples over all processes.
-
-
-def _limited_split(split: str, num_examples: int | None) -> str:
-    """Returns ``split`` restricted to its first ``num_examples`` examples (TFDS slicing)."""
-    if num_examples is None:
-        return split
-    if not re.fullmatch(r'\w+', split):
-        raise ConfigError(f'num_examples needs a plain split name, got {split!r}; '
-                          'slice the split instead (e.g. "validation[:1000]").')
-    return f'{split}[:{num_examples}]'
 
 
 def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
@@ -113,7 +103,7 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 def _check_features(builder: tfds.core.DatasetBuilder, image_key: str, label_key: str) -> None:
     """Raises DatasetError unless ``image_key`` is an image and ``label_key`` exists."""
     features = builder.info.features
-    if not isinstance(features.get(image_key), tfds.features.Image):
+    if image_key not in features or not isinstance(features[image_key], tfds.features.Image):
         raise DatasetError(f'Dataset {builder.name!r} has no image feature {image_key!r}; '
                            f'its features are {sorted(features)}.')
     if label_key not in features:
@@ -121,17 +111,32 @@ def _check_features(builder: tfds.core.DatasetBuilder, image_key: str, label_key
                            f'its features are {sorted(features)}.')
 
 
+def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    """Number of examples in a (possibly sliced) split of a prepared TFDS dataset."""
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise DatasetError(f'Dataset {builder.name!r} cannot read split {split!r} (its splits '
+                           f'are {sorted(builder.info.splits)}): {e}') from e
+
+
+def _limited_split(builder: tfds.core.DatasetBuilder, split: str, num_examples: int | None) -> str:
+    """Returns ``split`` restricted to its first ``num_examples`` examples (TFDS slicing)."""
+    if num_examples is None:
+        return split
+    if not re.fullmatch(r'\w+', split):
+        raise ConfigError(f'num_examples needs a plain split name, got {split!r}; '
+                          'slice the split instead (e.g. "validation[:1000]").')
+    return f'{split}[:{min(num_examples, _split_size(builder, split))}]'
+
+
 def _tfds_records(name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
                   num_examples: int | None, process_index: int, process_count: int) -> _Records:
     """Encoded images and labels of this process's shard of a prepared TFDS split."""
     builder = _tfds_builder(name, data_dir)
     _check_features(builder, image_key, label_key)
-    split = _limited_split(split, num_examples)
-    try:
-        num_total = builder.info.splits[split].num_examples
-    except (KeyError, ValueError) as e:
-        raise DatasetError(f'Dataset {name!r} has no split {split!r}; it has '
-                           f'{sorted(builder.info.splits)}.') from e
+    split = _limited_split(builder, split, num_examples)
+    num_total = _split_size(builder, split)
     shards = tfds.even_splits(split, n=process_count)
     dataset = builder.as_dataset(
         split=shards[process_index], shuffle_files=False,
@@ -169,13 +174,13 @@ def _folder_records(root: pathlib.Path, split: str, num_examples: int | None,
                            f'{split_dir}/<class_name>/.')
     if num_examples is not None:
         paths, labels = paths[:num_examples], labels[:num_examples]
-    start, stop = process_shard(len(paths), process_index, process_count)
+    start, stop = _process_shard(len(paths), process_index, process_count)
     dataset = tf.data.Dataset.from_tensor_slices({
         'source': tf.constant(paths[start:stop], tf.string),
         'label': tf.constant(labels[start:stop], tf.int32),
     })
     dataset = dataset.map(lambda ex: {'data': tf.io.read_file(ex['source']), **ex})
-    num_max = process_shard(len(paths), 0, process_count)[1]  # Process 0 is never smaller.
+    num_max = _process_shard(len(paths), 0, process_count)[1]  # Process 0 is never smaller.
     return _Records(dataset, stop - start, num_max, len(paths))
 
 
@@ -255,9 +260,11 @@ def create_eval_dataset(
     if interpolation not in INTERPOLATIONS:
         raise ConfigError(f'Unknown interpolation {interpolation!r}; expected one of '
                           f'{INTERPOLATIONS}.')
-    configure_tensorflow()
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f'process_index {process_index} is not in [0, {process_count}).')
+    configure_tensorflow()
 
     if os.path.isdir(dataset):
         records = _folder_records(pathlib.Path(dataset), split, num_examples,
