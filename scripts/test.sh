@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (with the PyTorch/timm reference), plus ruff. Extra args go to pytest,
+# e.g. scripts/test.sh -m slow  for the long tests.
+set -euo pipefail
+source "$(dirname "$0")/env.sh" requirements-test.txt
+ruff check volo_jax tests main.py configs
+python -m pytest -q "$@"
