@@ -10,7 +10,7 @@ import numpy as np
 from volo_jax.models import create_model, model_kwargs
 
 #: Fields of our VOLO that timm's constructor does not take.
-JAX_ONLY_FIELDS = ("remat", "dtype", "param_dtype")
+JAX_ONLY_FIELDS = ("remat", "outlook_impl", "dtype", "param_dtype")
 
 
 def shrunk_overrides(name: str, factor: int = 4) -> dict[str, Any]:

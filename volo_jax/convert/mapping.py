@@ -85,9 +85,13 @@ def example_input(model: nn.Module, batch: int = 1) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, size, size, getattr(model, "in_chans", 3)), jnp.float32)
 
 
-def abstract_variables(model: nn.Module) -> dict[str, Any]:
-    """Shapes and dtypes of a model's variables, without allocating them."""
-    x = example_input(model)
+def abstract_variables(model: nn.Module, inputs: Any = None) -> dict[str, Any]:
+    """Shapes and dtypes of a model's variables, without allocating them.
+
+    `inputs` (an array or ShapeDtypeStruct) is what `model.init` is traced with;
+    by default an image batch of the model's `img_size`.
+    """
+    x = example_input(model) if inputs is None else inputs
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
 
 
@@ -111,8 +115,9 @@ def torch_to_flax(
     skip: Iterable[str] = (),
     model_name: str | None = None,
     antialias: bool = True,
+    inputs: Any = None,
 ) -> dict[str, Any]:
-    """Converts a PyTorch state dict into the variables of a Flax model.
+    """Converts a PyTorch state dict into the variables of a Flax model (or layer).
 
     Args:
       state_dict: {torch name: array}, e.g. from `read_state_dict`.
@@ -123,6 +128,8 @@ def torch_to_flax(
         their torch tensors are dropped.
       model_name: used in error messages only.
       antialias: timm's (True) or the official VOLO code's (False) resize.
+      inputs: an example input (array or ShapeDtypeStruct) for modules that are not
+        image models with `img_size`, e.g. a single layer.
     Returns:
       {'params': ..., 'batch_stats': ...} nested dicts of float32 NumPy arrays.
     Raises:
@@ -130,7 +137,7 @@ def torch_to_flax(
         registered model the checkpoint does fit, if any.
     """
     skip_patterns = [re.compile(p) for p in skip]
-    flat_abstract = traverse_util.flatten_dict(abstract_variables(model))
+    flat_abstract = traverse_util.flatten_dict(abstract_variables(model, inputs))
     used: set[str] = set()
     missing, misshaped = [], []
     out: dict[tuple[str, ...], np.ndarray] = {}

@@ -108,6 +108,7 @@ class Outlooker(nn.Module):
     qkv_bias: bool = False
     attn_drop: float = 0.0
     drop_path: float = 0.0
+    outlook_impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -122,6 +123,7 @@ class Outlooker(nn.Module):
             self.stride,
             qkv_bias=self.qkv_bias,
             attn_drop=self.attn_drop,
+            impl=self.outlook_impl,
             name="attn",
             **dt,
         )
@@ -272,6 +274,8 @@ class VOLO(nn.Module):
     the box of every image's stem output is replaced by that of the image at the
     mirrored batch index, and the aux logits are un-mixed before they are returned.
     RNG streams: 'dropout' (dropout and stochastic depth) when training.
+    `outlook_impl` picks how outlook attention runs ('auto': the backend's fastest,
+    see `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same.
     """
 
     layers: Sequence[int]
@@ -295,6 +299,7 @@ class VOLO(nn.Module):
     use_aux_head: bool = True
     pooling_scale: int = 2
     remat: bool = False
+    outlook_impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -324,6 +329,7 @@ class VOLO(nn.Module):
                         mlp_ratio=self.mlp_ratio,
                         qkv_bias=self.qkv_bias,
                         attn_drop=self.attn_drop_rate,
+                        outlook_impl=self.outlook_impl,
                         **dt,
                     )
                     for _ in range(depth)

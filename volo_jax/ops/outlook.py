@@ -10,23 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.ops.patches import fold, unfold
+from volo_jax.ops.patches import fold, fold_slices, unfold, window_slices
 
 Dtype = Any
 
 
-def outlook_aggregate(
+def _aggregate_reference(
     v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
 ) -> jax.Array:
-    """Applies per-window attention to unfolded values and folds the result back.
-
-    Args:
-      v: values, (B, H, W, C) with C = heads * head_dim.
-      attn: attention weights, (B, h, w, heads, K*K, K*K) (output offset, input
-        offset), h, w the window grid of `unfold(v, K, stride, padding)`.
-    Returns:
-      (B, H, W, C): the sum over every window covering a position.
-    """
+    """unfold (conv patches) -> per-window attention -> fold (scatter-add)."""
     b, height, width, c = v.shape
     heads, kk = attn.shape[3], attn.shape[4]
     windows = unfold(v, kernel_size, stride, padding)  # (B, h, w, KK, C)
@@ -36,12 +28,71 @@ def outlook_aggregate(
     return fold(out.reshape(b, h, w, kk, c), (height, width), kernel_size, stride, padding)
 
 
+def _aggregate_slices(
+    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
+) -> jax.Array:
+    """The same with windows as K*K strided slices stacked head-major, so the attention
+    product is a plain batched matmul, and the fold as a sum of strided placements."""
+    b, height, width, c = v.shape
+    heads = attn.shape[3]
+    geometry = (kernel_size, stride, padding)
+    parts = window_slices(v.reshape(b, height, width, heads, c // heads), *geometry)
+    windows = jnp.stack(parts, axis=4)  # (B, h, w, heads, KK, hd)
+    out = jnp.einsum("bxynij,bxynjd->bxynid", attn, windows)  # (B, h, w, heads, KK, hd)
+    folded = fold_slices(
+        [out[:, :, :, :, k] for k in range(len(parts))], (height, width), *geometry
+    )
+    return folded.reshape(b, height, width, c)
+
+
+#: Implementations of `outlook_aggregate`, equal within float rounding (tested).
+IMPLEMENTATIONS = {"reference": _aggregate_reference, "slices": _aggregate_slices}
+
+#: What `impl="auto"` runs, per JAX backend (chosen by benchmarks/bench_ops.py).
+DEFAULT_IMPLEMENTATION = {"cpu": "slices", "gpu": "slices", "tpu": "slices"}
+
+
+def resolve_implementation(impl: str) -> str:
+    """'auto' -> the default for the current backend; anything else is checked."""
+    if impl == "auto":
+        return DEFAULT_IMPLEMENTATION.get(jax.default_backend(), "reference")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown outlook attention implementation {impl!r}; choose 'auto' or one of "
+            f"{sorted(IMPLEMENTATIONS)}"
+        )
+    return impl
+
+
+def outlook_aggregate(
+    v: jax.Array,
+    attn: jax.Array,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    impl: str = "auto",
+) -> jax.Array:
+    """Applies per-window attention to unfolded values and folds the result back.
+
+    Args:
+      v: values, (B, H, W, C) with C = heads * head_dim.
+      attn: attention weights, (B, h, w, heads, K*K, K*K) (output offset, input
+        offset), h, w the window grid of `unfold(v, K, stride, padding)`.
+      impl: a key of `IMPLEMENTATIONS`, or 'auto' for the backend's fastest.
+    Returns:
+      (B, H, W, C): the sum over every window covering a position.
+    """
+    fn = IMPLEMENTATIONS[resolve_implementation(impl)]
+    return fn(v, attn, kernel_size, stride, padding)
+
+
 class OutlookAttention(nn.Module):
     """Multi-head outlook attention, parameter names as timm's `OutlookAttention`.
 
     Attributes:
       dim: channels C; num_heads divides it.
       kernel_size, padding, stride: window geometry K, p, s (VOLO: 3, 1, 2).
+      impl: how the windows are gathered and folded (see `IMPLEMENTATIONS`).
     Input (B, H, W, C) -> output (B, H, W, C).
     """
 
@@ -53,6 +104,7 @@ class OutlookAttention(nn.Module):
     qkv_bias: bool = False
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -80,6 +132,6 @@ class OutlookAttention(nn.Module):
         logits = logits.reshape(b, h, w, self.num_heads, k * k, k * k) * scale
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
-        x = outlook_aggregate(v, attn, k, s, self.padding)
+        x = outlook_aggregate(v, attn, k, s, self.padding, self.impl)
         x = nn.Dense(self.dim, name="proj", **dense)(x)
         return nn.Dropout(self.proj_drop, deterministic=not train)(x)
