@@ -30,8 +30,16 @@ def _inputs(shape, seed=0):
     return v, attn, (k, s, p)
 
 
-@pytest.mark.parametrize("impl", sorted(set(IMPLEMENTATIONS) - {"reference"}))
-@pytest.mark.parametrize("shape", SHAPES)
+def _cases():
+    """Every implementation on every shape; the Pallas kernel (interpret mode on the
+    CPU, compile-heavy) on two shapes in the fast suite, the rest marked slow."""
+    for impl in sorted(set(IMPLEMENTATIONS) - {"reference"}):
+        for i, shape in enumerate(SHAPES):
+            marks = [pytest.mark.slow] if impl == "pallas" and i >= 2 else []
+            yield pytest.param(impl, shape, marks=marks, id=f"{impl}-{i}")
+
+
+@pytest.mark.parametrize(("impl", "shape"), _cases())
 def test_implementations_equal_the_reference(impl, shape):
     v, attn, geometry = _inputs(shape)
 

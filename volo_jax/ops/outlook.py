@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas
 from volo_jax.ops.patches import fold, fold_slices, unfold, window_slices
 
 Dtype = Any
@@ -45,10 +46,17 @@ def _aggregate_slices(
     return folded.reshape(b, height, width, c)
 
 
-#: Implementations of `outlook_aggregate`, equal within float rounding (tested).
-IMPLEMENTATIONS = {"reference": _aggregate_reference, "slices": _aggregate_slices}
+#: Implementations of `outlook_aggregate`, equal within float rounding (tested):
+#: 'pallas' is the fused kernel of `outlook_pallas` (interpret mode on the CPU).
+IMPLEMENTATIONS = {
+    "reference": _aggregate_reference,
+    "slices": _aggregate_slices,
+    "pallas": outlook_aggregate_pallas,
+}
 
-#: What `impl="auto"` runs, per JAX backend (chosen by benchmarks/bench_ops.py).
+#: What `impl="auto"` runs, per JAX backend: the fastest measured by
+#: benchmarks/bench_ops.py. GPU and TPU keep 'slices' until the Pallas kernel has
+#: been timed there (docs/performance.md).
 DEFAULT_IMPLEMENTATION = {"cpu": "slices", "gpu": "slices", "tpu": "slices"}
 
 
