@@ -10,7 +10,7 @@ import pytest
 
 import volo_jax
 from volo_jax.errors import ConfigError, UnknownModelError
-from volo_jax.models.volo import mix_box_lam, mix_token_mask, sample_mix_box
+from volo_jax.models.volo import MIXER_NAMES, mix_box_lam, mix_token_mask, sample_mix_box
 
 #: timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()).
 TIMM_PARAM_COUNTS = {
@@ -168,3 +168,54 @@ def test_remat_gives_the_same_gradients():
         )
 
     chex.assert_trees_all_close(grads(plain), grads(remat), atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_every_token_mixer_runs_in_the_outlooker_stage(mixer):
+    """The ablation switch: each mixer builds, runs forward and backward, and leaves
+    the rest of the network (names and shapes) unchanged."""
+    kwargs = {
+        "halo": {"block_size": 2, "halo_size": 1},
+        "window": {"window_size": 2},
+        "involution": {"kernel_size": 3},
+        "dwconv": {"kernel_size": 3},
+        "dynamic_dwconv": {"kernel_size": 3},
+    }.get(mixer, {})
+    model = volo_jax.create_model(
+        "volo_d1_224", token_mixer=mixer, token_mixer_kwargs=kwargs, **TINY
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    baseline = jax.eval_shape(
+        volo_jax.create_model("volo_d1_224", **TINY).init, jax.random.key(0), x
+    )
+    outside = lambda v: {
+        k: jax.tree_util.tree_map(jnp.shape, t)
+        for k, t in v["params"].items()
+        if not k.startswith("network_0_")
+    }
+    assert outside(variables) == outside(baseline)
+    assert "attn" in variables["params"]["network_0_0"]
+
+    def loss(params):
+        (cls, _), _ = model.apply(
+            {**variables, "params": params},
+            x,
+            train=True,
+            return_dense=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(2)},
+        )
+        return jnp.mean(cls**2)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+    mixer_grads = jax.tree_util.tree_leaves(grads["network_0_0"]["attn"])
+    assert max(float(jnp.abs(g).max()) for g in mixer_grads) > 0
+
+
+def test_unknown_token_mixer_lists_the_choices():
+    with pytest.raises(ValueError, match="self_attention"):
+        volo_jax.create_model("volo_d1_224", token_mixer="conv", **TINY).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -82,8 +83,16 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     kwargs = {"img_size": entry.cfg.img_size, "num_classes": entry.cfg.num_classes}
     kwargs.update(entry.kwargs)
     kwargs.update(overrides)
-    # Module fields must be hashable: lists from configs become tuples.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return {k: _hashable(v) for k, v in kwargs.items()}
+
+
+def _hashable(value: Any) -> Any:
+    """Module fields must be hashable: lists become tuples, dicts sorted item tuples."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -25,9 +25,13 @@ from volo_jax.models.layers import (
     dense_init,
     dot_product_attention,
 )
+from volo_jax.ops import TOKEN_MIXERS
 from volo_jax.ops.outlook import OutlookAttention
 
 Dtype = Any
+
+#: Token mixers the outlooker stage can use (`VOLO(token_mixer=...)`).
+MIXER_NAMES = ("outlook", "self_attention", *sorted(set(TOKEN_MIXERS) - {"outlook"}))
 
 
 class PatchEmbed(nn.Module):
@@ -97,7 +101,12 @@ class Downsample(nn.Module):
 
 
 class Outlooker(nn.Module):
-    """Pre-norm outlook-attention block + MLP block. (B, H, W, C) -> (B, H, W, C)."""
+    """Pre-norm token-mixer block + MLP block. (B, H, W, C) -> (B, H, W, C).
+
+    The mixer is outlook attention, or for the ablation of the VOLO paper and
+    "Demystifying Local ViT" any name of `TOKEN_MIXERS` or 'self_attention'
+    (global multi-head self-attention); it is named 'attn' either way.
+    """
 
     dim: int
     num_heads: int
@@ -109,25 +118,34 @@ class Outlooker(nn.Module):
     attn_drop: float = 0.0
     drop_path: float = 0.0
     outlook_impl: str = "auto"
+    token_mixer: str = "outlook"
+    token_mixer_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    def _mixer(self) -> nn.Module:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        if self.token_mixer == "outlook":
+            return OutlookAttention(
+                self.dim,
+                self.num_heads,
+                self.kernel_size,
+                self.padding,
+                self.stride,
+                qkv_bias=self.qkv_bias,
+                attn_drop=self.attn_drop,
+                impl=self.outlook_impl,
+                **dt,
+            )
+        if self.token_mixer == "self_attention":
+            return Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, **dt)
+        kwargs = dict(self.token_mixer_kwargs)
+        return TOKEN_MIXERS[self.token_mixer](self.dim, self.num_heads, **kwargs, **dt)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = OutlookAttention(
-            self.dim,
-            self.num_heads,
-            self.kernel_size,
-            self.padding,
-            self.stride,
-            qkv_bias=self.qkv_bias,
-            attn_drop=self.attn_drop,
-            impl=self.outlook_impl,
-            name="attn",
-            **dt,
-        )
-        y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
+        y = self._mixer()(TorchLayerNorm(name="norm1", **dt)(x), train)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
         y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
             TorchLayerNorm(name="norm2", **dt)(x), train
@@ -276,6 +294,10 @@ class VOLO(nn.Module):
     RNG streams: 'dropout' (dropout and stochastic depth) when training.
     `outlook_impl` picks how outlook attention runs ('auto': the backend's fastest,
     see `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same.
+    `token_mixer` swaps outlook attention in the outlooker stage for another local
+    operator (`MIXER_NAMES`), the ablation of the paper; `token_mixer_kwargs`
+    ((name, value) pairs, or a dict through `create_model`) override its defaults,
+    e.g. (('block_size', 2), ('halo_size', 1)) for halo attention on a 4x4 grid.
     """
 
     layers: Sequence[int]
@@ -300,6 +322,8 @@ class VOLO(nn.Module):
     pooling_scale: int = 2
     remat: bool = False
     outlook_impl: str = "auto"
+    token_mixer: str = "outlook"
+    token_mixer_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -330,6 +354,8 @@ class VOLO(nn.Module):
                         qkv_bias=self.qkv_bias,
                         attn_drop=self.attn_drop_rate,
                         outlook_impl=self.outlook_impl,
+                        token_mixer=self.token_mixer,
+                        token_mixer_kwargs=self.token_mixer_kwargs,
                         **dt,
                     )
                     for _ in range(depth)
@@ -395,6 +421,11 @@ class VOLO(nn.Module):
             raise ValueError(f"VOLO: num_classes must be >= 1, got {self.num_classes}")
         if any(p != "ca" for p in self.post_layers):
             raise ValueError(f"VOLO: post_layers may only hold 'ca', got {self.post_layers}")
+        if self.token_mixer not in MIXER_NAMES:
+            raise ValueError(
+                f"VOLO: token_mixer must be one of {', '.join(MIXER_NAMES)}, got "
+                f"{self.token_mixer!r}"
+            )
         if self.global_pool == "token" and not self.post_layers:
             raise ValueError("VOLO: global_pool='token' needs post_layers (the class token)")
 
