@@ -1,0 +1,73 @@
+"""Smoke test of the benchmark harnesses: a tiny VOLO and a tiny outlook shape, one
+repetition, in this process; checks the report fields, not the timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("timm")
+
+from benchmarks import bench_ops, bench_volo
+
+TINY = dict(
+    layers=(1, 1, 1, 1),
+    embed_dims=(16, 32, 32, 32),
+    num_heads=(2, 4, 4, 4),
+    img_size=32,
+    num_classes=10,
+    stem_hidden_dim=8,
+)
+
+
+def test_bench_volo_report_fields(tmp_path):
+    cfg = bench_volo.Config(overrides=TINY, batch=2, reps=1, warmup=0, profile_top=3)
+    backends = ["jax_fp32", "torch_eager", "torch_amp"]
+    report = bench_volo.run(cfg, backends, ["infer", "train"], isolate=False, log=lambda _: None)
+    json.dumps(report)  # serialisable
+    assert report["model"] == "volo_d1_224" and report["img_size"] == 32
+    for key in ("cpu_model", "cpu_cores_available", "versions", "threads_note"):
+        assert key in report["machine"]
+    assert {(r["backend"], r["mode"]) for r in report["results"]} == {
+        (b, m) for b in backends for m in ("infer", "train")
+    }
+    for r in report["results"]:
+        if r["backend"] == "torch_amp" and r["status"] == "skipped":
+            assert r["reason"]
+            continue
+        assert r["status"] == "ok", r.get("reason")
+        assert r["images_per_s"] > 0 and r["first_call_s"] > 0 and len(r["times_s"]) == 1
+        assert "peak_mb" in r["memory"] and r["memory"]["method"]
+        if r["backend"] == "jax_fp32":
+            assert r["xla_gflops"] > 0 and r["xla_memory_mb"]["temp"] >= 0
+            assert len(r["xla_profile"]["top_ops"]) == 3 and r["xla_profile"]["by_part_ms"]
+        if r["mode"] == "train":
+            assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
+    for mode in ("infer", "train"):
+        assert report["ratios"][mode]["jax_fp32/torch_eager"] > 0
+    # Same weights and input: float32 logits agree with timm's.
+    assert report["parity_max_abs_logit_diff_vs_torch_eager"]["jax_fp32"] < 1e-3
+    assert "jax_fp32" in bench_volo.format_table(report)
+
+
+def test_bench_ops_report_fields():
+    # One implementation of ours (the others compile alike), timm's layer, the primitives.
+    only = r"aggregate\[reference|layer \(timm\)|unfold \(torch|^fold \(ours"
+    cfg = bench_ops.OpsConfig(batch=1, size=8, dim=12, heads=2, reps=1, warmup=0, only=only)
+    report = bench_ops.run(cfg, isolate=False)
+    json.dumps(report)
+    rows = report["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
+    assert {r["op"] for r in rows} == {
+        "outlook_aggregate[reference]",
+        "OutlookAttention layer (timm)",
+        "unfold (torch F.unfold)",
+        "fold (ours)",
+    }
+    assert {(r["op"], r["pass"]) for r in rows} >= {("fold (ours)", "fwd+bwd")}
+    for r in rows:
+        assert r["pass"] in ("fwd", "fwd+bwd") and r["median_s"] > 0 and "mem_mb" in r
+        if r["framework"] == "jax":
+            assert r["xla_gflops"] >= 0 and r["xla_gbytes_accessed"] > 0
+    assert "outlook_aggregate" in bench_ops.format_table(report)
