@@ -196,11 +196,11 @@ class ClassAttention(nn.Module):
         head_dim = self.head_dim or self.dim // self.num_heads
         inner = head_dim * self.num_heads
         kv = nn.Dense(2 * inner, use_bias=self.qkv_bias, name="kv", **dense)(x)
-        k, v = jnp.moveaxis(kv.reshape(b, n, 2, self.num_heads, head_dim), 2, 0)
+        k, v = kv.reshape(b, n, 2, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q = nn.Dense(inner, use_bias=self.qkv_bias, name="q", **dense)(x[:, :1])
-        q = q.reshape(b, 1, self.num_heads, head_dim)
+        q = q.reshape(b, 1, self.num_heads, head_dim).transpose(0, 2, 1, 3)
         attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
-        cls = dot_product_attention(q, k, v, attn_drop).reshape(b, 1, inner)
+        cls = dot_product_attention(q, k, v, attn_drop).transpose(0, 2, 1, 3).reshape(b, 1, inner)
         cls = nn.Dense(self.dim, name="proj", **dense)(cls)
         return nn.Dropout(self.proj_drop, deterministic=not train)(cls)
 
