@@ -11,6 +11,10 @@ Evaluation (:func:`create_eval_dataset`) reads either
 Images are decoded with PIL and preprocessed with :func:`~volo_jax.data.transforms.eval_transform`
 inside ``tf.numpy_function``, so pixels are bit-identical to timm's eval pipeline on the same
 encoded files. TensorFlow only runs on the CPU here; JAX owns the accelerators.
+
+Training (:func:`create_train_dataset`) reads the same two kinds of sources, reshuffles them
+every epoch and augments them in TensorFlow (:mod:`volo_jax.data.augment`), deterministically
+given the seed and the step, so that a resumed run sees the data an uninterrupted one would.
 """
 
 import functools
@@ -19,7 +23,7 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Must precede the TensorFlow import.
@@ -291,3 +295,209 @@ def create_eval_dataset(
         ds = ds.concatenate(_empty_batches(missing, batch_size, input_size))
     return ds.prefetch(tf.data.AUTOTUNE), records.num_total
 
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+TOKEN_LABEL_SUFFIX = '.npy'
+
+
+class _TrainRecords(NamedTuple):
+    """This process's encoded training examples, in a new order every epoch.
+
+    ``for_epoch(epoch)`` (epoch: an int64 scalar tensor) gives the epoch's examples
+    {'data': string, 'label': int32, 'label_path': string (token-label map, or '')}.
+    """
+
+    for_epoch: Callable[[tf.Tensor], tf.data.Dataset]
+    num_total: int  # Examples over all processes.
+
+
+def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """A stateless seed pair (seed, epoch), int64 (2,)."""
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
+def _token_label_path(token_label_dir: str | None, relative: str) -> str:
+    """<token_label_dir>/<relative path of the image without extension>.npy, or ''."""
+    if not token_label_dir:
+        return ''
+    return os.path.join(token_label_dir, os.path.splitext(relative)[0] + TOKEN_LABEL_SUFFIX)
+
+
+def _folder_train_records(root: pathlib.Path, split: str, seed: int, token_label_dir: str | None,
+                          process_index: int, process_count: int) -> _TrainRecords:
+    """A fresh permutation of the folder's images per (seed, epoch), split over processes."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f'Image folder {root} has no split folder {split!r}; expected '
+                           f'{split_dir}/<class_name>/<image>.')
+    paths, labels = _list_image_folder(split_dir)
+    if not paths:
+        raise DatasetError(f'No images found in {split_dir}/<class_name>/.')
+    table = {
+        'path': tf.constant(paths),
+        'label': tf.constant(labels, tf.int32),
+        'label_path': tf.constant([_token_label_path(token_label_dir, os.path.relpath(p, split_dir))
+                                   for p in paths]),
+    }
+    start, stop = _process_shard(len(paths), process_index, process_count)
+
+    def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)),
+                                                         _epoch_seed(seed, epoch))[start:stop]
+        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: {
+            'data': tf.io.read_file(table['path'][i]), 'label': table['label'][i],
+            'label_path': table['label_path'][i]})
+
+    return _TrainRecords(for_epoch, len(paths))
+
+
+def _tfds_train_records(name: str, split: str, data_dir: str | None, image_key: str,
+                        label_key: str, seed: int, shuffle_buffer: int,
+                        token_label_dir: str | None, process_index: int,
+                        process_count: int) -> _TrainRecords:
+    """The split's files in their fixed order (TFDS shuffles examples when it prepares a
+    dataset) through a shuffle buffer seeded by (seed, epoch), split over processes.
+
+    Token-label files are found by the dataset's 'file_name' feature (imagenet2012:
+    <dir>/n01440764/n01440764_10026.npy).
+    """
+    builder = _tfds_builder(name, data_dir)
+    _check_features(builder, image_key, label_key)
+    if token_label_dir and 'file_name' not in builder.info.features:
+        raise DatasetError(f'Dataset {name!r} has no file_name feature to find token-label '
+                           'maps by; use an image folder instead.')
+    try:
+        num_total = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise DatasetError(f'Dataset {name!r} has no split {split!r}; it has '
+                           f'{sorted(builder.info.splits)}.') from e
+    shard = tfds.even_splits(split, n=process_count)[process_index]
+    records = builder.as_dataset(split=shard, shuffle_files=False,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    label_root = tf.constant(token_label_dir or '')
+
+    def label_path(file_name: tf.Tensor) -> tf.Tensor:
+        stem = tf.strings.regex_replace(file_name, r'\.[^.]*$', '')
+        synset = tf.strings.split(stem, '_')[0]
+        return tf.strings.join([label_root, synset, stem + TOKEN_LABEL_SUFFIX], '/')
+
+    def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+        return records.shuffle(shuffle_buffer, seed=shuffle_seed).map(lambda ex: {
+            'data': ex[image_key], 'label': tf.cast(ex[label_key], tf.int32),
+            'label_path': label_path(ex['file_name']) if token_label_dir else tf.constant(''),
+        })
+
+    return _TrainRecords(for_epoch, num_total)
+
+
+def _load_token_label(path: bytes) -> np.ndarray:
+    """A [2, 5, H, W] score map file -> float32. Runs in tf.numpy_function."""
+    try:
+        return np.load(path.decode()).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'Cannot read the token-label map {path.decode()}: {e}') from e
+
+
+class TrainData:
+    """Augmented training batches of this JAX process, a deterministic function of
+    (seed, step): epoch e is ordered by (seed, e) and its example i is augmented with
+    the stateless seed (seed, process, e, i), so ``batches(step)`` resumes exactly.
+    """
+
+    def __init__(self, records: _TrainRecords, batch_size: int, process_count: int,
+                 augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]], seed: int,
+                 process_index: int, token_labels: bool) -> None:
+        self.num_examples = records.num_total
+        self.steps_per_epoch = records.num_total // (batch_size * process_count)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f'batch_size {batch_size * process_count} is larger than the '
+                              f'{records.num_total} training examples.')
+        self._records, self._batch_size, self._augment = records, batch_size, augment
+        self._seed, self._process_index = seed, process_index
+        self._token_labels = token_labels
+
+    def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+        """The epoch's first steps_per_epoch * batch_size examples, with (epoch, index)."""
+        per_epoch = self.steps_per_epoch * self._batch_size
+        examples = self._records.for_epoch(epoch).take(per_epoch)
+        return tf.data.Dataset.zip(tf.data.Dataset.range(per_epoch), examples).map(
+            lambda index, example: {**example, 'epoch': epoch, 'index': index})
+
+    def _preprocess(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        counter = (self._process_index * 2**20 + example['epoch']) * 2**32 + example['index']
+        seed = tf.stack([tf.constant(self._seed, tf.int64), counter])
+        image = tf.io.decode_image(example['data'], channels=3, expand_animations=False)
+        out = self._augment(image, seed)
+        out['label'] = example['label']
+        if self._token_labels:
+            out['label_map'] = tf.numpy_function(_load_token_label, [example['label_path']],
+                                                 tf.float32, stateful=False)
+        else:
+            del out['crop_box'], out['flip']
+        return out
+
+    def dataset(self, start_step: int = 0) -> tf.data.Dataset:
+        """The batches from `start_step` on, epoch after epoch, without end."""
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        ds = tf.data.Dataset.range(epoch, 2**31).flat_map(self._epoch)
+        ds = ds.skip(offset * self._batch_size)
+        ds = ds.map(self._preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(self._batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """NumPy batches {'image' float32 (b, S, S, 3), 'label' int32 (b,), and with token
+        labels 'label_map' (b, 2, 5, H, W), 'crop_box' (b, 4), 'flip' (b,)} from
+        `start_step` on (b = the per-process batch size)."""
+        op_error = tf.errors.OpError  # bound now: module globals may be gone at exit
+        try:
+            yield from self.dataset(start_step).as_numpy_iterator()
+        except op_error as e:
+            raise DatasetError(f'Reading the training data failed: {e.message}') from e
+
+
+def create_train_dataset(
+    dataset: str,
+    split: str,
+    batch_size: int,
+    augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+    seed: int,
+    data_dir: str | None = None,
+    image_key: str = 'image',
+    label_key: str = 'label',
+    shuffle_buffer: int = 16_384,
+    token_label_dir: str | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainData:
+    """Training data of this JAX process: shuffled, augmented, batched, prefetched.
+
+    Args:
+        dataset: a TFDS dataset name or an image-folder directory (as create_eval_dataset).
+        split: the training split ('train').
+        batch_size: examples per batch of this process.
+        augment: (uint8 (H, W, 3) image, int64 (2,) seed) -> {'image', 'crop_box', 'flip'},
+            e.g. ``volo_jax.data.augment.TrainAugment``.
+        seed: the run's seed; shuffling and augmentation derive from it and the step.
+        shuffle_buffer: TFDS only (folders are fully permuted every epoch).
+        token_label_dir: precomputed token-label maps, one .npy per image (see
+            ``volo_jax.training.token_labels``), mirroring the images' relative paths.
+    Raises:
+        DatasetError: unknown, unprepared or unreadable dataset / split / features.
+    """
+    configure_tensorflow()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if os.path.isdir(dataset):
+        records = _folder_train_records(pathlib.Path(dataset), split, seed, token_label_dir,
+                                        process_index, process_count)
+    else:
+        records = _tfds_train_records(dataset, split, data_dir, image_key, label_key, seed,
+                                      shuffle_buffer, token_label_dir, process_index,
+                                      process_count)
+    return TrainData(records, batch_size, process_count, augment, seed, process_index,
+                     bool(token_label_dir))

@@ -1,0 +1,1 @@
+"""ml_collections configs: `python main.py --config=configs/NAME.py --workdir=DIR`."""

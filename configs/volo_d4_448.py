@@ -1,0 +1,9 @@
+"""Fine-tunes volo_d4 224 weights at 448 (--config.init_from=DIR is required)."""
+
+import ml_collections
+
+from configs.common import finetune_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return finetune_config("d4", 448)

@@ -1,0 +1,111 @@
+"""Configs: every file loads and validates; bad values and unknown fields are named."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from volo_jax.errors import ConfigError
+from volo_jax.training.config import validate_config
+from volo_jax.training.optim import peak_learning_rate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_NAMES = sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+    if not os.path.basename(p).startswith(("_", "common"))
+)
+
+
+def load(name: str):
+    """configs/<name>.py's get_config() (the repository root is on sys.path in tests)."""
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_validates(name, tmp_path):
+    config = load(name)
+    if config.requires_init:
+        with pytest.raises(ConfigError, match="init_from"):
+            validate_config(config)
+        config.init_from = str(tmp_path)
+    validate_config(config)
+
+
+@pytest.mark.parametrize(("variant", "lr", "drop_path"), [
+    ("d1", 1.6e-3, 0.1), ("d2", 1e-3, 0.2), ("d3", 1e-3, 0.5), ("d4", 1e-3, 0.5),
+    ("d5", 8e-4, 0.75),
+])
+def test_official_recipe(variant, lr, drop_path):
+    config = load(f"volo_{variant}")
+    assert config.model == f"volo_{variant}_224"
+    assert peak_learning_rate(config) == pytest.approx(lr)
+    config.batch_size = 512
+    assert peak_learning_rate(config) == pytest.approx(lr / 2)
+    assert config.model_overrides.drop_path_rate == drop_path
+    assert (config.optim.warmup_epochs, config.num_epochs, config.cooldown_epochs) == (20, 300, 10)
+    assert (config.optim.weight_decay, config.label_smoothing, config.seed) == (0.05, 0.1, 42)
+    assert config.optim.grad_clip_norm == 0
+
+
+def test_finetune_recipe():
+    config = load("volo_d1_384")
+    assert (config.model, config.img_size, config.requires_init) == ("volo_d1_384", 384, True)
+    assert (config.optim.base_lr, config.optim.min_lr, config.optim.weight_decay) == (
+        8e-6, 4e-6, 1e-8)
+    assert (config.num_epochs, config.optim.warmup_epochs) == (30, 5)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("mode", "predict", "config.mode"),
+    ("dtype", "float16", "config.dtype"),
+    ("img_size", 100, "config.img_size"),
+    ("batch_size", 30, "config.batch_size"),  # with grad_accum_steps = 4
+    ("model", "volo_d9_224", "config.model"),
+    ("init_from", "/no/such/dir", "config.init_from"),
+    ("optim.warmup_epochs", 400, "config.optim.warmup_epochs"),
+    ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
+    ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
+])
+def test_bad_values_name_the_field(field, value, message):
+    config = load("default")
+    config.grad_accum_steps = 4
+    section, _, name = field.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate_config(config)
+
+
+def test_eval_mode_needs_init_from():
+    config = load("volo_d1")
+    config.mode = "eval"
+    with pytest.raises(ConfigError, match=r"config\.init_from"):
+        validate_config(config)
+
+
+def test_unknown_model_override_is_named():
+    config = load("default")
+    config.model_overrides.layer_count = 3
+    with pytest.raises(ConfigError, match="layer_count"):
+        validate_config(config)
+
+
+def _main(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), *flags], cwd=cwd, capture_output=True,
+        text=True, timeout=120,
+    )
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    unknown = _main("--config=configs/default.py", "--config.bogus_field=1",
+                    f"--workdir={tmp_path}")
+    assert unknown.returncode != 0
+    assert "bogus_field" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad = _main("--config=configs/default.py", "--config.mode=infer", f"--workdir={tmp_path}")
+    assert bad.returncode == 2
+    assert "error: config.mode" in bad.stderr and "Traceback" not in bad.stderr

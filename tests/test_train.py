@@ -1,0 +1,104 @@
+"""The train step: it learns, accumulates, runs in bfloat16, and takes teacher targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.smoke import get_config
+from volo_jax.models import create_model
+from volo_jax.training import train
+from volo_jax.training.config import model_overrides
+from volo_jax.training.losses import smooth_targets
+from volo_jax.weights import save_weights
+
+
+def tiny_config(**changes):
+    config = get_config()
+    config.dataset.num_classes = 4
+    config.model_overrides.drop_path_rate = 0.0
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return config
+
+
+def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
+    images = jax.random.normal(jax.random.PRNGKey(0), (size, 32, 32, 3))
+    return {"image": images, "label": jnp.arange(size, dtype=jnp.int32) % 4}
+
+
+def make_step(config, teacher=None):
+    model = create_model(config.model, **model_overrides(config))
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    step = jax.jit(functools.partial(train.train_step, model=model, teacher=teacher,
+                                     opts=train.StepOptions.from_config(config)))
+    return model, state, step
+
+
+def test_steps_lower_the_loss_on_a_fixed_batch():
+    config = tiny_config(**{"token_label.mix_token": False, "optim.warmup_epochs": 0})
+    _, state, step = make_step(config)
+    batch = fixed_batch()
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch, None)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_accumulation_bfloat16_and_ema():
+    config = tiny_config(dtype="bfloat16", grad_accum_steps=2, ema_decay=0.9)
+    _, state, step = make_step(config)
+    before = state.params
+    new, metrics = step(state, fixed_batch(), None)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    leaves = jax.tree_util.tree_leaves(new.params) + jax.tree_util.tree_leaves(new.opt_state)
+    floats = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats == {np.dtype(np.float32)}
+    # EMA: 0.9 * old + 0.1 * new.
+    expected = jax.tree_util.tree_map(lambda o, n: 0.9 * o + 0.1 * n, before, new.params)
+    for a, b in zip(jax.tree_util.tree_leaves(new.ema_params),
+                    jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_targets_and_init_from(tmp_path):
+    config = tiny_config()
+    model = create_model(config.model, **model_overrides(config))
+    variables = train.initial_variables(model, 32, jax.random.PRNGKey(7))
+    save_weights(tmp_path / "teacher", variables, config.model,
+                 {k: v for k, v in model_overrides(config).items() if k != "dtype"})
+    config.teacher.model = config.model  # its architecture comes from the weights' model.json
+    config.teacher.init_from = str(tmp_path / "teacher")
+    teacher, teacher_vars = train.load_teacher(config)
+    batch = fixed_batch()
+    opts = dataclasses.replace(train.StepOptions.from_config(config), label_smoothing=0.1)
+    cls, dense = train.compute_targets(batch, opts, teacher, teacher_vars)
+    logits, aux = model.apply(variables, batch["image"], return_dense=True)
+    np.testing.assert_allclose(
+        cls, smooth_targets(jax.nn.softmax(logits + 0.5 * aux.max(1)), 0.1), rtol=1e-5)
+    np.testing.assert_allclose(dense, smooth_targets(jax.nn.softmax(aux), 0.1), rtol=1e-5)
+
+    # init_from loads the same weights into the student, except skipped paths.
+    config.init_from = str(tmp_path / "teacher")
+    config.init_skip = (r"^params/(head|aux_head)/",)
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    np.testing.assert_array_equal(state.params["pos_embed"], variables["params"]["pos_embed"])
+    assert not np.array_equal(state.params["head"]["kernel"], variables["params"]["head"]["kernel"])
+
+
+@pytest.mark.parametrize("ground_truth", [False, True])
+def test_label_targets_without_annotator(ground_truth):
+    config = tiny_config(**{"token_label.ground_truth": ground_truth})
+    opts = train.StepOptions.from_config(config)
+    cls, dense = train.compute_targets(fixed_batch(), opts)
+    assert cls.shape == (8, 4) and dense.shape == (8, opts.grid**2, 4)
+    np.testing.assert_allclose(dense, jnp.broadcast_to(cls[:, None], dense.shape))
+    np.testing.assert_allclose(cls[0], [0.925, 0.025, 0.025, 0.025], rtol=1e-6)

@@ -1,0 +1,144 @@
+"""Train augmentation: RandAugment ops against PIL (timm's implementation applies PIL),
+crop boxes, determinism, and the training pipeline's resumability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+from volo_jax.data import augment
+
+tf = pytest.importorskip("tensorflow")
+
+RNG = np.random.default_rng(0)
+IMAGE = RNG.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+# A smooth image, for the resampling ops (which differ from PIL by sub-pixel offsets).
+_yy, _xx = np.mgrid[0:48, 0:64]
+SMOOTH = np.stack([_yy * 5, _xx * 4, (_yy + _xx) * 2], -1).clip(0, 255).astype(np.uint8)
+
+
+def ours(op, image: np.ndarray, arg) -> np.ndarray:
+    return op(tf.constant(image, tf.float32), tf.constant(arg, tf.float32)).numpy()
+
+
+@pytest.mark.parametrize(("op", "arg", "pil"), [
+    (augment.invert, 0.0, ImageOps.invert),
+    (augment.auto_contrast, 0.0, ImageOps.autocontrast),
+    (augment.equalize, 0.0, ImageOps.equalize),
+    (augment.posterize, 2.0, lambda im: ImageOps.posterize(im, 2)),
+    (augment.posterize, 1.0, lambda im: ImageOps.posterize(im, 1)),
+    (augment.solarize, 100.0, lambda im: ImageOps.solarize(im, 100)),
+    (augment.brightness, 1.7, lambda im: ImageEnhance.Brightness(im).enhance(1.7)),
+])
+def test_pointwise_ops_match_pil(op, arg, pil):
+    expected = np.asarray(pil(Image.fromarray(IMAGE)), np.float32)
+    np.testing.assert_array_equal(ours(op, IMAGE, arg), expected)
+
+
+@pytest.mark.parametrize(("op", "pil"), [
+    (augment.color, ImageEnhance.Color),
+    (augment.contrast, ImageEnhance.Contrast),
+    (augment.sharpness, ImageEnhance.Sharpness),
+])
+@pytest.mark.parametrize("factor", [0.3, 1.8])
+def test_enhance_ops_match_pil_within_one_level(op, pil, factor):
+    expected = np.asarray(pil(Image.fromarray(IMAGE)).enhance(factor), np.float32)
+    assert np.abs(ours(op, IMAGE, factor) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(("op", "arg", "pil"), [
+    (augment.rotate, 20.0, lambda im: im.rotate(20.0, Image.Resampling.BILINEAR,
+                                                fillcolor=(124, 116, 104))),
+    (augment.shear_x, 0.2, lambda im: im.transform(
+        im.size, Image.Transform.AFFINE, (1, 0.2, 0, 0, 1, 0), Image.Resampling.BILINEAR,
+        fillcolor=(124, 116, 104))),
+    (augment.translate_y, -0.25, lambda im: im.transform(
+        im.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, -12), Image.Resampling.BILINEAR,
+        fillcolor=(124, 116, 104))),
+])
+def test_geometric_ops_follow_pil(op, arg, pil):
+    expected = np.asarray(pil(Image.fromarray(SMOOTH)), np.float32)
+    got = ours(op, SMOOTH, arg)
+    # Same geometry and fill; PIL samples at pixel centres, TensorFlow at pixel corners.
+    assert np.mean(np.abs(got - expected)) < 6, np.mean(np.abs(got - expected))
+
+
+def test_random_resized_crop_box_is_valid_and_deterministic():
+    for i in range(50):
+        seed = tf.constant([3, i], tf.int64)
+        box = augment.random_resized_crop_box(seed, 100, 60, (0.08, 1.0), (3 / 4, 4 / 3))
+        top, left, h, w = box.numpy()
+        assert top >= 0 and top + h <= 100 and left >= 0 and left + w <= 60 and h > 0 and w > 0
+        assert 0.08 * 6000 * 0.8 <= h * w <= 6000
+        again = augment.random_resized_crop_box(seed, 100, 60, (0.08, 1.0), (3 / 4, 4 / 3))
+        np.testing.assert_array_equal(box, again)
+    # Impossible ratios: the whole image, aspect clamped, centred (timm's fallback).
+    box = augment.random_resized_crop_box(tf.constant([0, 0], tf.int64), 100, 20,
+                                          (0.9, 1.0), (3.0, 4.0))
+    np.testing.assert_array_equal(box, [46, 0, 7, 20])
+
+
+def test_train_augment_output_and_erasing():
+    aug = augment.TrainAugment(size=32, erase_prob=1.0)
+    image = tf.constant(SMOOTH)
+    out = aug(image, tf.constant([1, 2], tf.int64))
+    again = aug(image, tf.constant([1, 2], tf.int64))
+    other = aug(image, tf.constant([1, 3], tf.int64))
+    assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.float32
+    np.testing.assert_array_equal(out["image"], again["image"])
+    assert not np.array_equal(out["image"], other["image"])
+    y0, x0, y1, x1 = out["crop_box"].numpy()
+    assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
+
+
+def test_parse_randaugment():
+    spec = augment.parse_randaugment("rand-m9-mstd0.5-inc1")
+    assert spec == augment.RandAugmentSpec(9.0, 2, 0.5, True, 0.5)
+    assert augment.parse_randaugment("rand-n3-m5-p0.7").num_layers == 3
+
+
+def test_train_batches_resume_exactly(tmp_path):
+    from volo_jax.data.digits import prepare_digits_folder
+    from volo_jax.data.input_pipeline import create_train_dataset
+
+    root = prepare_digits_folder(str(tmp_path / "digits"))
+    data = create_train_dataset(root, "train", batch_size=100, seed=0,
+                                augment=augment.TrainAugment(size=16, randaugment="",
+                                                             erase_prob=0.0))
+    assert (data.num_examples, data.steps_per_epoch) == (1437, 14)
+    straight = [b for _, b in zip(range(18), data.batches(0), strict=False)]
+    resumed = [b for _, b in zip(range(6), data.batches(12), strict=False)]
+    for a, b in zip(straight[12:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # A new epoch is a new order.
+    assert not np.array_equal(straight[0]["label"], straight[14]["label"])
+
+
+def test_token_label_maps_travel_with_their_images(tmp_path):
+    from volo_jax.data.input_pipeline import create_train_dataset
+    from volo_jax.training.train import StepOptions, compute_targets
+
+    rng = np.random.default_rng(0)
+    maps = {}
+    for c in range(2):
+        for i in range(2):
+            (tmp_path / "data" / "train" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "labels" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(SMOOTH).save(tmp_path / "data" / "train" / f"c{c}" / f"{i}.png")
+            score_map = np.stack([rng.random((5, 3, 3)) * 4, rng.integers(0, 4, (5, 3, 3))])
+            np.save(tmp_path / "labels" / f"c{c}" / f"{i}.npy", score_map.astype(np.float16))
+            maps[(c, i)] = score_map.astype(np.float16).astype(np.float32)
+    data = create_train_dataset(str(tmp_path / "data"), "train", batch_size=4, seed=1,
+                                augment=augment.TrainAugment(size=32),
+                                token_label_dir=str(tmp_path / "labels"))
+    batch = next(data.batches(0))
+    assert batch["label_map"].shape == (4, 2, 5, 3, 3)
+    assert batch["crop_box"].shape == (4, 4) and batch["flip"].shape == (4,)
+    for label_map, label in zip(batch["label_map"], batch["label"], strict=True):
+        assert any(np.array_equal(label_map, maps[(label, i)]) for i in range(2))
+    opts = StepOptions(num_classes=4, grid=2)
+    cls, dense = compute_targets({k: np.asarray(v) for k, v in batch.items()}, opts)
+    assert cls.shape == (4, 4) and dense.shape == (4, 4, 4)
+    np.testing.assert_allclose(np.asarray(dense).sum(-1), 1.0, rtol=1e-5)

@@ -1,0 +1,382 @@
+"""Train augmentation in TensorFlow: timm's `create_transform(is_training=True)` of the
+official VOLO recipe, with stateless randomness (one seed per example, so a run is a
+deterministic function of its seed and step).
+
+Order, as timm: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 attempts then
+a centre-crop fallback; bilinear, bicubic or a random choice of the two) -> horizontal
+flip -> RandAugment -> scale to [0, 1] and normalise -> random erasing ('pixel' mode:
+one box of normal noise, area 2%-33%, aspect 0.3-3.3, with probability `erase_prob`).
+
+RandAugment follows timm's `rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}` spec ('rand-m9-mstd0.5-
+inc1' in the recipe): N ops (default 2) drawn with replacement from timm's 15 ops
+(the 'increasing' set with inc1), each applied with probability P (default 0.5) at a
+magnitude drawn from N(M, S) clipped to [0, 10]; rotation, shear and translation
+fill with the ImageNet mean colour. No well-kept library implements timm's variant
+(keras' and tf-models' RandAugment use other op sets, magnitudes and RNG, and
+tf-models-official pins its own TensorFlow), hence this one. Differences from timm's
+PIL code: TensorFlow decoders and `tf.image.resize(antialias=True)` instead of PIL
+resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at random)
+and differ from PIL by sub-pixel offsets; enhancement ops round to integers but use
+float blends; random erasing uses 10 candidate boxes drawn at once (the first that
+fits wins, as timm's loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from volo_jax.errors import ConfigError
+
+Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, argument) -> image
+LevelToArg = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (level, random sign) -> argument
+
+LEVEL_MAX = 10.0
+FILL = (124.0, 116.0, 104.0)  # round(255 * ImageNet mean), timm's `img_mean` fill colour
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string."""
+
+    magnitude: float = 9.0
+    num_layers: int = 2
+    magnitude_std: float = 0.0
+    increasing: bool = False
+    prob: float = 0.5
+
+
+def parse_randaugment(spec: str) -> RandAugmentSpec:
+    """'rand-m9-mstd0.5-inc1' -> RandAugmentSpec; ConfigError on anything else."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ConfigError(f"config.augment.randaugment: expected 'rand-m9-...', got {spec!r}")
+    fields = {"m": ("magnitude", float), "n": ("num_layers", int),
+              "mstd": ("magnitude_std", float), "inc": ("increasing", lambda v: bool(int(v))),
+              "p": ("prob", float)}
+    values = {}
+    for part in parts[1:]:
+        match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
+        if not match or match.group(1) not in fields:
+            raise ConfigError(f"config.augment.randaugment: unknown part {part!r} in {spec!r}; "
+                              f"known: {', '.join(k + 'N' for k in fields)}")
+        name, cast = fields[match.group(1)]
+        values[name] = cast(match.group(2))
+    return RandAugmentSpec(**values)
+
+
+def _seeds(seed: tf.Tensor, count: int) -> list[tf.Tensor]:
+    return list(tf.unstack(tf.random.experimental.stateless_split(seed, count)))
+
+
+def _uniform(seed: tf.Tensor, shape=(), low: float = 0.0, high: float = 1.0) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, seed, low, high)
+
+
+def _randint(seed: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+    """Uniform int32 in [low, high] (inclusive, as Python's random.randint)."""
+    return tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random resized crop and flip
+# ---------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tf.Tensor:
+    """timm's RandomResizedCrop.get_params: int32 (top, left, crop_h, crop_w)."""
+    s_area, s_ratio, s_top, s_left = _seeds(seed, 4)
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    target = h * w * _uniform(s_area, [10], scale[0], scale[1])
+    aspect = tf.exp(_uniform(s_ratio, [10], math.log(ratio[0]), math.log(ratio[1])))
+    cw = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+    ch = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+    fits = (cw > 0) & (ch > 0) & (cw <= width) & (ch <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    # Fallback: the whole image, its aspect clamped to the ratio range, centred.
+    in_ratio = w / h
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    fb_w, fb_h = tf.cast(fb_w, tf.int32), tf.cast(fb_h, tf.int32)
+    found = tf.reduce_any(fits)
+    crop_h = tf.where(found, ch[first], fb_h)
+    crop_w = tf.where(found, cw[first], fb_w)
+    top = tf.where(found, _randint(s_top, 0, height - crop_h), (height - crop_h) // 2)
+    left = tf.where(found, _randint(s_left, 0, width - crop_w), (width - crop_w) // 2)
+    return tf.stack([top, left, crop_h, crop_w])
+
+
+def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
+    """(H, W, 3) -> (size, size, 3) float in [0, 255], rounded like a uint8 image."""
+    out = tf.image.resize(tf.cast(image, tf.float32), (size, size), method, antialias=True)
+    return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+
+
+def crop_and_resize(
+    image: tf.Tensor, seed: tf.Tensor, size: int, scale: tuple[float, float],
+    ratio: tuple[float, float], interpolation: str,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random resized crop of a uint8 (H, W, 3) image -> (float (size, size, 3) in
+    [0, 255], the crop as float (y0, x0, y1, x1) fractions of the image)."""
+    s_box, s_interp = _seeds(seed, 2)
+    shape = tf.shape(image)
+    box = random_resized_crop_box(s_box, shape[0], shape[1], scale, ratio)
+    crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    if interpolation == "random":
+        out = tf.cond(_uniform(s_interp) < 0.5, lambda: resize(crop, size, "bilinear"),
+                      lambda: resize(crop, size, "bicubic"))
+    else:
+        out = resize(crop, size, interpolation)
+    hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
+    frac = tf.cast(tf.stack([box[0], box[1], box[0] + box[2], box[1] + box[3]]), tf.float32) / hw
+    return out, frac
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment ops: float (H, W, 3) images with integer values in [0, 255]
+# ---------------------------------------------------------------------------------------------
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance: degenerate + factor * (image - degenerate), truncated to uint8."""
+    return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
+
+
+def _grey(image: tf.Tensor) -> tf.Tensor:
+    """PIL 'L' conversion (ITU-R 601-2 luma), (H, W, 1)."""
+    weights = tf.constant([299.0, 587.0, 114.0]) / 1000.0
+    return tf.round(tf.reduce_sum(image * weights, axis=-1, keepdims=True))
+
+
+def _affine(image: tf.Tensor, transform: tf.Tensor) -> tf.Tensor:
+    """Output pixel (x, y) <- input (a x + b y + c, d x + e y + f) for PIL-style
+    coefficients (a, b, c, d, e, f); outside pixels get the fill colour."""
+    fill = tf.constant(FILL)
+    coeffs = tf.concat([tf.cast(transform, tf.float32), tf.zeros([2])], 0)[None]
+    shape = tf.shape(image)[:2]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=(image - fill)[None], transforms=coeffs, output_shape=shape,
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0)
+
+
+def auto_contrast(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+    lo = tf.reduce_min(image, axis=[0, 1])
+    hi = tf.reduce_max(image, axis=[0, 1])
+    scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+    offset = tf.where(hi > lo, lo, 0.0)
+    return tf.clip_by_value(tf.floor((image - offset) * scale), 0.0, 255.0)
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    """PIL ImageOps.equalize of one (H, W) channel."""
+    values = tf.cast(channel, tf.int32)
+    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
+    nonzero = tf.boolean_mask(hist, hist > 0)
+    step = (tf.reduce_sum(hist) - nonzero[-1]) // 255
+    lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
+    lut = tf.clip_by_value(lut, 0, 255)
+    return tf.where(step > 0, tf.cast(tf.gather(lut, values), tf.float32), channel)
+
+
+def equalize(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+
+
+def invert(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+    return 255.0 - image
+
+
+def rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
+    """PIL Image.rotate(degrees) about the centre (counter-clockwise)."""
+    angle = -degrees * math.pi / 180.0
+    shape = tf.cast(tf.shape(image), tf.float32)
+    cx, cy = shape[1] / 2.0, shape[0] / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    return _affine(image, tf.stack([cos, sin, cx - cos * cx - sin * cy,
+                                    -sin, cos, cy + sin * cx - cos * cy]))
+
+
+def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
+    """Keeps the `bits` most significant bits (0 <= bits <= 8)."""
+    step = tf.pow(2.0, 8.0 - bits)
+    return tf.floor(image / step) * step
+
+
+def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
+    return tf.where(image >= threshold, 255.0 - image, image)
+
+
+def solarize_add(image: tf.Tensor, add: tf.Tensor) -> tf.Tensor:
+    return tf.where(image < 128.0, tf.minimum(image + add, 255.0), image)
+
+
+def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return _blend(_grey(image), image, factor)
+
+
+def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)
+    return _blend(mean, image, factor)
+
+
+def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, border kept)."""
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.round(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0])
+    degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
+    inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
+    degenerate = tf.where(inner > 0, degenerate, image)
+    return _blend(degenerate, image, factor)
+
+
+def shear_x(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return _affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]))
+
+
+def shear_y(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return _affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]))
+
+
+def translate_x(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
+    pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
+    return _affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]))
+
+
+def translate_y(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
+    pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
+    return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]))
+
+
+def _ops(increasing: bool) -> list[tuple[Op, LevelToArg]]:
+    """(op, (level in [0, 10], random sign in {-1, 1}) -> the op's argument) pairs: timm's
+    `_RAND_INCREASING_TRANSFORMS` (or `_RAND_TRANSFORMS`) and their `*_level_to_arg`."""
+
+    def enhance(level: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+        if increasing:
+            return tf.maximum(0.1, 1.0 + sign * level / LEVEL_MAX * 0.9)
+        return level / LEVEL_MAX * 1.8 + 0.1
+
+    def posterize_bits(level: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+        bits = tf.floor(level / LEVEL_MAX * 4.0)
+        return 4.0 - bits if increasing else bits
+
+    def solarize_threshold(level: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+        value = tf.floor(level / LEVEL_MAX * 256.0)
+        return 256.0 - value if increasing else value
+
+    return [
+        (auto_contrast, lambda level, sign: level),
+        (equalize, lambda level, sign: level),
+        (invert, lambda level, sign: level),
+        (rotate, lambda level, sign: sign * level / LEVEL_MAX * 30.0),
+        (posterize, posterize_bits),
+        (solarize, solarize_threshold),
+        (solarize_add, lambda level, sign: tf.floor(level / LEVEL_MAX * 110.0)),
+        (color, enhance),
+        (contrast, enhance),
+        (brightness, enhance),
+        (sharpness, enhance),
+        (shear_x, lambda level, sign: sign * level / LEVEL_MAX * 0.3),
+        (shear_y, lambda level, sign: sign * level / LEVEL_MAX * 0.3),
+        (translate_x, lambda level, sign: sign * level / LEVEL_MAX * 0.45),
+        (translate_y, lambda level, sign: sign * level / LEVEL_MAX * 0.45),
+    ]
+
+
+def _rand_augment_layer(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec) -> tf.Tensor:
+    """One RandAugment layer: a random op, applied with probability spec.prob."""
+    ops = _ops(spec.increasing)
+    s_op, s_apply, s_mag, s_sign = _seeds(seed, 4)
+    index = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
+    level = tf.constant(spec.magnitude, tf.float32)
+    if spec.magnitude_std > 0:
+        level = level + spec.magnitude_std * tf.random.stateless_normal([], s_mag)
+    level = tf.clip_by_value(level, 0.0, LEVEL_MAX)
+    sign = tf.where(_uniform(s_sign) < 0.5, -1.0, 1.0)
+    branches = [functools.partial(_apply_op, op, arg, image, level, sign) for op, arg in ops]
+    return tf.cond(_uniform(s_apply) < spec.prob, lambda: tf.switch_case(index, branches),
+                   lambda: image)
+
+
+def _apply_op(op: Op, arg: LevelToArg, image: tf.Tensor, level: tf.Tensor,
+              sign: tf.Tensor) -> tf.Tensor:
+    return op(image, arg(level, sign))
+
+
+def rand_augment(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec) -> tf.Tensor:
+    """timm RandAugment of a float (H, W, 3) image with integer values in [0, 255]."""
+    for layer_seed in _seeds(seed, spec.num_layers):
+        image = _rand_augment_layer(image, layer_seed, spec)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Random erasing and the whole transform
+# ---------------------------------------------------------------------------------------------
+
+
+def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
+    """timm RandomErasing(prob, mode='pixel', max_count=1) on a normalised (H, W, C) image."""
+    s_apply, s_area, s_ratio, s_top, s_left, s_noise = _seeds(seed, 6)
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    area = tf.cast(h * w, tf.float32)
+    target = area * _uniform(s_area, [10], 0.02, 1 / 3)
+    aspect = tf.exp(_uniform(s_ratio, [10], math.log(0.3), math.log(1 / 0.3)))
+    eh = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+    ew = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+    fits = (ew < w) & (eh < h)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    eh, ew = eh[first], ew[first]
+    top = _randint(s_top, 0, h - eh)
+    left = _randint(s_left, 0, w - ew)
+    rows = tf.range(h)[:, None, None]
+    cols = tf.range(w)[None, :, None]
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    erase = inside & tf.reduce_any(fits) & (_uniform(s_apply) < prob)
+    return tf.where(erase, tf.random.stateless_normal(shape, s_noise), image)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugment:
+    """The switchable train augmentation (config.augment) and normalisation."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "random"
+    hflip: float = 0.5
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    erase_prob: float = 0.25
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        """uint8 (H, W, 3) image, int64 (2,) seed -> {'image': float32 (S, S, 3) normalised,
+        'crop_box': float32 (4,) crop (y0, x0, y1, x1) as image fractions, 'flip': bool}."""
+        s_crop, s_flip, s_ra, s_erase = _seeds(seed, 4)
+        out, box = crop_and_resize(image, s_crop, self.size, tuple(self.crop_scale),
+                                   tuple(self.crop_ratio), self.interpolation)
+        flip = _uniform(s_flip) < self.hflip
+        out = tf.cond(flip, lambda: out[:, ::-1], lambda: out)
+        if self.randaugment:
+            out = rand_augment(out, s_ra, parse_randaugment(self.randaugment))
+        out = (out / 255.0 - tf.constant(self.mean)) / tf.constant(self.std)
+        if self.erase_prob > 0:
+            out = random_erase(out, s_erase, self.erase_prob)
+        out = tf.ensure_shape(out, (self.size, self.size, 3))
+        return {"image": out, "crop_box": box, "flip": flip}

@@ -1,0 +1,123 @@
+"""Top-1 / top-5 evaluation with timm's eval preprocessing.
+
+`python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from=DIR`
+runs `evaluate(config)`: the config's dataset and eval split (TFDS or a folder of
+<split>/<class>/<image>), resized and center-cropped with the model's crop_pct and
+interpolation, padded to full batches whose padding is masked out, so that every
+example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from volo_jax.models import create_model, pretrained_cfg
+from volo_jax.sharding import create_mesh, replicated, shard_batch
+from volo_jax.training.config import DIGITS, model_overrides, validate_config
+from volo_jax.weights import load_weights_into
+
+SUMS = ("top1", "top5", "loss", "count")
+
+
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict:
+    """Sums over the real (mask True) examples of a batch {'image' (B, H, W, 3),
+    'label' (B,), 'mask' (B,)}: correct top-1, correct top-5, cross-entropy, count."""
+    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    hits = top == labels[:, None]
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    return {
+        "top1": jnp.sum(hits[:, 0] * mask),
+        "top5": jnp.sum(hits.any(axis=-1) * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Any:
+    """The jitted `eval_step` of `model`, sums replicated."""
+    return jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated(mesh))
+
+
+def run_eval(
+    eval_fn: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any
+) -> dict[str, float]:
+    """Top-1, top-5 (fractions), mean loss and example count over all batches."""
+    totals = {name: 0.0 for name in SUMS}
+    pending = [eval_fn(variables, shard_batch(batch, mesh)) for batch in batches]
+    for sums in jax.device_get(pending):
+        for name in SUMS:
+            totals[name] += float(sums[name])
+    count = max(totals["count"], 1.0)
+    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
+            "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+def eval_preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """create_eval_dataset's preprocessing arguments: the model's pretrained_cfg unless
+    the config's eval section overrides crop_pct or interpolation."""
+    cfg = pretrained_cfg(config.model)
+    return {
+        "input_size": config.img_size,
+        "crop_pct": cfg.crop_pct if config.eval.crop_pct is None else config.eval.crop_pct,
+        "interpolation": config.eval.interpolation or cfg.interpolation,
+        "mean": tuple(config.mean),
+        "std": tuple(config.std),
+    }
+
+
+def dataset_location(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+    """The config's dataset name or folder; the built-in digits are written as a folder
+    under dataset.data_dir (default WORKDIR/data, or ~/.cache/volo_jax without a workdir)."""
+    name = config.dataset.name
+    if name != DIGITS:
+        return name
+    from volo_jax.data.digits import prepare_digits_folder
+
+    default = os.path.join(workdir, "data") if workdir else os.path.expanduser("~/.cache/volo_jax")
+    root = config.dataset.data_dir or default
+    return prepare_digits_folder(os.path.join(root, DIGITS))
+
+
+def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
+    """The eval split as padded, masked batches of config.eval.batch_size (global)."""
+    from volo_jax.data.input_pipeline import create_eval_dataset
+
+    ds, num_examples = create_eval_dataset(
+        dataset_location(config, workdir), config.dataset.eval_split,
+        batch_size=config.eval.batch_size // jax.process_count(),
+        data_dir=config.dataset.data_dir, image_key=config.dataset.image_key,
+        label_key=config.dataset.label_key, num_examples=config.dataset.num_eval_examples,
+        **eval_preprocessing(config),
+    )
+    return ds, num_examples
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, float]:
+    """Evaluates the weights in config.init_from; returns and logs top-1 / top-5."""
+    validate_config(config)
+    ds, num_examples = create_eval_batches(config, workdir)
+    mesh = create_mesh()
+    model = create_model(config.model, **model_overrides(config))
+    variables = load_weights_into(
+        config.init_from, model, config.model, skip=tuple(config.init_skip)
+    )
+    variables = jax.device_put(variables, replicated(mesh))
+    logging.info("evaluating %s on %s/%s: %d examples", config.init_from, config.dataset.name,
+                 config.dataset.eval_split, num_examples)
+    result = run_eval(make_eval_fn(model, mesh), variables, ds.as_numpy_iterator(), mesh)
+    print(f"{config.model} on {config.dataset.name}/{config.dataset.eval_split}: "
+          f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"loss {result['loss']:.4f}  ({int(result['count'])} images)")
+    return result

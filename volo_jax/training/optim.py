@@ -1,0 +1,69 @@
+"""The official optimiser: AdamW with a warmup + cosine + cooldown schedule and no
+weight decay on 1-D parameters (biases, norms), `pos_embed` and `cls_token`.
+
+The schedule is timm's `CosineLRScheduler` (t_initial = num_epochs, warmup_t =
+warmup_epochs, warmup_prefix False, then min_lr during the cooldown epochs),
+evaluated at fractional epochs (step / steps_per_epoch) instead of once per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """base_lr scaled linearly with the batch: base_lr * batch_size / lr_batch_base."""
+    return config.optim.base_lr * config.batch_size / config.optim.lr_batch_base
+
+
+def create_learning_rate_fn(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> Callable[[jax.Array], jax.Array]:
+    """step -> lr. With t = step / steps_per_epoch, W warmup and T num_epochs:
+    t < W: warmup_lr + (peak - warmup_lr) * t / W;
+    W <= t < T: min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2;
+    t >= T (cooldown): min_lr."""
+    peak = peak_learning_rate(config)
+    opt = config.optim
+    warmup, total = float(opt.warmup_epochs), float(config.num_epochs)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        t = jnp.asarray(step, jnp.float32) / steps_per_epoch
+        warm = opt.warmup_lr + (peak - opt.warmup_lr) * t / max(warmup, 1e-12)
+        cosine = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * t / total))
+        return jnp.where(t < warmup, warm, jnp.where(t < total, cosine, opt.min_lr))
+
+    return schedule
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True where weight decay applies: parameters with >= 2 dims, except the position
+    embedding and the class token (the official `add_weight_decay`)."""
+
+    def decays(path: tuple[Any, ...], leaf: jax.Array) -> bool:
+        name = getattr(path[-1], "key", str(path[-1]))
+        return leaf.ndim > 1 and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """AdamW (+ optional global-norm clipping) on the config's schedule."""
+    opt = config.optim
+    adamw = optax.adamw(
+        create_learning_rate_fn(config, steps_per_epoch), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay, mask=weight_decay_mask,
+    )
+    if opt.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
+    return adamw

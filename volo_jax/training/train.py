@@ -1,0 +1,440 @@
+"""VOLO training with token labeling: `train_and_evaluate(config, workdir)`.
+
+One step (`train_step`, pure and jitted with the state donated): targets from the
+batch (smoothed labels, precomputed score maps, or an online teacher run in the same
+step), MixToken with a box drawn from the step's RNG, the token-labeling loss, AdamW,
+optional gradient accumulation over micro-batches and an EMA of the parameters.
+Batches are split over the 'data' axis of the mesh; the state is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from flax.training import train_state
+
+from volo_jax.errors import ConfigError
+from volo_jax.models import create_model
+from volo_jax.models.volo import mix_box_lam, sample_mix_box
+from volo_jax.sharding import create_mesh, replicated, shard_batch
+from volo_jax.training import evaluate as eval_lib
+from volo_jax.training.checkpointing import Checkpointer
+from volo_jax.training.config import model_overrides, validate_config
+from volo_jax.training.losses import (
+    ground_truth_mix,
+    mix_class_targets,
+    smooth_labels,
+    smooth_targets,
+    token_label_loss,
+)
+from volo_jax.training.metrics import MetricWriter, plot_curves
+from volo_jax.training.optim import create_learning_rate_fn, create_optimizer
+from volo_jax.training.token_labels import targets_from_score_maps
+from volo_jax.weights import load_weights_into, read_metadata, save_weights
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_DIR = "weights"
+
+
+class TrainState(train_state.TrainState):
+    """Step, params, optimizer state, plus BatchNorm statistics, the EMA of the
+    params (None when off) and the base RNG key (uint32 (2,); step keys fold in the
+    step)."""
+
+    batch_stats: Any
+    ema_params: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The static hyper-parameters of `train_step`."""
+
+    num_classes: int
+    grid: int  # token grid side (img_size // 16)
+    label_smoothing: float = 0.1
+    cls_weight: float = 1.0
+    dense_weight: float = 0.5
+    mix_token: bool = True
+    mix_beta: float = 1.0
+    ground_truth: bool = False
+    roi_samples: int = 2
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
+        tl = config.token_label
+        return cls(
+            num_classes=config.dataset.num_classes, grid=config.img_size // 16,
+            label_smoothing=config.label_smoothing, cls_weight=tl.cls_weight,
+            dense_weight=tl.dense_weight, mix_token=tl.mix_token, mix_beta=tl.mix_beta,
+            ground_truth=tl.ground_truth, roi_samples=tl.roi_samples,
+            grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_targets(
+    batch: Batch,
+    opts: StepOptions,
+    teacher: nn.Module | None = None,
+    teacher_variables: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Class target (B, K) and dense target (B, N, K) of an un-mixed batch.
+
+    'label_map' in the batch: the precomputed score maps, ROI-aligned to the crops;
+    a teacher: its softmaxed class output and aux logits; otherwise the smoothed label
+    for the class and for every token. With `opts.ground_truth`, annotator class
+    targets are mixed with the smoothed label.
+    """
+    labels = smooth_labels(batch["label"], opts.num_classes, opts.label_smoothing)
+    n = opts.grid * opts.grid
+    if "label_map" in batch:
+        cls, dense = targets_from_score_maps(
+            batch["label_map"], batch["crop_box"], batch["flip"], opts.num_classes, opts.grid,
+            opts.label_smoothing, opts.roi_samples,
+        )
+    elif teacher is not None:
+        logits, aux = teacher.apply(teacher_variables, batch["image"], return_dense=True)
+        logits = logits.astype(jnp.float32) + 0.5 * aux.astype(jnp.float32).max(axis=1)
+        cls = smooth_targets(jax.nn.softmax(logits, -1), opts.label_smoothing)
+        dense = smooth_targets(jax.nn.softmax(aux.astype(jnp.float32), -1), opts.label_smoothing)
+        cls, dense = jax.lax.stop_gradient((cls, dense))
+    else:
+        return labels, jnp.broadcast_to(labels[:, None], (labels.shape[0], n, opts.num_classes))
+    if opts.ground_truth:
+        cls = ground_truth_mix(cls, labels)
+    return cls, dense
+
+
+def _micro_batches(tree: Any, count: int) -> Any:
+    """Splits every (B, ...) leaf into (count, B / count, ...)."""
+    return jax.tree_util.tree_map(lambda x: x.reshape(count, -1, *x.shape[1:]), tree)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    teacher_variables: Any,
+    *,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    opts: StepOptions,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on a batch {'image' (B, H, W, 3), 'label' (B,), [score maps]}.
+
+    The batch is split into `opts.grad_accum_steps` micro-batches whose gradients are
+    averaged; each draws its own MixToken box and dropout key from fold_in(rng, step).
+    Returns the new state and {'loss', 'cls_loss', 'dense_loss', 'accuracy'} (batch means).
+    """
+    cls_target, dense_target = compute_targets(batch, opts, teacher, teacher_variables)
+    micro = _micro_batches(
+        {"image": batch["image"], "label": batch["label"], "cls": cls_target,
+         "dense": dense_target},
+        opts.grad_accum_steps,
+    )
+    keys = jax.random.split(jax.random.fold_in(state.rng, state.step), opts.grad_accum_steps)
+
+    def loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
+        box_key, dropout_key = jax.random.split(key)
+        box = sample_mix_box(box_key, (opts.grid, opts.grid), opts.mix_beta) if opts.mix_token \
+            else None
+        (logits, aux), new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats}, mb["image"], train=True,
+            return_dense=True, mix_box=box, rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        cls = mb["cls"] if box is None else mix_class_targets(
+            mb["cls"], mix_box_lam(box, (opts.grid, opts.grid))
+        )
+        loss, parts = token_label_loss(
+            logits, aux, cls, mb["dense"], opts.cls_weight, opts.dense_weight
+        )
+        prediction = logits.astype(jnp.float32) + 0.5 * aux.astype(jnp.float32).max(axis=1)
+        parts["accuracy"] = jnp.mean(jnp.argmax(prediction, -1) == mb["label"])
+        return loss, (new_vars["batch_stats"], parts)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry: tuple[Any, Any], xs: tuple[Batch, jax.Array]) -> tuple[Any, Metrics]:
+        grads, batch_stats = carry
+        (loss, (batch_stats, parts)), g = grad_fn(state.params, batch_stats, *xs)
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        return (grads, batch_stats), {"loss": loss, **parts}
+
+    carry = (jax.tree_util.tree_map(jnp.zeros_like, state.params), state.batch_stats)
+    if opts.grad_accum_steps == 1:  # no loop: XLA:CPU runs loop bodies many times slower
+        first = jax.tree_util.tree_map(lambda x: x[0], (micro, keys))
+        (grads, batch_stats), metrics = accumulate(carry, first)
+    else:
+        (grads, batch_stats), metrics = jax.lax.scan(accumulate, carry, (micro, keys))
+        grads = jax.tree_util.tree_map(lambda g: g / opts.grad_accum_steps, grads)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if opts.ema_decay > 0:
+        new_state = new_state.replace(ema_params=optax.incremental_update(
+            new_state.params, state.ema_params, 1.0 - opts.ema_decay
+        ))
+    return new_state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# State, weights, teacher
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def initial_variables(model: nn.Module, img_size: int, rng: jax.Array) -> dict[str, Any]:
+    """Fresh {'params', 'batch_stats'} of `model` for (B, img_size, img_size, 3) inputs
+    (jitted once per model: compiling the initializers takes seconds on the CPU)."""
+    dummy = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
+    return dict(model.init({"params": rng}, dummy, train=False))
+
+
+def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    """`variables` with every leaf that `loaded` holds (same path) replaced by it."""
+    flat = traverse_util.flatten_dict(variables)
+    for path, value in traverse_util.flatten_dict(loaded).items():
+        flat[path] = jnp.asarray(value, flat[path].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int
+) -> TrainState:
+    """Step 0: initial (or config.init_from) weights, AdamW state, EMA copy, base RNG."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = initial_variables(model, config.img_size, init_rng)
+    if config.init_from:
+        loaded = load_weights_into(
+            config.init_from, model, config.model, skip=tuple(config.init_skip)
+        )
+        variables = merge_weights(variables, loaded)
+    params = variables["params"]
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=create_optimizer(config, steps_per_epoch),
+        batch_stats=variables.get("batch_stats", {}),
+        # A copy: the step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None,
+        rng=train_rng,
+    )
+    # An int32 array like the step's output (a Python 0 would trace weakly typed and make
+    # the second step compile again).
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
+    """The online teacher and its weights: config.teacher.model with the architecture
+    overrides its weights directory records, at the student's resolution (the position
+    embedding is resized) and compute dtype."""
+    if not config.teacher.model:
+        return None, None
+    meta = read_metadata(config.teacher.init_from)
+    overrides = {**meta.get("overrides", {}), "img_size": config.img_size}
+    if config.dtype == "bfloat16":
+        overrides["dtype"] = jnp.bfloat16
+    teacher = create_model(config.teacher.model, **overrides)
+    if teacher.num_classes != config.dataset.num_classes:
+        raise ConfigError(
+            f"config.teacher: {config.teacher.init_from} predicts {teacher.num_classes} classes, "
+            f"the dataset has {config.dataset.num_classes}"
+        )
+    return teacher, load_weights_into(config.teacher.init_from, teacher, config.teacher.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def create_train_input(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """The training data of this process (see `input_pipeline.create_train_dataset`)."""
+    from volo_jax.data.augment import TrainAugment
+    from volo_jax.data.input_pipeline import create_train_dataset
+
+    aug = config.augment
+    augment = TrainAugment(
+        size=config.img_size, crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio),
+        interpolation=aug.interpolation, hflip=aug.hflip, randaugment=aug.randaugment,
+        erase_prob=aug.erase_prob, mean=tuple(config.mean), std=tuple(config.std),
+    )
+    return create_train_dataset(
+        eval_lib.dataset_location(config, workdir), config.dataset.train_split,
+        batch_size=config.batch_size // jax.process_count(), augment=augment, seed=config.seed,
+        data_dir=config.dataset.data_dir, image_key=config.dataset.image_key,
+        label_key=config.dataset.label_key, shuffle_buffer=config.dataset.shuffle_buffer,
+        token_label_dir=config.token_label.data_dir,
+    )
+
+
+def _progress(start: int, total: int) -> Any:
+    """A tqdm bar with ETA on process 0 (disabled elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from WORKDIR/checkpoints if any), evaluates periodically, and
+    leaves checkpoints, TensorBoard events, metrics.jsonl, curves.png and the final
+    weights (weights/, a weights directory) in `workdir`.
+
+    Returns the last eval metrics ({'top1', 'top5', 'loss', 'count'}).
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    mesh = create_mesh()
+    train_data = create_train_input(config, workdir)
+    eval_data, _ = eval_lib.create_eval_batches(config, workdir)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = (config.num_epochs + config.cooldown_epochs) * steps_per_epoch
+    last_step = min(total_steps, config.max_steps or total_steps)
+
+    model = create_model(config.model, **model_overrides(config))
+    state = create_train_state(config, model, steps_per_epoch)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+    if ckpt.latest_step is not None:
+        logging.info("resuming from step %d of %s", ckpt.latest_step, ckpt.directory)
+        state = ckpt.restore(ckpt.latest_step, state)
+    state = jax.device_put(state, replicated(mesh))
+    teacher, teacher_variables = load_teacher(config)
+    teacher_variables = jax.device_put(teacher_variables, replicated(mesh))
+
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, teacher=teacher,
+                          opts=StepOptions.from_config(config)),
+        donate_argnums=(0,), out_shardings=(state_sharding, replicated(mesh)),
+    )
+    loop = _Loop(
+        step_fn=step_fn, eval_fn=eval_lib.make_eval_fn(model, mesh),
+        lr_fn=create_learning_rate_fn(config, steps_per_epoch), eval_data=eval_data,
+        teacher_variables=teacher_variables, mesh=mesh, writer=MetricWriter(workdir), ckpt=ckpt,
+        batch_size=config.batch_size, log_every=config.log_every_steps,
+        eval_every=config.eval_every_steps or steps_per_epoch,
+        checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
+    )
+    start = int(state.step)
+    logging.info("training %s: %d examples, %d steps/epoch, steps %d..%d, batch %d on %d "
+                 "devices", config.model, train_data.num_examples, steps_per_epoch, start,
+                 last_step, config.batch_size, jax.device_count())
+    try:
+        state, eval_metrics = loop.run(state, train_data.batches(start), start, last_step)
+    finally:
+        ckpt.close()
+        loop.writer.close()
+    export_weights(config, state, os.path.join(workdir, WEIGHTS_DIR))
+    if jax.process_index() == 0:
+        logging.info("curves written to %s", plot_curves(workdir))
+    return eval_metrics
+
+
+def export_weights(config: ml_collections.ConfigDict, state: TrainState, directory: str) -> None:
+    """Writes the final params (their EMA when kept) as a weights directory, which
+    `--config.mode=eval --config.init_from=DIR` and `predict --weights DIR` read."""
+    params = state.params if state.ema_params is None else state.ema_params
+    overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
+    save_weights(directory, {"params": params, "batch_stats": state.batch_stats}, config.model,
+                 overrides, source=f"volo_jax training, step {int(state.step)}")
+    logging.info("final weights written to %s", directory)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop and what it runs with (fixed for the run)."""
+
+    step_fn: Any  # jitted train_step: (state, batch, teacher_variables) -> (state, metrics)
+    eval_fn: Any  # jitted eval_step
+    lr_fn: Any
+    eval_data: Any  # tf.data.Dataset of padded, masked eval batches
+    teacher_variables: Any
+    mesh: jax.sharding.Mesh
+    writer: MetricWriter
+    ckpt: Checkpointer
+    batch_size: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    def run(self, state: TrainState, batches: Iterator[dict[str, np.ndarray]], start: int,
+            last_step: int) -> tuple[TrainState, dict[str, float]]:
+        """Steps start+1 .. last_step; returns the final state and the last eval metrics."""
+        pending: list[Metrics] = []
+        eval_metrics: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), start
+        bar = _progress(start, last_step)
+        say = bar.write if jax.process_index() == 0 else logging.debug
+        # On XLA:CPU a queued step waiting for the previous one competes with it for the
+        # same cores (measured 3x slower on 2 cores), so there the host waits for each step.
+        wait_each_step = jax.default_backend() == "cpu"
+        for step in range(start + 1, last_step + 1):
+            state, metrics = self.step_fn(state, shard_batch(next(batches), self.mesh),
+                                          self.teacher_variables)
+            if wait_each_step:
+                jax.block_until_ready(metrics)
+            pending.append(metrics)
+            bar.update(1)
+            if _is_due(step, self.log_every, last_step):
+                now = time.perf_counter()
+                means = self._log_train(step, pending, (step - tick_step) / (now - tick))
+                pending, tick, tick_step = [], now, step
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+            is_eval = _is_due(step, self.eval_every, last_step)
+            if is_eval:
+                eval_metrics = self.evaluate(state)
+                self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()
+                                         if k != "count"})
+                say(f"step {step}: eval top-1 {100 * eval_metrics['top1']:.2f}% top-5 "
+                    f"{100 * eval_metrics['top5']:.2f}% loss {eval_metrics['loss']:.4f}")
+            if is_eval or _is_due(step, self.checkpoint_every, last_step):
+                self.ckpt.save(step, state, {"top1": eval_metrics["top1"]} if is_eval else None)
+                say(f"step {step}: checkpoint saved to {self.ckpt.directory}")
+        bar.close()
+        return state, eval_metrics
+
+    def _log_train(self, step: int, pending: list[Metrics], steps_per_sec: float) -> dict:
+        """Writes the means of the pending step metrics, images/s and the lr."""
+        fetched = jax.device_get(pending)
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        means["images_per_sec"] = self.batch_size * steps_per_sec
+        means["lr"] = float(self.lr_fn(step - 1))  # the lr of this step's update
+        self.writer.write(step, {f"train/{k}": v for k, v in means.items()})
+        return means
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Top-1/top-5/loss of the params (and of their EMA, as ema_top1, when kept)."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        result = eval_lib.run_eval(self.eval_fn, variables, self.eval_data.as_numpy_iterator(),
+                                   self.mesh)
+        if state.ema_params is not None:
+            ema = {"params": state.ema_params, "batch_stats": state.batch_stats}
+            result["ema_top1"] = eval_lib.run_eval(
+                self.eval_fn, ema, self.eval_data.as_numpy_iterator(), self.mesh)["top1"]
+        return result
