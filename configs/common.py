@@ -24,7 +24,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = "volo_d1_224"
     config.img_size = 224
     config.model_overrides = ml_collections.ConfigDict(
-        {"drop_path_rate": DROP_PATH["d1"], "remat": False}
+        {
+            "drop_path_rate": DROP_PATH["d1"],
+            "remat": False,
+            # The outlooker stage's token mixer (the paper's ablation), its keyword
+            # arguments as JSON (e.g. '{"block_size": 2}' for halo on a small grid),
+            # and how outlook attention runs ('auto', 'reference', 'slices', 'pallas').
+            "token_mixer": "outlook",
+            "token_mixer_kwargs": "",
+            "outlook_impl": "auto",
+        }
     )
     config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     # A weights directory (python -m volo_jax.convert ...) to start from, and regexes of

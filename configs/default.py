@@ -17,7 +17,7 @@ from configs.common import get_base_config
 def get_config() -> ml_collections.ConfigDict:
     config = get_base_config()
     config.img_size = 32
-    config.model_overrides = ml_collections.ConfigDict({
+    config.model_overrides.update({
         "layers": (1, 1, 1, 1),
         "embed_dims": (64, 128, 128, 128),
         "num_heads": (2, 4, 4, 4),

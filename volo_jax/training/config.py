@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -115,6 +116,14 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
     """Constructor overrides of the model: the config's, plus size, classes and dtype."""
     overrides = dict(config.model_overrides.to_dict())
+    mixer_kwargs = overrides.pop("token_mixer_kwargs", "") or "{}"
+    try:
+        overrides["token_mixer_kwargs"] = json.loads(mixer_kwargs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"config.model_overrides.token_mixer_kwargs must be a JSON object, got "
+            f"{mixer_kwargs!r} ({err})"
+        ) from None
     overrides.update(img_size=config.img_size, num_classes=config.dataset.num_classes)
     if config.dtype == "bfloat16":
         overrides["dtype"] = jnp.bfloat16
