@@ -100,6 +100,19 @@ class Downsample(nn.Module):
         )(x)
 
 
+def _mixer_mlp_residuals(block: Any, mixer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
+    """`x + DP(mixer(LN(x)))`, then `x + DP(MLP(LN(x)))`, with timm's names (norm1,
+    norm2, mlp, drop_path1/2), called from `block`'s compact `__call__`. `block`
+    supplies dim, mlp_ratio, drop_path, dtype and param_dtype."""
+    dt = dict(dtype=block.dtype, param_dtype=block.param_dtype)
+    y = mixer(TorchLayerNorm(name="norm1", **dt)(x), train)
+    x = x + DropPath(block.drop_path, name="drop_path1")(y, train)
+    y = Mlp(int(block.dim * block.mlp_ratio), name="mlp", **dt)(
+        TorchLayerNorm(name="norm2", **dt)(x), train
+    )
+    return x + DropPath(block.drop_path, name="drop_path2")(y, train)
+
+
 class Outlooker(nn.Module):
     """Pre-norm token-mixer block + MLP block. (B, H, W, C) -> (B, H, W, C).
 
@@ -144,13 +157,7 @@ class Outlooker(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = self._mixer()(TorchLayerNorm(name="norm1", **dt)(x), train)
-        x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
-        y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
-            TorchLayerNorm(name="norm2", **dt)(x), train
-        )
-        return x + DropPath(self.drop_path, name="drop_path2")(y, train)
+        return _mixer_mlp_residuals(self, self._mixer(), x, train)
 
 
 class Transformer(nn.Module):
@@ -169,12 +176,7 @@ class Transformer(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt)
-        y = attn(TorchLayerNorm(name="norm1", **dt)(x), train)
-        x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
-        y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **dt)(
-            TorchLayerNorm(name="norm2", **dt)(x), train
-        )
-        return x + DropPath(self.drop_path, name="drop_path2")(y, train)
+        return _mixer_mlp_residuals(self, attn, x, train)
 
 
 class ClassAttention(nn.Module):
