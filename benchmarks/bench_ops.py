@@ -126,7 +126,7 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
     from jax import lax
 
     from benchmarks.bench_volo import compile_stats
-    from volo_jax.ops import fold, outlook, unfold
+    from volo_jax.ops import TOKEN_MIXERS, fold, outlook, unfold
 
     dtype = jnp.dtype(cfg.dtype)
     device = jax.devices()[0]
@@ -178,6 +178,18 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
         cases[f"OutlookAttention layer (flax{f', {impl}' if impl else ''})"] = (
             lambda prm, x, layer=layer: layer.apply(prm, x),
             (params, arr["x"]),
+            arr["g"],
+        )
+    # The other token mixers (issue #6) at the same (B, H, W, C), stride 1, their
+    # parameters freshly initialised: the operators VOLO's outlook attention is compared with.
+    for mixer_name, factory in TOKEN_MIXERS.items():
+        if mixer_name == "outlook":
+            continue
+        mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype)
+        mixer_vars = jax.jit(mixer.init)(jax.random.key(0), arr["x"])
+        cases[f"{mixer_name} layer (flax)"] = (
+            lambda prm, x, mixer=mixer: mixer.apply(prm, x),
+            (mixer_vars, arr["x"]),
             arr["g"],
         )
     cases["unfold (ours)"] = (lambda x: unfold(x, k, s, p), (arr["v"],), arr["g_cols"])
