@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from volo_jax.sharding.rules import DEFAULT_RULES
+
 # The official per-variant learning rate (for a total batch of 1024) and stochastic depth.
 BASE_LR = {"d1": 1.6e-3, "d2": 1e-3, "d3": 1e-3, "d4": 1e-3, "d5": 8e-4}
 DROP_PATH = {"d1": 0.1, "d2": 0.2, "d3": 0.5, "d4": 0.5, "d5": 0.75}
@@ -109,6 +111,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.teacher = ml_collections.ConfigDict()
     config.teacher.model = config_dict.placeholder(str)
     config.teacher.init_from = config_dict.placeholder(str)
+
+    # Devices: the mesh ('data', 'fsdp', 'model'; one -1 takes the remaining devices) and how
+    # the train state is laid out on it (volo_jax/sharding/rules.py): 'auto' (the rules as
+    # given), 'replicated' (data parallel), 'fsdp' (params and optimizer state split over
+    # 'fsdp') or 'tensor' (heads and MLP split over 'model'). The batch is split over
+    # data x fsdp. `distributed`: call jax.distributed.initialize() (multi-host).
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    config.sharding = "auto"
+    config.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
+    config.distributed = False
 
     # Bookkeeping.
     config.log_every_steps = 100

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 2
     config.optim.warmup_epochs = 1
     config.optim.lr_batch_base = 32
-    config.eval.batch_size = 180
+    config.eval.batch_size = 120
     config.log_every_steps = 10
     config.eval_every_steps = 40
     config.checkpoint_every_steps = 10

@@ -46,12 +46,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  f"weights directory not found: {config.init_from}")
     _require(config.dataset.num_classes >= 2, "dataset.num_classes",
              f"must be >= 2, got {config.dataset.num_classes}")
-    devices = jax.device_count()
+    devices = batch_devices(config)
     _require(config.eval.batch_size > 0 and config.eval.batch_size % devices == 0,
-             "eval.batch_size", f"must be a positive multiple of the {devices} devices, got "
-             f"{config.eval.batch_size}")
+             "eval.batch_size", f"must be a positive multiple of the {devices} devices of "
+             f"the batch axes (mesh data x fsdp), got {config.eval.batch_size}")
     if config.mode == "train":
         _validate_training(config, devices)
+
+
+def batch_devices(config: ml_collections.ConfigDict) -> int:
+    """Devices the batch is split over (data x fsdp of `config.mesh`); checks the mesh
+    sizes and the sharding preset (ConfigError)."""
+    from volo_jax.sharding import mesh_shape, rules_from_config
+
+    rules_from_config(config)
+    data, fsdp, _ = mesh_shape(config.get("mesh"), jax.device_count())
+    return data * fsdp
 
 
 def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
@@ -59,7 +69,7 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
     _require(accum >= 1, "grad_accum_steps", f"must be >= 1, got {accum}")
     _require(config.batch_size > 0 and config.batch_size % (accum * devices) == 0,
              "batch_size", f"{config.batch_size} must be divisible by grad_accum_steps x "
-             f"device count = {accum} x {devices}")
+             f"batch devices (mesh data x fsdp) = {accum} x {devices}")
     _require(config.num_epochs > 0, "num_epochs", f"must be positive, got {config.num_epochs}")
     _require(config.cooldown_epochs >= 0, "cooldown_epochs", "must be >= 0")
     optim = config.optim

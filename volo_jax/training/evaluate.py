@@ -22,7 +22,16 @@ import ml_collections
 import numpy as np
 
 from volo_jax.models import create_model, pretrained_cfg
-from volo_jax.sharding import create_mesh, replicated, shard_batch
+from volo_jax.sharding import (
+    batch_sharding,
+    create_mesh,
+    maybe_initialize_distributed,
+    replicated,
+    rules_from_config,
+    shard_batch,
+    use_mesh,
+    variables_shardings,
+)
 from volo_jax.training.config import DIGITS, model_overrides, validate_config
 from volo_jax.weights import load_weights_into
 
@@ -45,9 +54,12 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module) 
     }
 
 
-def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Any:
-    """The jitted `eval_step` of `model`, sums replicated."""
-    return jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated(mesh))
+def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = None) -> Any:
+    """The jitted `eval_step` of `model`: variables in `shardings` (a NamedSharding tree;
+    None: as they come), the batch split over data x fsdp, the sums replicated."""
+    in_shardings = None if shardings is None else (shardings, batch_sharding(mesh))
+    return jax.jit(functools.partial(eval_step, model=model), in_shardings=in_shardings,
+                   out_shardings=replicated(mesh))
 
 
 def run_eval(
@@ -106,17 +118,21 @@ def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, float]:
     """Evaluates the weights in config.init_from; returns and logs top-1 / top-5."""
+    maybe_initialize_distributed(config.get("distributed") or None)
     validate_config(config)
     ds, num_examples = create_eval_batches(config, workdir)
-    mesh = create_mesh()
+    mesh = create_mesh(config.get("mesh"))
     model = create_model(config.model, **model_overrides(config))
     variables = load_weights_into(
         config.init_from, model, config.model, skip=tuple(config.init_skip)
     )
-    variables = jax.device_put(variables, replicated(mesh))
+    shardings = variables_shardings(variables, mesh, rules_from_config(config))
+    variables = jax.device_put(variables, shardings)
     logging.info("evaluating %s on %s/%s: %d examples", config.init_from, config.dataset.name,
                  config.dataset.eval_split, num_examples)
-    result = run_eval(make_eval_fn(model, mesh), variables, ds.as_numpy_iterator(), mesh)
+    with use_mesh(mesh):
+        result = run_eval(make_eval_fn(model, mesh, shardings), variables,
+                          ds.as_numpy_iterator(), mesh)
     print(f"{config.model} on {config.dataset.name}/{config.dataset.eval_split}: "
           f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({int(result['count'])} images)")

@@ -4,7 +4,8 @@ One step (`train_step`, pure and jitted with the state donated): targets from th
 batch (smoothed labels, precomputed score maps, or an online teacher run in the same
 step), MixToken with a box drawn from the step's RNG, the token-labeling loss, AdamW,
 optional gradient accumulation over micro-batches and an EMA of the parameters.
-Batches are split over the 'data' axis of the mesh; the state is replicated.
+The state is created, stepped and checkpointed in the shardings that the config's mesh
+and sharding rules give it (`volo_jax.sharding`); batches are split over data x fsdp.
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ from flax.training import train_state
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import mix_box_lam, sample_mix_box
-from volo_jax.sharding import create_mesh, replicated, shard_batch
+from volo_jax.sharding import (
+    batch_sharding,
+    create_mesh,
+    maybe_initialize_distributed,
+    replicated,
+    rules_from_config,
+    shard_batch,
+    state_shardings,
+    use_mesh,
+    variables_shardings,
+    with_shardings,
+)
 from volo_jax.training import evaluate as eval_lib
 from volo_jax.training.checkpointing import Checkpointer
 from volo_jax.training.config import model_overrides, validate_config
@@ -219,19 +231,22 @@ def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int
+    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
+    tx: optax.GradientTransformation | None = None, load_init: bool = True,
 ) -> TrainState:
-    """Step 0: initial (or config.init_from) weights, AdamW state, EMA copy, base RNG."""
+    """Step 0: initial (or config.init_from, unless `load_init` is False) weights, AdamW
+    state (`tx`, default the config's), EMA copy, base RNG."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = initial_variables(model, config.img_size, init_rng)
-    if config.init_from:
+    if config.init_from and load_init:
         loaded = load_weights_into(
             config.init_from, model, config.model, skip=tuple(config.init_skip)
         )
         variables = merge_weights(variables, loaded)
     params = variables["params"]
     state = TrainState.create(
-        apply_fn=model.apply, params=params, tx=create_optimizer(config, steps_per_epoch),
+        apply_fn=model.apply, params=params,
+        tx=create_optimizer(config, steps_per_epoch) if tx is None else tx,
         batch_stats=variables.get("batch_stats", {}),
         # A copy: the step donates the state, and one buffer cannot be donated twice.
         ema_params=jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None,
@@ -240,6 +255,49 @@ def create_train_state(
     # An int32 array like the step's output (a Python 0 would trace weakly typed and make
     # the second step compile again).
     return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int
+) -> tuple[TrainState, Any]:
+    """The step-0 state as ShapeDtypeStructs, and a function () -> that state (the
+    config's weights not loaded) whose static fields (tx, apply_fn) are the template's."""
+    tx = create_optimizer(config, steps_per_epoch)
+    init = functools.partial(create_train_state, config, model, steps_per_epoch, tx, False)
+    return jax.eval_shape(init), init
+
+
+def create_sharded_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
+    mesh: jax.sharding.Mesh, rules: dict[str, tuple[str, ...]],
+) -> tuple[TrainState, Any]:
+    """Step 0 born in its shardings (`jax.jit(init, out_shardings=...)` after
+    `jax.eval_shape`, so no device holds more than its shard), then the config.init_from
+    weights put straight into their shardings. Returns (state, its NamedSharding tree)."""
+    abstract, init = abstract_train_state(config, model, steps_per_epoch)
+    shardings = state_shardings(abstract, mesh, rules)
+    with use_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    if config.init_from:
+        loaded = load_weights_into(
+            config.init_from, model, config.model, skip=tuple(config.init_skip)
+        )
+        state = _put_loaded(state, loaded, shardings)
+    return state, shardings
+
+
+def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState) -> TrainState:
+    """`state` with the leaves of `loaded` ({'params', 'batch_stats'}, host arrays) put
+    into their shardings (and the EMA restarted from the new params)."""
+    names = ("params", "batch_stats")
+    flat = traverse_util.flatten_dict({n: getattr(state, n) for n in names})
+    targets = traverse_util.flatten_dict({n: getattr(shardings, n) for n in names})
+    for path, value in traverse_util.flatten_dict(loaded).items():
+        flat[path] = jax.device_put(np.asarray(value, flat[path].dtype), targets[path])
+    merged = traverse_util.unflatten_dict(flat)
+    ema = None if state.ema_params is None else jax.tree_util.tree_map(jnp.copy, merged["params"])
+    return state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}),
+                         ema_params=ema)
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
@@ -305,12 +363,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the last eval metrics ({'top1', 'top5', 'loss', 'count'}).
     """
+    maybe_initialize_distributed(config.get("distributed") or None)
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    mesh = create_mesh()
+    mesh = create_mesh(config.get("mesh"))
+    rules = rules_from_config(config)
     train_data = create_train_input(config, workdir)
     eval_data, _ = eval_lib.create_eval_batches(config, workdir)
     steps_per_epoch = train_data.steps_per_epoch
@@ -318,23 +378,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_step = min(total_steps, config.max_steps or total_steps)
 
     model = create_model(config.model, **model_overrides(config))
-    state = create_train_state(config, model, steps_per_epoch)
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     if ckpt.latest_step is not None:
+        # Restored straight into this run's shardings: the mesh may differ from the saver's.
         logging.info("resuming from step %d of %s", ckpt.latest_step, ckpt.directory)
-        state = ckpt.restore(ckpt.latest_step, state)
-    state = jax.device_put(state, replicated(mesh))
+        abstract, _ = abstract_train_state(config, model, steps_per_epoch)
+        shardings = state_shardings(abstract, mesh, rules)
+        state = ckpt.restore(ckpt.latest_step, with_shardings(abstract, shardings))
+    else:
+        state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh,
+                                                      rules)
     teacher, teacher_variables = load_teacher(config)
-    teacher_variables = jax.device_put(teacher_variables, replicated(mesh))
+    teacher_shardings = None if teacher_variables is None else variables_shardings(
+        teacher_variables, mesh, rules)
+    teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated(mesh), state)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, teacher=teacher,
                           opts=StepOptions.from_config(config)),
-        donate_argnums=(0,), out_shardings=(state_sharding, replicated(mesh)),
+        in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,),
     )
+    variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
     loop = _Loop(
-        step_fn=step_fn, eval_fn=eval_lib.make_eval_fn(model, mesh),
+        step_fn=step_fn, eval_fn=eval_lib.make_eval_fn(model, mesh, variable_shardings),
         lr_fn=create_learning_rate_fn(config, steps_per_epoch), eval_data=eval_data,
         teacher_variables=teacher_variables, mesh=mesh, writer=MetricWriter(workdir), ckpt=ckpt,
         batch_size=config.batch_size, log_every=config.log_every_steps,
@@ -345,8 +412,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("training %s: %d examples, %d steps/epoch, steps %d..%d, batch %d on %d "
                  "devices", config.model, train_data.num_examples, steps_per_epoch, start,
                  last_step, config.batch_size, jax.device_count())
+    logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
     try:
-        state, eval_metrics = loop.run(state, train_data.batches(start), start, last_step)
+        with use_mesh(mesh):
+            state, eval_metrics = loop.run(state, train_data.batches(start), start, last_step)
     finally:
         ckpt.close()
         loop.writer.close()
@@ -360,8 +429,13 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
     """Writes the final params (their EMA when kept) as a weights directory, which
     `--config.mode=eval --config.init_from=DIR` and `predict --weights DIR` read."""
     params = state.params if state.ema_params is None else state.ema_params
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if jax.process_count() > 1:  # each process holds only its shards: gather whole arrays
+        from jax.experimental import multihost_utils
+
+        variables = multihost_utils.process_allgather(variables, tiled=True)
     overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
-    save_weights(directory, {"params": params, "batch_stats": state.batch_stats}, config.model,
+    save_weights(directory, variables, config.model,
                  overrides, source=f"volo_jax training, step {int(state.step)}")
     logging.info("final weights written to %s", directory)
 

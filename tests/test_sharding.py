@@ -1,0 +1,163 @@
+"""Sharding: the logical axis rules (1 device), and on 8 CPU devices (one subprocess,
+so this process keeps its single device) a train and eval step equal to one device's
+on 4 meshes, the presets' layouts, and a checkpoint moving between meshes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from volo_jax.errors import ConfigError
+from volo_jax.models import create_model
+from volo_jax.sharding import (
+    create_mesh,
+    logical_axes,
+    mesh_shape,
+    param_specs,
+    preset_rules,
+    rules_from_config,
+)
+from volo_jax.sharding.rules import path_str, spec_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeMesh:
+    """The parts of a Mesh that the rules read: axis names and sizes."""
+
+    def __init__(self, **shape: int) -> None:
+        self.shape = shape
+        self.axis_names = tuple(shape)
+
+
+@functools.cache
+def abstract_variables(name: str = "volo_d1_224"):
+    model = create_model(name)
+    size = model.img_size
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+
+
+def test_every_volo_d1_parameter_matches_a_rule():
+    flat = jax.tree_util.tree_flatten_with_path(abstract_variables())[0]
+    unmatched = [path_str(p) for p, x in flat if logical_axes(path_str(p), x.ndim) is None]
+    assert not unmatched
+    assert logical_axes("params/network_2_0/attn/qkv/kernel", 2) == ("embed", "heads")
+    assert logical_axes("params/network_2_0/mlp/fc2/kernel", 2) == ("mlp", "embed")
+    assert logical_axes("params/network_1/proj/kernel", 4) == (
+        "conv_height", "conv_width", "conv_in", "embed")
+
+
+def test_specs_for_a_mesh():
+    mesh = FakeMesh(data=2, fsdp=2, model=2)
+    specs = param_specs(abstract_variables()["params"], preset_rules("auto"), mesh)
+    assert specs["network_2_0"]["attn"]["qkv"]["kernel"] == P("fsdp", "model")
+    assert specs["network_2_0"]["attn"]["proj"]["kernel"] == P("model", "fsdp")
+    assert specs["network_2_0"]["mlp"]["fc1"]["bias"] == P("model")
+    assert specs["post_network_0"]["attn"]["kv"]["kernel"] == P("fsdp", "model")
+    assert specs["head"]["kernel"] == P("fsdp")
+    assert specs["norm"]["scale"] == P()
+    assert specs["pos_embed"] == P(None, None, None, "fsdp")
+    fsdp = param_specs(abstract_variables()["params"], preset_rules("fsdp"), mesh)
+    assert fsdp["network_2_0"]["attn"]["qkv"]["kernel"] == P("fsdp")
+    tensor = param_specs(abstract_variables()["params"], preset_rules("tensor"), mesh)
+    assert tensor["network_2_0"]["attn"]["qkv"]["kernel"] == P(None, "model")
+    none = param_specs(abstract_variables()["params"], preset_rules("replicated"), mesh)
+    assert all(s == P() for s in jax.tree_util.tree_leaves(
+        none, is_leaf=lambda x: isinstance(x, P)))
+
+
+def test_non_divisible_dimension_stays_whole():
+    rules = preset_rules("auto")
+    # Outlook attention's weight generator: 486 = 3^4 x 6 outputs, not divisible by 4.
+    path = "params/network_0_0/attn/attn/kernel"
+    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=8, model=4)) == P("fsdp")
+    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=1, model=2)) == P(
+        None, "model")
+    assert spec_for("params/head/kernel", (12, 10), rules, FakeMesh(data=1, fsdp=8, model=1)) \
+        == P()
+
+
+def test_mesh_shapes_and_errors():
+    assert mesh_shape({"data": -1, "fsdp": 1, "model": 1}, 8) == (8, 1, 1)
+    assert mesh_shape({"data": 2, "fsdp": -1, "model": 2}, 8) == (2, 2, 2)
+    assert mesh_shape(None, 4) == (4, 1, 1)
+    with pytest.raises(ConfigError, match=r"data=2, fsdp=2, model=1 is 4 devices, but there "
+                                          r"are 8 devices"):
+        mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
+    with pytest.raises(ConfigError, match="do not divide the 8 devices"):
+        mesh_shape({"data": -1, "fsdp": 3}, 8)
+    with pytest.raises(ConfigError, match="unknown axes"):
+        mesh_shape({"tensor": 2}, 8)
+    with pytest.raises(ConfigError, match="at most one -1"):
+        mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ConfigError, match=r"config\.mesh"):
+        create_mesh({"data": 2})  # this process has 1 device
+    assert create_mesh({"data": -1}).shape == {"data": 1, "fsdp": 1, "model": 1}
+
+
+def test_rules_from_config_and_bad_preset():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"sharding": "tensor", "sharding_rules": {
+        "batch": ("data", "fsdp"), "embed": ("fsdp",), "heads": ("model",), "mlp": ("model",)}})
+    rules = rules_from_config(config)
+    assert rules["embed"] == () and rules["heads"] == ("model",)
+    assert rules["batch"] == ("data", "fsdp")
+    with pytest.raises(ConfigError, match=r"config\.sharding"):
+        preset_rules("zero3")
+
+
+@pytest.fixture(scope="module")
+def eight_devices() -> dict:
+    """Runs tests/_sharding_worker.py on 8 CPU devices; {check: {'ok'|'error': ...}}."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "tests._sharding_worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            results.update(json.loads(line))
+    if not results:
+        pytest.fail(f"worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return results
+
+
+@pytest.mark.parametrize("check", ["steps", "layout", "checkpoint"])
+def test_on_eight_devices(eight_devices, check):
+    result = eight_devices.get(check)
+    assert result is not None, f"check {check} did not run"
+    assert "error" not in result, result["error"]
+
+
+def test_sharded_state_with_init_from_matches_create_train_state(tmp_path):
+    from configs.smoke import get_config
+    from volo_jax.training import train
+    from volo_jax.training.config import model_overrides
+    from volo_jax.weights import save_weights
+
+    config = get_config()
+    config.ema_decay = 0.9
+    model = create_model(config.model, **model_overrides(config))
+    variables = train.initial_variables(model, config.img_size, jax.random.PRNGKey(7))
+    save_weights(tmp_path / "w", variables, config.model,
+                 {k: v for k, v in model_overrides(config).items() if k != "dtype"})
+    config.init_from = str(tmp_path / "w")
+    config.init_skip = (r"^params/head/",)
+    expected = train.create_train_state(config, model, steps_per_epoch=10)
+    state, shardings = train.create_sharded_train_state(
+        config, model, 10, create_mesh(), rules_from_config(config))
+    equal = jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)),
+        (state.params, state.batch_stats, state.ema_params, state.opt_state),
+        (expected.params, expected.batch_stats, expected.ema_params, expected.opt_state))
+    assert all(jax.tree_util.tree_leaves(equal))
+    assert state.params["pos_embed"].sharding == shardings.params["pos_embed"]
