@@ -185,7 +185,11 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
     for mixer_name, factory in TOKEN_MIXERS.items():
         if mixer_name == "outlook":
             continue
-        mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype)
+        kwargs = {}
+        if mixer_name == "halo":  # blocks must tile the grid: the largest divisor <= 7
+            block = max(d for d in range(1, 8) if n % d == 0)
+            kwargs = {"block_size": block, "halo_size": min(3, block)}
+        mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype, **kwargs)
         mixer_vars = jax.jit(mixer.init)(jax.random.key(0), arr["x"])
         cases[f"{mixer_name} layer (flax)"] = (
             lambda prm, x, mixer=mixer: mixer.apply(prm, x),
