@@ -39,7 +39,7 @@ def _cases():
             yield pytest.param(impl, shape, marks=marks, id=f"{impl}-{i}")
 
 
-@pytest.mark.parametrize(("impl", "shape"), _cases())
+@pytest.mark.parametrize(("impl", "shape"), list(_cases()))
 def test_implementations_equal_the_reference(impl, shape):
     v, attn, geometry = _inputs(shape)
 
