@@ -45,7 +45,6 @@ TORCH_BACKENDS = ("torch_eager", "torch_amp", "torch_compile")
 BACKENDS = JAX_BACKENDS + TORCH_BACKENDS
 MODES = ("infer", "train")
 #: Fields of our VOLO that timm's constructor does not take.
-JAX_ONLY_FIELDS = ("remat", "dtype", "param_dtype")
 #: AdamW hyper-parameters, the same for optax and torch.
 ADAMW = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
 AUX_WEIGHT = 0.5
@@ -300,6 +299,8 @@ def build_timm_model(cfg: Config) -> Any:
     """timm's VOLO with our registry's arguments for `cfg.model`, seeded init."""
     import torch
     from timm.models.volo import VOLO
+
+    from volo_jax.models.volo import JAX_ONLY_FIELDS
 
     torch.manual_seed(cfg.seed)
     kw = {k: v for k, v in model_kwargs(cfg).items() if k not in JAX_ONLY_FIELDS}

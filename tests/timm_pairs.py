@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 
 from volo_jax.models import create_model, model_kwargs
-
-#: Fields of our VOLO that timm's constructor does not take.
-JAX_ONLY_FIELDS = ("remat", "outlook_impl", "dtype", "param_dtype")
+from volo_jax.models.volo import JAX_ONLY_FIELDS
 
 
 def shrunk_overrides(name: str, factor: int = 4) -> dict[str, Any]:

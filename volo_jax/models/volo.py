@@ -30,6 +30,16 @@ from volo_jax.ops.outlook import OutlookAttention
 
 Dtype = Any
 
+#: `VOLO` fields that timm's VOLO does not take: execution choices and the mixer ablation.
+JAX_ONLY_FIELDS = (
+    "remat",
+    "outlook_impl",
+    "token_mixer",
+    "token_mixer_kwargs",
+    "dtype",
+    "param_dtype",
+)
+
 #: Token mixers the outlooker stage can use (`VOLO(token_mixer=...)`).
 MIXER_NAMES = ("outlook", "self_attention", *sorted(set(TOKEN_MIXERS) - {"outlook"}))
 
