@@ -44,6 +44,15 @@ JAX_ONLY_FIELDS = (
 MIXER_NAMES = ("outlook", "self_attention", *sorted(set(TOKEN_MIXERS) - {"outlook"}))
 
 
+def patchify(
+    features: int, patch: int, dtype: Dtype | None, param_dtype: Dtype, name: str
+) -> nn.Conv:
+    """Non-overlapping patch projection: a conv with kernel = stride = `patch`."""
+    return nn.Conv(
+        features, (patch, patch), patch, "VALID", dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
 class PatchEmbed(nn.Module):
     """Conv stem (7x7/s, 3x3, 3x3, each + BatchNorm + ReLU) and a patch projection.
 
@@ -77,15 +86,7 @@ class PatchEmbed(nn.Module):
         x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_6", **conv)(x)
         x = nn.relu(nn.BatchNorm(name="conv_7", **norm)(x))
         k = self.patch_size // self.stem_stride
-        return nn.Conv(
-            self.embed_dim,
-            (k, k),
-            k,
-            "VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="proj",
-        )(x)
+        return patchify(self.embed_dim, k, self.dtype, self.param_dtype, name="proj")(x)
 
 
 class Downsample(nn.Module):
@@ -98,16 +99,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        p = self.patch_size
-        return nn.Conv(
-            self.out_dim,
-            (p, p),
-            p,
-            "VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="proj",
-        )(x)
+        return patchify(self.out_dim, self.patch_size, self.dtype, self.param_dtype, name="proj")(x)
 
 
 def _mixer_mlp_residuals(block: Any, mixer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
