@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import volo_jax
+from benchmarks.bench_volo import compile_stats, time_calls
 from volo_jax.models.volo import ClassBlock, Outlooker, PatchEmbed, Transformer
 
 
 def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time_calls(fn, jax.block_until_ready, reps, warmup=0)["median_s"]
 
 
 def matmul_peak(reps: int = 5, n: int = 2048) -> float:
@@ -39,16 +32,6 @@ def matmul_peak(reps: int = 5, n: int = 2048) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     return 2 * n**3 / _median_seconds(lambda: f(a), reps)
-
-
-def _cost(fn: Callable, *args: Any) -> dict[str, float]:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0]
-    return {
-        "flops": float(analysis.get("flops", 0.0)),
-        "bytes": float(analysis.get("bytes accessed", 0.0)),
-    }
 
 
 def block_rows(model_name: str, batch: int, reps: int) -> list[dict[str, Any]]:
@@ -88,8 +71,9 @@ def block_rows(model_name: str, batch: int, reps: int) -> list[dict[str, Any]]:
         x = jax.random.normal(key, shape)
         variables = jax.jit(block.init)(key, x)
         apply = jax.jit(block.apply)
-        cost = _cost(block.apply, variables, x)
+        stats, _ = compile_stats(apply, variables, x)
         seconds = _median_seconds(lambda: apply(variables, x), reps)  # noqa: B023
+        cost = {"flops": stats["xla_gflops"] * 1e9, "bytes": stats["xla_gbytes_accessed"] * 1e9}
         rows.append({"block": name, "count": count, "seconds": seconds, **cost})
     return rows
 

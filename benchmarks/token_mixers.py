@@ -16,14 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import volo_jax
+from benchmarks.bench_volo import compile_stats
 from volo_jax.models.volo import MIXER_NAMES
-
-
-def _flops(fn: Any, *args: Any) -> float:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list):  # older JAX returns one dict per device
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
 
 
 def _count(tree: Any) -> int:
@@ -41,7 +35,7 @@ def measure(model_name: str, mixer: str) -> dict[str, Any]:
         "mixer": mixer,
         "params_m": _count(variables["params"]) / 1e6,
         "mixer_params_k": _count(mixer_params) / 1e3,
-        "gflops": _flops(lambda v, x: model.apply(v, x), variables, x) / 1e9,
+        "gflops": compile_stats(jax.jit(model.apply), variables, x)[0]["xla_gflops"],
     }
 
 
