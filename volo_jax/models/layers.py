@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.ops.matmul import Dense, einsum
+
 Dtype = Any
 
 #: PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6).
@@ -49,10 +51,10 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init())
         out_dim = self.out_dim or x.shape[-1]
-        x = nn.Dense(self.hidden_dim, name="fc1", **dense)(x)
+        x = Dense(self.hidden_dim, name="fc1", **dense)(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.drop, deterministic=not train)(x)
-        x = nn.Dense(out_dim, name="fc2", **dense)(x)
+        x = Dense(out_dim, name="fc2", **dense)(x)
         return nn.Dropout(self.drop, deterministic=not train)(x)
 
 
@@ -66,11 +68,11 @@ def dot_product_attention(
     layout copies that tripled the attention time on the CPU).
     """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
+    logits = einsum("bhqd,bhkd->bhqk", q * scale, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return einsum("bhqk,bhkd->bhqd", weights, v)
 
 
 class Attention(nn.Module):
@@ -93,11 +95,11 @@ class Attention(nn.Module):
         shape = x.shape
         tokens = x.reshape(shape[0], -1, shape[-1])
         b, n, c = tokens.shape
-        qkv = nn.Dense(3 * self.dim, use_bias=self.qkv_bias, name="qkv", **dense)(tokens)
+        qkv = Dense(3 * self.dim, use_bias=self.qkv_bias, name="qkv", **dense)(tokens)
         qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, heads, N, hd)
         attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
         out = dot_product_attention(q, k, v, attn_drop).transpose(0, 2, 1, 3).reshape(b, n, c)
-        out = nn.Dense(self.dim, name="proj", **dense)(out)
+        out = Dense(self.dim, name="proj", **dense)(out)
         out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
         return out.reshape(shape)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.ops.matmul import Dense, einsum
 from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas
 from volo_jax.ops.patches import fold, fold_slices, unfold, window_slices
 
@@ -25,7 +26,7 @@ def _aggregate_reference(
     windows = unfold(v, kernel_size, stride, padding)  # (B, h, w, KK, C)
     h, w = windows.shape[1:3]
     windows = windows.reshape(b, h, w, kk, heads, c // heads)
-    out = jnp.einsum("bxynij,bxyjnd->bxyind", attn, windows)  # (B, h, w, KK, heads, hd)
+    out = einsum("bxynij,bxyjnd->bxyind", attn, windows)  # (B, h, w, KK, heads, hd)
     return fold(out.reshape(b, h, w, kk, c), (height, width), kernel_size, stride, padding)
 
 
@@ -39,7 +40,7 @@ def _aggregate_slices(
     geometry = (kernel_size, stride, padding)
     parts = window_slices(v.reshape(b, height, width, heads, c // heads), *geometry)
     windows = jnp.stack(parts, axis=4)  # (B, h, w, heads, KK, hd)
-    out = jnp.einsum("bxynij,bxynjd->bxynid", attn, windows)  # (B, h, w, heads, KK, hd)
+    out = einsum("bxynij,bxynjd->bxynid", attn, windows)  # (B, h, w, heads, KK, hd)
     folded = fold_slices(
         [out[:, :, :, :, k] for k in range(len(parts))], (height, width), *geometry
     )
@@ -130,16 +131,16 @@ class OutlookAttention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=nn.initializers.truncated_normal(0.02),
         )
-        v = nn.Dense(self.dim, use_bias=self.qkv_bias, name="v", **dense)(x)
+        v = Dense(self.dim, use_bias=self.qkv_bias, name="v", **dense)(x)
         # Average pool with kernel = stride = s, ceil mode: partial windows average
         # only the positions they cover, as PyTorch's AvgPool2d(ceil_mode=True).
         pad = ((0, -height % s), (0, -width % s))
         pooled = nn.avg_pool(x, (s, s), (s, s), padding=pad, count_include_pad=False)
         h, w = pooled.shape[1:3]
-        logits = nn.Dense(k**4 * self.num_heads, name="attn", **dense)(pooled)
+        logits = Dense(k**4 * self.num_heads, name="attn", **dense)(pooled)
         logits = logits.reshape(b, h, w, self.num_heads, k * k, k * k) * scale
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
         x = outlook_aggregate(v, attn, k, s, self.padding, self.impl)
-        x = nn.Dense(self.dim, name="proj", **dense)(x)
+        x = Dense(self.dim, name="proj", **dense)(x)
         return nn.Dropout(self.proj_drop, deterministic=not train)(x)

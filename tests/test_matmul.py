@@ -1,0 +1,127 @@
+"""volo_jax.ops.matmul: the products every layer uses (float32 unchanged; low precision
+accumulated in float32 on the CPU, forward and backward)."""
+
+from __future__ import annotations
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from volo_jax.ops import matmul
+
+SPECS = [
+    "bhqd,bhkd->bhqk",  # attention logits (contract the minor dims)
+    "bhqk,bhkd->bhqd",  # attention output
+    "bnc,co->bno",  # a Dense layer
+    "bnc,bno->co",  # its weight gradient (sums over the tokens)
+    "...qd,...kd->...qk",
+    "bxynij,bxynjd->bxynid",  # outlook attention's product (slices)
+]
+
+
+def _operands(spec: str, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    sizes = dict(zip("bhqkdncoxyij", (2, 3, 5, 4, 6, 7, 8, 9, 2, 3, 4, 4), strict=True))
+    sa, sb = spec.split("->")[0].replace("...", "bh").split(",")
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
+    return (
+        jax.random.normal(ka, [sizes[c] for c in sa]),
+        jax.random.normal(kb, [sizes[c] for c in sb]),
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_float32_is_jnp_einsum(spec):
+    a, b = _operands(spec)
+    chex.assert_trees_all_equal(matmul.einsum(spec, a, b), jnp.einsum(spec, a, b))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_bfloat16_products_and_gradients_accumulate_in_float32(spec):
+    a, b = _operands(spec)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    out = matmul.einsum(spec, a16, b16)
+    assert out.dtype == jnp.bfloat16
+    # The float32 product of the rounded operands, rounded once: what float32
+    # accumulation gives (a bf16 accumulator would be off by many bf16 ulps).
+    exact = jnp.einsum(spec, a16.astype(jnp.float32), b16.astype(jnp.float32))
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32), rtol=1e-2
+    )
+
+    def loss(fn, x, y):
+        return jnp.sum(fn(spec, x, y).astype(jnp.float32) ** 2)
+
+    grads = jax.grad(lambda x, y: loss(matmul.einsum, x, y), (0, 1))(a16, b16)
+    ref = jax.grad(lambda x, y: loss(jnp.einsum, x, y), (0, 1))(
+        a16.astype(jnp.float32), b16.astype(jnp.float32)
+    )
+    for g, r in zip(grads, ref, strict=True):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.abs(r).max())
+        assert float(jnp.abs(g.astype(jnp.float32) - r).max()) <= 2e-2 * scale
+
+
+def test_no_bfloat16_output_products_on_the_cpu():
+    """Forward and backward of a bf16 Dense layer compile to float32-output dots (the
+    CPU's matrix-unit path), never a bf16-output dot."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rule applies on the CPU")
+    layer = matmul.Dense(16, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 8, 12))
+    params = layer.init(jax.random.PRNGKey(0), x)
+
+    def loss(p, x):
+        return jnp.sum(layer.apply(p, x).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).as_text(dialect="hlo")
+    dots = re.findall(r"= (\w+)\[[^\]]*\][^ ]* dot\(", hlo)
+    assert dots and set(dots) == {"f32"}, dots
+
+
+def test_dot_general_matches_lax():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 5))
+    w = jax.random.normal(jax.random.PRNGKey(2), (5, 9))
+    y = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 5))
+    for rhs, dims in [
+        (w, (((2,), (0,)), ((), ()))),
+        (y, (((2,), (2,)), ((0,), (0,)))),
+    ]:
+        ref = lax.dot_general(x, rhs, dims)
+        chex.assert_trees_all_equal(matmul.dot_general(x, rhs, dims), ref)
+        low = matmul.dot_general(x.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dims)
+        assert low.dtype == jnp.bfloat16 and low.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(low, np.float32), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_conv_low_precision_runs_in_float32():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 4))
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 8))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    ref = lax.conv_general_dilated(x, k, *args, dimension_numbers=dn)
+    chex.assert_trees_all_equal(matmul.conv_general_dilated(x, k, *args, dimension_numbers=dn), ref)
+    x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    low = matmul.conv_general_dilated(x16, k16, *args, dimension_numbers=dn)
+    assert low.dtype == jnp.bfloat16
+    exact = lax.conv_general_dilated(
+        x16.astype(jnp.float32), k16.astype(jnp.float32), *args, dimension_numbers=dn
+    )
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("ij,jk", "explicit '->'"), ("ij,jk->k", "summed within one operand")],
+)
+def test_bad_spec(spec, message):
+    a = jnp.ones((2, 3), jnp.bfloat16)
+    b = jnp.ones((3, 4), jnp.bfloat16)
+    if jax.default_backend() != "cpu":
+        pytest.skip("low-precision specs are rewritten on the CPU only")
+    with pytest.raises(ValueError, match=message):
+        matmul.einsum(spec, a, b)

@@ -1,0 +1,177 @@
+"""Matrix products for every layer: `dot_general` (for flax's `Dense`) and `einsum`.
+
+In float32 both are exactly `lax.dot_general` / `jnp.einsum`. With bfloat16 (or float16)
+operands on the CPU, products accumulate and return float32 and are cast back to the
+operands' dtype, forward and backward (a custom VJP whose two gradient products do the
+same). XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit library (AMX where the
+CPU has it: about 5x the float32 rate on this project's CPU), but a bf16 -> bf16 product on
+a generic path slower than float32. On GPU and TPU the products are left to XLA as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _accumulate_in_float32(*operands: jax.Array) -> bool:
+    """True for low-precision operands of one dtype on the CPU backend."""
+    dtypes = {jnp.dtype(x.dtype) for x in operands}
+    return len(dtypes) == 1 and dtypes.pop() in _LOW_PRECISION and jax.default_backend() == "cpu"
+
+
+def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
+    """The product `spec` (explicit, no `...`) as one (batch, M, K) x (batch, K, N) matmul
+    with float32 output, in `spec`'s output order.
+
+    The operands are transposed and reshaped to that row-major form first: XLA:CPU's
+    matrix-unit library takes only it, and a product over a transposed operand (a weight
+    gradient, which sums over the tokens) would otherwise fall back to float32, or fail.
+    """
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    batch = [c for c in sa if c in sb and c in out]
+    contract = [c for c in sa if c in sb and c not in out]
+    free_a = [c for c in sa if c not in sb]
+    free_b = [c for c in sb if c not in sa]
+    size = dict(zip(sa, a.shape, strict=True)) | dict(zip(sb, b.shape, strict=True))
+
+    def as_matrix(x: jax.Array, sub: str, rows: list[str], cols: list[str]) -> jax.Array:
+        order = batch + rows + cols
+        x = jnp.transpose(x, [sub.index(c) for c in order])
+        shape = [size[c] for c in batch]
+        return x.reshape(
+            *([np.prod(shape, dtype=int)] if batch else []),
+            np.prod([size[c] for c in rows], dtype=int),
+            np.prod([size[c] for c in cols], dtype=int),
+        )
+
+    lhs = as_matrix(a, sa, free_a, contract)
+    rhs = as_matrix(b, sb, contract, free_b)
+    nb = 1 if batch else 0
+    dims = (((nb + 1,), (nb,)), ((0,), (0,)) if batch else ((), ()))
+    y = lax.dot_general(lhs, rhs, dims, precision, preferred_element_type=jnp.float32)
+    produced = batch + free_a + free_b
+    y = y.reshape([size[c] for c in produced])
+    return jnp.transpose(y, [produced.index(c) for c in out])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
+    return _product_f32(spec, a, b, precision).astype(a.dtype)
+
+
+def _einsum_f32_fwd(spec: str, a: jax.Array, b: jax.Array, precision: Any):
+    return _einsum_f32(spec, a, b, precision), (a, b)
+
+
+def _einsum_f32_bwd(spec: str, precision: Any, residuals, g: jax.Array):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    # Every index of one operand is in the output or in the other operand (no index is
+    # summed within a single operand), so each gradient is one more product.
+    da = _einsum_f32(f"{out},{sb}->{sa}", g, b, precision)
+    db = _einsum_f32(f"{sa},{out}->{sb}", a, g, precision)
+    return da, db
+
+
+_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
+    """`spec` with `...` spelled out as letters; checks that it is a plain two-operand
+    product (no index summed within a single operand)."""
+    spec = spec.replace(" ", "")
+    inputs, sep, out = spec.partition("->")
+    operands = inputs.split(",")
+    if not sep or len(operands) != 2:
+        raise ValueError(f"einsum spec {spec!r}: give two operands and an explicit '->'")
+    if "..." in spec:
+        spare = [c for c in string.ascii_uppercase if c not in spec]
+        counts = [
+            x.ndim - len(s) + 3 if "..." in s else 0 for s, x in zip(operands, (a, b), strict=True)
+        ]
+        widest = max(counts)
+        operands = [
+            s.replace("...", "".join(spare[widest - n : widest]))
+            for s, n in zip(operands, counts, strict=True)
+        ]
+        out = out.replace("...", "".join(spare[:widest]))
+    sa, sb = operands
+    if set(sa) - set(out) - set(sb) or set(sb) - set(out) - set(sa):
+        raise ValueError(f"einsum spec {spec!r}: an index is summed within one operand")
+    return f"{sa},{sb}->{out}"
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
+    """`jnp.einsum` of two operands with an explicit `->`, float32-accumulated on the CPU
+    for low-precision operands (module docstring)."""
+    if _accumulate_in_float32(a, b):
+        return _einsum_f32(_explicit_spec(spec, a, b), a, b, precision)
+    return jnp.einsum(spec, a, b, precision=precision)
+
+
+def dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: DimensionNumbers,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """`lax.dot_general` with `einsum`'s precision rule; pass as `nn.Dense(dot_general=...)`."""
+    if preferred_element_type is not None or kwargs or not _accumulate_in_float32(lhs, rhs):
+        return lax.dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
+        )
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    letters = iter(string.ascii_letters)
+    sa: list[str] = [""] * lhs.ndim
+    sb: list[str] = [""] * rhs.ndim
+    batch = []
+    for i, j in zip(lhs_batch, rhs_batch, strict=True):
+        sa[i] = sb[j] = next(letters)
+        batch.append(sa[i])
+    for i, j in zip(lhs_contract, rhs_contract, strict=True):
+        sa[i] = sb[j] = next(letters)
+    free: list[str] = []
+    for subscripts in (sa, sb):
+        for i, letter in enumerate(subscripts):
+            if not letter:
+                subscripts[i] = next(letters)
+                free.append(subscripts[i])
+    spec = f"{''.join(sa)},{''.join(sb)}->{''.join(batch + free)}"
+    return _einsum_f32(spec, lhs, rhs, precision)
+
+
+def conv_general_dilated(
+    lhs: jax.Array, rhs: jax.Array, *args: Any, preferred_element_type: Any = None, **kwargs: Any
+) -> jax.Array:
+    """`lax.conv_general_dilated`; low-precision operands on the CPU are convolved in float32
+    (XLA:CPU's bf16 convolutions are slower than its float32 ones) and cast back. Pass as
+    `nn.Conv(conv_general_dilated=...)`."""
+    if preferred_element_type is not None or not _accumulate_in_float32(lhs, rhs):
+        return lax.conv_general_dilated(
+            lhs, rhs, *args, preferred_element_type=preferred_element_type, **kwargs
+        )
+    out = lax.conv_general_dilated(
+        lhs.astype(jnp.float32), rhs.astype(jnp.float32), *args, **kwargs
+    )
+    return out.astype(lhs.dtype)
+
+
+#: flax's Dense and Conv with these products: what every layer in the project uses.
+Dense = functools.partial(nn.Dense, dot_general=dot_general)
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
