@@ -116,11 +116,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     # the train state is laid out on it (volo_jax/sharding/rules.py): 'auto' (the rules as
     # given), 'replicated' (data parallel), 'fsdp' (params and optimizer state split over
     # 'fsdp') or 'tensor' (heads and MLP split over 'model'). The batch is split over
-    # data x fsdp. `distributed`: call jax.distributed.initialize() (multi-host).
+    # data x fsdp.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     config.sharding = "auto"
     config.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
-    config.distributed = False
+    # Multi-host: `enabled` calls jax.distributed.initialize(), which finds the cluster on
+    # Cloud TPU, Slurm, Open MPI and k8s; elsewhere give all three of coordinator_address
+    # (process 0's 'host:port'), num_processes and process_id (they imply enabled). On the
+    # CPU, cross-process collectives use gloo.
+    config.distributed = ml_collections.ConfigDict(
+        {
+            "enabled": False,
+            "coordinator_address": config_dict.placeholder(str),
+            "num_processes": config_dict.placeholder(int),
+            "process_id": config_dict.placeholder(int),
+            "initialization_timeout": 300,  # seconds to wait for all processes
+        }
+    )
 
     # Bookkeeping.
     config.log_every_steps = 100

@@ -38,6 +38,8 @@ def save_weights(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, VARIABLES_DIR), host, force=True)
     checkpointer.wait_until_finished()
+    if jax.process_index() != 0:  # every process joins orbax's save; one writes the rest
+        return
     meta = {"model": model_name, "overrides": overrides or {}, **metadata}
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)

@@ -29,8 +29,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     or inconsistent with another."""
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
-    _require(config.img_size > 0 and config.img_size % PATCH_GRID == 0, "img_size",
-             f"must be a positive multiple of {PATCH_GRID}, got {config.img_size}")
+    _require(
+        config.img_size > 0 and config.img_size % PATCH_GRID == 0,
+        "img_size",
+        f"must be a positive multiple of {PATCH_GRID}, got {config.img_size}",
+    )
     try:
         model_kwargs(config.model, **model_overrides(config))
     except UnknownModelError as err:
@@ -38,18 +41,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     except ConfigError as err:
         raise ConfigError(f"config.model_overrides: {err}") from None
     if config.mode == "eval" or config.requires_init:
-        _require(bool(config.init_from), "init_from",
-                 f"a weights directory is required (mode={config.mode!r}"
-                 f"{', fine-tuning config' if config.requires_init else ''})")
+        _require(
+            bool(config.init_from),
+            "init_from",
+            f"a weights directory is required (mode={config.mode!r}"
+            f"{', fine-tuning config' if config.requires_init else ''})",
+        )
     if config.init_from:
-        _require(os.path.isdir(config.init_from), "init_from",
-                 f"weights directory not found: {config.init_from}")
-    _require(config.dataset.num_classes >= 2, "dataset.num_classes",
-             f"must be >= 2, got {config.dataset.num_classes}")
+        _require(
+            os.path.isdir(config.init_from),
+            "init_from",
+            f"weights directory not found: {config.init_from}",
+        )
+    from volo_jax.sharding.mesh import distributed_settings
+
+    distributed_settings(config.get("distributed"))
+    _require(
+        config.dataset.num_classes >= 2,
+        "dataset.num_classes",
+        f"must be >= 2, got {config.dataset.num_classes}",
+    )
     devices = batch_devices(config)
-    _require(config.eval.batch_size > 0 and config.eval.batch_size % devices == 0,
-             "eval.batch_size", f"must be a positive multiple of the {devices} devices of "
-             f"the batch axes (mesh data x fsdp), got {config.eval.batch_size}")
+    _require(
+        config.eval.batch_size > 0 and config.eval.batch_size % devices == 0,
+        "eval.batch_size",
+        f"must be a positive multiple of the {devices} devices of "
+        f"the batch axes (mesh data x fsdp), got {config.eval.batch_size}",
+    )
     if config.mode == "train":
         _validate_training(config, devices)
 
@@ -67,14 +85,20 @@ def batch_devices(config: ml_collections.ConfigDict) -> int:
 def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
     accum = config.grad_accum_steps
     _require(accum >= 1, "grad_accum_steps", f"must be >= 1, got {accum}")
-    _require(config.batch_size > 0 and config.batch_size % (accum * devices) == 0,
-             "batch_size", f"{config.batch_size} must be divisible by grad_accum_steps x "
-             f"batch devices (mesh data x fsdp) = {accum} x {devices}")
+    _require(
+        config.batch_size > 0 and config.batch_size % (accum * devices) == 0,
+        "batch_size",
+        f"{config.batch_size} must be divisible by grad_accum_steps x "
+        f"batch devices (mesh data x fsdp) = {accum} x {devices}",
+    )
     _require(config.num_epochs > 0, "num_epochs", f"must be positive, got {config.num_epochs}")
     _require(config.cooldown_epochs >= 0, "cooldown_epochs", "must be >= 0")
     optim = config.optim
-    _require(0 <= optim.warmup_epochs < config.num_epochs, "optim.warmup_epochs",
-             f"must be in [0, num_epochs={config.num_epochs}), got {optim.warmup_epochs}")
+    _require(
+        0 <= optim.warmup_epochs < config.num_epochs,
+        "optim.warmup_epochs",
+        f"must be in [0, num_epochs={config.num_epochs}), got {optim.warmup_epochs}",
+    )
     _require(optim.base_lr > 0, "optim.base_lr", f"must be positive, got {optim.base_lr}")
     _require(0 <= optim.min_lr <= optim.base_lr, "optim.min_lr", "must be in [0, base_lr]")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -82,14 +106,26 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
     _require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {config.ema_decay}")
     _require(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     aug = config.augment
-    _require(0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1, "augment.crop_scale",
-             f"must be 0 < min <= max <= 1, got {aug.crop_scale}")
-    _require(0 < aug.crop_ratio[0] <= aug.crop_ratio[1], "augment.crop_ratio",
-             f"must be 0 < min <= max, got {aug.crop_ratio}")
-    _require(aug.interpolation in INTERPOLATIONS, "augment.interpolation",
-             f"must be one of {INTERPOLATIONS}, got {aug.interpolation!r}")
-    _require(0 <= aug.hflip <= 1 and 0 <= aug.erase_prob <= 1, "augment",
-             "hflip and erase_prob are probabilities")
+    _require(
+        0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1,
+        "augment.crop_scale",
+        f"must be 0 < min <= max <= 1, got {aug.crop_scale}",
+    )
+    _require(
+        0 < aug.crop_ratio[0] <= aug.crop_ratio[1],
+        "augment.crop_ratio",
+        f"must be 0 < min <= max, got {aug.crop_ratio}",
+    )
+    _require(
+        aug.interpolation in INTERPOLATIONS,
+        "augment.interpolation",
+        f"must be one of {INTERPOLATIONS}, got {aug.interpolation!r}",
+    )
+    _require(
+        0 <= aug.hflip <= 1 and 0 <= aug.erase_prob <= 1,
+        "augment",
+        "hflip and erase_prob are probabilities",
+    )
     if aug.randaugment:
         from volo_jax.data.augment import parse_randaugment
 
@@ -103,24 +139,38 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
 
 def _validate_token_label(config: ml_collections.ConfigDict) -> None:
     tl, teacher = config.token_label, config.teacher
-    _require(tl.cls_weight >= 0 and tl.dense_weight >= 0
-             and tl.cls_weight + tl.dense_weight > 0, "token_label",
-             "cls_weight and dense_weight must be >= 0 with a positive sum")
+    _require(
+        tl.cls_weight >= 0 and tl.dense_weight >= 0 and tl.cls_weight + tl.dense_weight > 0,
+        "token_label",
+        "cls_weight and dense_weight must be >= 0 with a positive sum",
+    )
     _require(tl.roi_samples >= 1, "token_label.roi_samples", "must be >= 1")
-    _require(bool(teacher.model) == bool(teacher.init_from), "teacher",
-             "teacher.model and teacher.init_from go together")
-    _require(not (tl.data_dir and teacher.model), "token_label.data_dir",
-             "precomputed label maps and an online teacher are exclusive")
+    _require(
+        bool(teacher.model) == bool(teacher.init_from),
+        "teacher",
+        "teacher.model and teacher.init_from go together",
+    )
+    _require(
+        not (tl.data_dir and teacher.model),
+        "token_label.data_dir",
+        "precomputed label maps and an online teacher are exclusive",
+    )
     if tl.data_dir:
-        _require(os.path.isdir(tl.data_dir), "token_label.data_dir",
-                 f"directory not found: {tl.data_dir}")
+        _require(
+            os.path.isdir(tl.data_dir),
+            "token_label.data_dir",
+            f"directory not found: {tl.data_dir}",
+        )
     if teacher.model:
         try:
             model_kwargs(teacher.model)
         except UnknownModelError as err:
             raise ConfigError(f"config.teacher.model: {err}") from None
-        _require(os.path.isdir(teacher.init_from), "teacher.init_from",
-                 f"weights directory not found: {teacher.init_from}")
+        _require(
+            os.path.isdir(teacher.init_from),
+            "teacher.init_from",
+            f"weights directory not found: {teacher.init_from}",
+        )
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:

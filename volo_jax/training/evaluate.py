@@ -58,8 +58,11 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = Non
     """The jitted `eval_step` of `model`: variables in `shardings` (a NamedSharding tree;
     None: as they come), the batch split over data x fsdp, the sums replicated."""
     in_shardings = None if shardings is None else (shardings, batch_sharding(mesh))
-    return jax.jit(functools.partial(eval_step, model=model), in_shardings=in_shardings,
-                   out_shardings=replicated(mesh))
+    return jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=in_shardings,
+        out_shardings=replicated(mesh),
+    )
 
 
 def run_eval(
@@ -72,8 +75,12 @@ def run_eval(
         for name in SUMS:
             totals[name] += float(sums[name])
     count = max(totals["count"], 1.0)
-    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
-            "loss": totals["loss"] / count, "count": totals["count"]}
+    return {
+        "top1": totals["top1"] / count,
+        "top5": totals["top5"] / count,
+        "loss": totals["loss"] / count,
+        "count": totals["count"],
+    }
 
 
 def eval_preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -98,8 +105,14 @@ def dataset_location(config: ml_collections.ConfigDict, workdir: str | None) -> 
     from volo_jax.data.digits import prepare_digits_folder
 
     default = os.path.join(workdir, "data") if workdir else os.path.expanduser("~/.cache/volo_jax")
-    root = config.dataset.data_dir or default
-    return prepare_digits_folder(os.path.join(root, DIGITS))
+    folder = os.path.join(config.dataset.data_dir or default, DIGITS)
+    if jax.process_count() > 1:  # process 0 writes it, the others wait and read it
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            prepare_digits_folder(folder)
+        multihost_utils.sync_global_devices("volo_jax: digits folder written")
+    return prepare_digits_folder(folder)
 
 
 def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
@@ -107,10 +120,13 @@ def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) 
     from volo_jax.data.input_pipeline import create_eval_dataset
 
     ds, num_examples = create_eval_dataset(
-        dataset_location(config, workdir), config.dataset.eval_split,
+        dataset_location(config, workdir),
+        config.dataset.eval_split,
         batch_size=config.eval.batch_size // jax.process_count(),
-        data_dir=config.dataset.data_dir, image_key=config.dataset.image_key,
-        label_key=config.dataset.label_key, num_examples=config.dataset.num_eval_examples,
+        data_dir=config.dataset.data_dir,
+        image_key=config.dataset.image_key,
+        label_key=config.dataset.label_key,
+        num_examples=config.dataset.num_eval_examples,
         **eval_preprocessing(config),
     )
     return ds, num_examples
@@ -128,12 +144,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
     )
     shardings = variables_shardings(variables, mesh, rules_from_config(config))
     variables = jax.device_put(variables, shardings)
-    logging.info("evaluating %s on %s/%s: %d examples", config.init_from, config.dataset.name,
-                 config.dataset.eval_split, num_examples)
+    logging.info(
+        "evaluating %s on %s/%s: %d examples",
+        config.init_from,
+        config.dataset.name,
+        config.dataset.eval_split,
+        num_examples,
+    )
     with use_mesh(mesh):
-        result = run_eval(make_eval_fn(model, mesh, shardings), variables,
-                          ds.as_numpy_iterator(), mesh)
-    print(f"{config.model} on {config.dataset.name}/{config.dataset.eval_split}: "
-          f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-          f"loss {result['loss']:.4f}  ({int(result['count'])} images)")
+        result = run_eval(
+            make_eval_fn(model, mesh, shardings), variables, ds.as_numpy_iterator(), mesh
+        )
+    print(
+        f"{config.model} on {config.dataset.name}/{config.dataset.eval_split}: "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+        f"loss {result['loss']:.4f}  ({int(result['count'])} images)"
+    )
     return result
