@@ -1,8 +1,8 @@
 """Trains or evaluates VOLO.
 
-  python main.py --config=configs/default.py --workdir=/tmp/digits
-  python main.py --config=configs/volo_d1.py --workdir=runs/d1 --config.batch_size=512
-  python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from=DIR
+python main.py --config=configs/default.py --workdir=/tmp/digits
+python main.py --config=configs/volo_d1.py --workdir=runs/d1 --config.batch_size=512
+python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from=DIR
 """
 
 import sys
@@ -32,8 +32,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         name = str(err).strip("\"'")
-        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and name in a),
-                    "--config")
+        flag = next(
+            (a.split("=")[0] for a in argv if a.startswith("--config.") and name in a), "--config"
+        )
         print(f"error: {flag}: the config has no field {name!r}", file=sys.stderr)
         sys.exit(2)
 

@@ -40,8 +40,9 @@ MIB = 1024 * 1024
 def per_device_bytes(abstract: Any, shardings: Any) -> int:
     """Bytes of the largest shard of each leaf, summed: what one device stores."""
     total = 0
-    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract),
-                              jax.tree_util.tree_leaves(shardings), strict=True):
+    for leaf, sharding in zip(
+        jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings), strict=True
+    ):
         shard = sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
@@ -56,8 +57,13 @@ def make_config(model: str, batch_size: int, ema: bool) -> Any:
     return config
 
 
-def measure(model_name: str, mesh_sizes: tuple[int, int, int], preset: str, batch_size: int,
-            ema: bool = False) -> dict[str, float]:
+def measure(
+    model_name: str,
+    mesh_sizes: tuple[int, int, int],
+    preset: str,
+    batch_size: int,
+    ema: bool = False,
+) -> dict[str, float]:
     """MiB per device: params, opt_state, ema, and the compiled step's arguments,
     outputs and temporaries."""
     config = make_config(model_name, batch_size, ema)
@@ -67,18 +73,22 @@ def measure(model_name: str, mesh_sizes: tuple[int, int, int], preset: str, batc
     shardings = state_shardings(template, mesh, preset_rules(preset))
     result = {
         name: per_device_bytes(getattr(template, name), getattr(shardings, name)) / MIB
-        for name in ("params", "opt_state", "ema_params") if getattr(template, name) is not None
+        for name in ("params", "opt_state", "ema_params")
+        if getattr(template, name) is not None
     }
     step = jax.jit(
-        functools.partial(train.train_step, model=model, teacher=None,
-                          opts=train.StepOptions.from_config(config)),
+        functools.partial(
+            train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
+        ),
         in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
     )
     size = config.img_size
     batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
-                                      sharding=batch_sharding(mesh)),
+        "image": jax.ShapeDtypeStruct(
+            (batch_size, size, size, 3), jnp.float32, sharding=batch_sharding(mesh)
+        ),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding(mesh)),
     }
     with use_mesh(mesh):
@@ -92,8 +102,12 @@ def measure(model_name: str, mesh_sizes: tuple[int, int, int], preset: str, batc
             step_temporaries=stats.temp_size_in_bytes / MIB,
         )
         # Live at once: inputs, outputs not written in place of a donated input, temporaries.
-        result["step_peak_estimate"] = (result["step_arguments"] + result["step_outputs"]
-                                        - result["step_aliased"] + result["step_temporaries"])
+        result["step_peak_estimate"] = (
+            result["step_arguments"]
+            + result["step_outputs"]
+            - result["step_aliased"]
+            + result["step_temporaries"]
+        )
     return result
 
 
@@ -101,10 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="volo_d1_224")
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,model sizes (-1: the rest)")
-    parser.add_argument("--sharding", action="append", default=None,
-                        help="preset(s): replicated, fsdp, tensor, auto (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="global batch (default: 2 per device)")
+    parser.add_argument(
+        "--sharding",
+        action="append",
+        default=None,
+        help="preset(s): replicated, fsdp, tensor, auto (repeatable)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="global batch (default: 2 per device)"
+    )
     parser.add_argument("--ema", action="store_true", help="keep an EMA of the params")
     args = parser.parse_args(argv)
     values = [int(s) for s in args.mesh.split(",")]
@@ -114,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     shape = tuple(create_mesh(sizes).shape.values())
     batch = args.batch_size or 2 * jax.device_count()
     presets = args.sharding or ["replicated", "fsdp"]
-    print(f"{args.model}, mesh data x fsdp x model = {' x '.join(map(str, shape))} "
-          f"({jax.device_count()} {jax.default_backend()} devices), global batch {batch}, "
-          "float32; MiB per device")
+    print(
+        f"{args.model}, mesh data x fsdp x model = {' x '.join(map(str, shape))} "
+        f"({jax.device_count()} {jax.default_backend()} devices), global batch {batch}, "
+        "float32; MiB per device"
+    )
     rows = {preset: measure(args.model, shape, preset, batch, args.ema) for preset in presets}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     print(f"{'':18s}" + "".join(f"{p:>14s}" for p in presets))

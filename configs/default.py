@@ -17,15 +17,17 @@ from configs.common import get_base_config
 def get_config() -> ml_collections.ConfigDict:
     config = get_base_config()
     config.img_size = 32
-    config.model_overrides.update({
-        "layers": (1, 1, 1, 1),
-        "embed_dims": (64, 128, 128, 128),
-        "num_heads": (2, 4, 4, 4),
-        "stem_hidden_dim": 32,
-        "mlp_ratio": 2.0,
-        "drop_path_rate": 0.0,
-        "remat": False,
-    })
+    config.model_overrides.update(
+        {
+            "layers": (1, 1, 1, 1),
+            "embed_dims": (64, 128, 128, 128),
+            "num_heads": (2, 4, 4, 4),
+            "stem_hidden_dim": 32,
+            "mlp_ratio": 2.0,
+            "drop_path_rate": 0.0,
+            "remat": False,
+        }
+    )
 
     config.dataset.name = "sklearn_digits"
     config.dataset.num_classes = 10

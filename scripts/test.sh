@@ -4,5 +4,6 @@
 # pytest-xdist workers (default 2; 0 runs in one process).
 set -euo pipefail
 source "$(dirname "$0")/env.sh" requirements-test.txt
-ruff check volo_jax tests main.py configs
+ruff check volo_jax tests main.py configs benchmarks
+ruff format --check volo_jax tests main.py configs benchmarks
 python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"

@@ -39,8 +39,15 @@ from volo_jax.training.checkpointing import Checkpointer
 from volo_jax.training.config import model_overrides
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x8x1": (1, 8, 1), "1x1x8": (1, 1, 8)}
-TINY = {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 32, 32), "num_heads": (2, 4, 4, 4),
-        "stem_hidden_dim": 8, "mlp_ratio": 2.0, "drop_path_rate": 0.0, "remat": False}
+TINY = {
+    "layers": (1, 1, 1, 1),
+    "embed_dims": (16, 32, 32, 32),
+    "num_heads": (2, 4, 4, 4),
+    "stem_hidden_dim": 8,
+    "mlp_ratio": 2.0,
+    "drop_path_rate": 0.0,
+    "remat": False,
+}
 
 
 def tiny_config():
@@ -60,8 +67,11 @@ def tiny_config():
 
 def fixed_batch() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-            "label": np.arange(8, dtype=np.int32), "mask": np.ones(8, bool)}
+    return {
+        "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+        "label": np.arange(8, dtype=np.int32),
+        "mask": np.ones(8, bool),
+    }
 
 
 def make_init(config, model):
@@ -85,29 +95,41 @@ def sharded_run(config, mesh, rules, start=None):
         else:
             abstract = jax.eval_shape(make_init(config, model))
             shardings = state_shardings(abstract, mesh, rules)
-            state = jax.device_put(start.replace(tx=abstract.tx, apply_fn=abstract.apply_fn),
-                                   shardings)
+            state = jax.device_put(
+                start.replace(tx=abstract.tx, apply_fn=abstract.apply_fn), shardings
+            )
         step = jax.jit(
-            functools.partial(train.train_step, model=model, teacher=None,
-                              opts=train.StepOptions.from_config(config)),
+            functools.partial(
+                train.train_step,
+                model=model,
+                teacher=None,
+                opts=train.StepOptions.from_config(config),
+            ),
             in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-            out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=(0,),
         )
         batch = shard_batch(fixed_batch(), mesh)
         train_batch = {"image": batch["image"], "label": batch["label"]}
         state, metrics = step(state, train_batch, None)
         var_sh = {"params": shardings.params, "batch_stats": shardings.batch_stats}
-        eval_fn = jax.jit(functools.partial(eval_lib.eval_step, model=model),
-                          in_shardings=(var_sh, batch_sharding(mesh)),
-                          out_shardings=replicated(mesh))
+        eval_fn = jax.jit(
+            functools.partial(eval_lib.eval_step, model=model),
+            in_shardings=(var_sh, batch_sharding(mesh)),
+            out_shardings=replicated(mesh),
+        )
         sums = eval_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
     return float(metrics["loss"]), jax.device_get(sums), state, start
 
 
 def max_rel_diff(a, b) -> float:
     diffs = jax.tree_util.tree_map(
-        lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-                           / (np.max(np.abs(np.asarray(y))) + 1e-12)), a, b)
+        lambda x, y: float(
+            np.max(np.abs(np.asarray(x) - np.asarray(y))) / (np.max(np.abs(np.asarray(y))) + 1e-12)
+        ),
+        a,
+        b,
+    )
     return max(jax.tree_util.tree_leaves(diffs))
 
 
@@ -117,7 +139,8 @@ def check_steps() -> dict:
     config = tiny_config()
     rules = preset_rules("auto")
     ref_loss, ref_sums, ref_state, start = sharded_run(
-        config, mesh_of((1, 1, 1), jax.devices()[:1]), rules)
+        config, mesh_of((1, 1, 1), jax.devices()[:1]), rules
+    )
     ref_params = jax.device_get(ref_state.params)
     out = {}
     for name, shape in MESHES.items():
@@ -129,7 +152,8 @@ def check_steps() -> dict:
         for key in ("top1", "top5", "count"):
             assert float(sums[key]) == float(ref_sums[key]), (name, key, sums, ref_sums)
         assert abs(float(sums["loss"]) - float(ref_sums["loss"])) <= 1e-5 * float(
-            ref_sums["loss"]), (name, sums, ref_sums)
+            ref_sums["loss"]
+        ), (name, sums, ref_sums)
         out[name] = {"loss": loss, "params_rel": rel}
     out["reference_loss"] = ref_loss
     return out
@@ -142,12 +166,14 @@ def check_layout() -> dict:
     specs = {}
     for preset, shape in (("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8)), ("auto", (2, 2, 2))):
         mesh = mesh_of(shape)
-        state, _ = train.create_sharded_train_state(config, model, 10, mesh,
-                                                    preset_rules(preset))
+        state, _ = train.create_sharded_train_state(config, model, 10, mesh, preset_rules(preset))
         qkv = state.params["network_2_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
         mu = state.opt_state[0].mu["network_2_0"]["attn"]["qkv"]["kernel"]
-        specs[preset] = [tuple(qkv.sharding.spec), tuple(mu.sharding.spec),
-                         list(qkv.addressable_shards[0].data.shape)]
+        specs[preset] = [
+            tuple(qkv.sharding.spec),
+            tuple(mu.sharding.spec),
+            list(qkv.addressable_shards[0].data.shape),
+        ]
     assert specs["fsdp"][0] == ("fsdp",) and specs["fsdp"][2] == [4, 96], specs
     assert specs["tensor"][0] == (None, "model") and specs["tensor"][2] == [32, 12], specs
     assert specs["auto"][0] == ("fsdp", "model") and specs["auto"][2] == [16, 48], specs
@@ -174,8 +200,7 @@ def check_checkpoint() -> dict:
         restored = ckpt.restore(3, with_shardings(abstract, sh_b))
         ckpt.close()
     diff = max_rel_diff(jax.device_get(restored.params), jax.device_get(state.params))
-    mu_diff = max_rel_diff(jax.device_get(restored.opt_state),
-                           jax.device_get(state.opt_state))
+    mu_diff = max_rel_diff(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
     assert diff == 0.0 and mu_diff == 0.0, (diff, mu_diff)
     fc1 = restored.params["network_2_0"]["mlp"]["fc1"]["kernel"]
     before = state.params["network_2_0"]["mlp"]["fc1"]["kernel"]
@@ -185,6 +210,7 @@ def check_checkpoint() -> dict:
 
 
 CHECKS = {"steps": check_steps, "layout": check_layout, "checkpoint": check_checkpoint}
+
 
 def main(names: list[str]) -> None:
     """Runs the checks; prints one JSON line per check: its result or its error."""

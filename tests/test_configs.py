@@ -16,7 +16,8 @@ from volo_jax.training.optim import peak_learning_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
-    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
     if not os.path.basename(p).startswith(("_", "common"))
 )
 
@@ -36,10 +37,16 @@ def test_every_config_validates(name, tmp_path):
     validate_config(config)
 
 
-@pytest.mark.parametrize(("variant", "lr", "drop_path"), [
-    ("d1", 1.6e-3, 0.1), ("d2", 1e-3, 0.2), ("d3", 1e-3, 0.5), ("d4", 1e-3, 0.5),
-    ("d5", 8e-4, 0.75),
-])
+@pytest.mark.parametrize(
+    ("variant", "lr", "drop_path"),
+    [
+        ("d1", 1.6e-3, 0.1),
+        ("d2", 1e-3, 0.2),
+        ("d3", 1e-3, 0.5),
+        ("d4", 1e-3, 0.5),
+        ("d5", 8e-4, 0.75),
+    ],
+)
 def test_official_recipe(variant, lr, drop_path):
     config = load(f"volo_{variant}")
     assert config.model == f"volo_{variant}_224"
@@ -56,21 +63,27 @@ def test_finetune_recipe():
     config = load("volo_d1_384")
     assert (config.model, config.img_size, config.requires_init) == ("volo_d1_384", 384, True)
     assert (config.optim.base_lr, config.optim.min_lr, config.optim.weight_decay) == (
-        8e-6, 4e-6, 1e-8)
+        8e-6,
+        4e-6,
+        1e-8,
+    )
     assert (config.num_epochs, config.optim.warmup_epochs) == (30, 5)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("mode", "predict", "config.mode"),
-    ("dtype", "float16", "config.dtype"),
-    ("img_size", 100, "config.img_size"),
-    ("batch_size", 30, "config.batch_size"),  # with grad_accum_steps = 4
-    ("model", "volo_d9_224", "config.model"),
-    ("init_from", "/no/such/dir", "config.init_from"),
-    ("optim.warmup_epochs", 400, "config.optim.warmup_epochs"),
-    ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
-    ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("mode", "predict", "config.mode"),
+        ("dtype", "float16", "config.dtype"),
+        ("img_size", 100, "config.img_size"),
+        ("batch_size", 30, "config.batch_size"),  # with grad_accum_steps = 4
+        ("model", "volo_d9_224", "config.model"),
+        ("init_from", "/no/such/dir", "config.init_from"),
+        ("optim.warmup_epochs", 400, "config.optim.warmup_epochs"),
+        ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
+        ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
+    ],
+)
 def test_bad_values_name_the_field(field, value, message):
     config = load("default")
     config.grad_accum_steps = 4
@@ -96,14 +109,18 @@ def test_unknown_model_override_is_named():
 
 def _main(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "main.py"), *flags], cwd=cwd, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, os.path.join(REPO, "main.py"), *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-    unknown = _main("--config=configs/default.py", "--config.bogus_field=1",
-                    f"--workdir={tmp_path}")
+    unknown = _main(
+        "--config=configs/default.py", "--config.bogus_field=1", f"--workdir={tmp_path}"
+    )
     assert unknown.returncode != 0
     assert "bogus_field" in unknown.stderr and "Traceback" not in unknown.stderr
     bad = _main("--config=configs/default.py", "--config.mode=infer", f"--workdir={tmp_path}")

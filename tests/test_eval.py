@@ -80,10 +80,20 @@ def test_missing_and_foreign_weights(setup, tmp_path):
 def test_unprepared_tfds_dataset_says_how_to_prepare(setup, tmp_path):
     config, *_ = setup
     result = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/smoke.py", "--config.mode=eval",
-         f"--config.init_from={config.init_from}", "--config.dataset.name=imagenet2012",
-         f"--config.dataset.data_dir={tmp_path}", f"--config.dataset.num_classes={NUM_CLASSES}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "main.py",
+            "--config=configs/smoke.py",
+            "--config.mode=eval",
+            f"--config.init_from={config.init_from}",
+            "--config.dataset.name=imagenet2012",
+            f"--config.dataset.data_dir={tmp_path}",
+            f"--config.dataset.num_classes={NUM_CLASSES}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: " in result.stderr and "Traceback" not in result.stderr

@@ -27,7 +27,7 @@ DEVICES = 8
 
 # A `!command` that exits non-zero raises (IPython only records it in `_exit_code`), so a
 # failing step fails the test at its cell.
-STRICT_SHELL = '''
+STRICT_SHELL = """
 _ip = get_ipython()
 _system = _ip.system
 
@@ -39,7 +39,7 @@ def _checked_system(cmd):
 
 
 _ip.system = _checked_system
-'''
+"""
 
 
 def _inputs(tmp_path: Path) -> tuple[Path, Path]:
@@ -93,8 +93,9 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
 
     for cell in nb.cells:
@@ -122,8 +123,11 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
     memory = _text(_cell(nb, "!python -m benchmarks.sharding_memory"))
     assert f"1 x {DEVICES} x 1 ({DEVICES} cpu devices)" in memory, memory
     assert re.search(r"^\s+replicated\s+fsdp$", memory, re.M), memory
-    rows = {ln.split()[0]: [float(v) for v in ln.split()[1:]]
-            for ln in memory.splitlines() if re.fullmatch(r"\w+(\s+[\d.]+){2}", ln.strip())}
+    rows = {
+        ln.split()[0]: [float(v) for v in ln.split()[1:]]
+        for ln in memory.splitlines()
+        if re.fullmatch(r"\w+(\s+[\d.]+){2}", ln.strip())
+    }
     replicated, fsdp = rows["params"]
     assert fsdp == pytest.approx(replicated / DEVICES, rel=0.05), memory
     assert rows["opt_state"][1] < rows["opt_state"][0] / 4, memory

@@ -52,7 +52,11 @@ def test_every_volo_d1_parameter_matches_a_rule():
     assert logical_axes("params/network_2_0/attn/qkv/kernel", 2) == ("embed", "heads")
     assert logical_axes("params/network_2_0/mlp/fc2/kernel", 2) == ("mlp", "embed")
     assert logical_axes("params/network_1/proj/kernel", 4) == (
-        "conv_height", "conv_width", "conv_in", "embed")
+        "conv_height",
+        "conv_width",
+        "conv_in",
+        "embed",
+    )
 
 
 def test_specs_for_a_mesh():
@@ -70,8 +74,9 @@ def test_specs_for_a_mesh():
     tensor = param_specs(abstract_variables()["params"], preset_rules("tensor"), mesh)
     assert tensor["network_2_0"]["attn"]["qkv"]["kernel"] == P(None, "model")
     none = param_specs(abstract_variables()["params"], preset_rules("replicated"), mesh)
-    assert all(s == P() for s in jax.tree_util.tree_leaves(
-        none, is_leaf=lambda x: isinstance(x, P)))
+    assert all(
+        s == P() for s in jax.tree_util.tree_leaves(none, is_leaf=lambda x: isinstance(x, P))
+    )
 
 
 def test_non_divisible_dimension_stays_whole():
@@ -79,18 +84,19 @@ def test_non_divisible_dimension_stays_whole():
     # Outlook attention's weight generator: 486 = 3^4 x 6 outputs, not divisible by 4.
     path = "params/network_0_0/attn/attn/kernel"
     assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=8, model=4)) == P("fsdp")
-    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=1, model=2)) == P(
-        None, "model")
-    assert spec_for("params/head/kernel", (12, 10), rules, FakeMesh(data=1, fsdp=8, model=1)) \
-        == P()
+    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=1, model=2)) == P(None, "model")
+    assert spec_for("params/head/kernel", (12, 10), rules, FakeMesh(data=1, fsdp=8, model=1)) == P()
 
 
 def test_mesh_shapes_and_errors():
     assert mesh_shape({"data": -1, "fsdp": 1, "model": 1}, 8) == (8, 1, 1)
     assert mesh_shape({"data": 2, "fsdp": -1, "model": 2}, 8) == (2, 2, 2)
     assert mesh_shape(None, 4) == (4, 1, 1)
-    with pytest.raises(ConfigError, match=r"data=2, fsdp=2, model=1 is 4 devices, but there "
-                                          r"are 8 devices"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data=2, fsdp=2, model=1 is 4 devices, but there "
+        r"are 8 devices",
+    ):
         mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
     with pytest.raises(ConfigError, match="do not divide the 8 devices"):
         mesh_shape({"data": -1, "fsdp": 3}, 8)
@@ -106,8 +112,17 @@ def test_mesh_shapes_and_errors():
 def test_rules_from_config_and_bad_preset():
     import ml_collections
 
-    config = ml_collections.ConfigDict({"sharding": "tensor", "sharding_rules": {
-        "batch": ("data", "fsdp"), "embed": ("fsdp",), "heads": ("model",), "mlp": ("model",)}})
+    config = ml_collections.ConfigDict(
+        {
+            "sharding": "tensor",
+            "sharding_rules": {
+                "batch": ("data", "fsdp"),
+                "embed": ("fsdp",),
+                "heads": ("model",),
+                "mlp": ("model",),
+            },
+        }
+    )
     rules = rules_from_config(config)
     assert rules["embed"] == () and rules["heads"] == ("model",)
     assert rules["batch"] == ("data", "fsdp")
@@ -118,10 +133,20 @@ def test_rules_from_config_and_bad_preset():
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
     """Runs tests/_sharding_worker.py on 8 CPU devices; {check: {'ok'|'error': ...}}."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "tests._sharding_worker"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._sharding_worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -148,16 +173,22 @@ def test_sharded_state_with_init_from_matches_create_train_state(tmp_path):
     config.ema_decay = 0.9
     model = create_model(config.model, **model_overrides(config))
     variables = train.initial_variables(model, config.img_size, jax.random.PRNGKey(7))
-    save_weights(tmp_path / "w", variables, config.model,
-                 {k: v for k, v in model_overrides(config).items() if k != "dtype"})
+    save_weights(
+        tmp_path / "w",
+        variables,
+        config.model,
+        {k: v for k, v in model_overrides(config).items() if k != "dtype"},
+    )
     config.init_from = str(tmp_path / "w")
     config.init_skip = (r"^params/head/",)
     expected = train.create_train_state(config, model, steps_per_epoch=10)
     state, shardings = train.create_sharded_train_state(
-        config, model, 10, create_mesh(), rules_from_config(config))
+        config, model, 10, create_mesh(), rules_from_config(config)
+    )
     equal = jax.tree_util.tree_map(
         lambda a, b: bool(jnp.array_equal(a, b)),
         (state.params, state.batch_stats, state.ema_params, state.opt_state),
-        (expected.params, expected.batch_stats, expected.ema_params, expected.opt_state))
+        (expected.params, expected.batch_stats, expected.ema_params, expected.opt_state),
+    )
     assert all(jax.tree_util.tree_leaves(equal))
     assert state.params["pos_embed"].sharding == shardings.params["pos_embed"]

@@ -36,8 +36,14 @@ def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
 def make_step(config, teacher=None):
     model = create_model(config.model, **model_overrides(config))
     state = train.create_train_state(config, model, steps_per_epoch=10)
-    step = jax.jit(functools.partial(train.train_step, model=model, teacher=teacher,
-                                     opts=train.StepOptions.from_config(config)))
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            model=model,
+            teacher=teacher,
+            opts=train.StepOptions.from_config(config),
+        )
+    )
     return model, state, step
 
 
@@ -64,8 +70,9 @@ def test_accumulation_bfloat16_and_ema():
     assert floats == {np.dtype(np.float32)}
     # EMA: 0.9 * old + 0.1 * new.
     expected = jax.tree_util.tree_map(lambda o, n: 0.9 * o + 0.1 * n, before, new.params)
-    for a, b in zip(jax.tree_util.tree_leaves(new.ema_params),
-                    jax.tree_util.tree_leaves(expected), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new.ema_params), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -73,8 +80,12 @@ def test_teacher_targets_and_init_from(tmp_path):
     config = tiny_config()
     model = create_model(config.model, **model_overrides(config))
     variables = train.initial_variables(model, 32, jax.random.PRNGKey(7))
-    save_weights(tmp_path / "teacher", variables, config.model,
-                 {k: v for k, v in model_overrides(config).items() if k != "dtype"})
+    save_weights(
+        tmp_path / "teacher",
+        variables,
+        config.model,
+        {k: v for k, v in model_overrides(config).items() if k != "dtype"},
+    )
     config.teacher.model = config.model  # its architecture comes from the weights' model.json
     config.teacher.init_from = str(tmp_path / "teacher")
     teacher, teacher_vars = train.load_teacher(config)
@@ -83,7 +94,8 @@ def test_teacher_targets_and_init_from(tmp_path):
     cls, dense = train.compute_targets(batch, opts, teacher, teacher_vars)
     logits, aux = model.apply(variables, batch["image"], return_dense=True)
     np.testing.assert_allclose(
-        cls, smooth_targets(jax.nn.softmax(logits + 0.5 * aux.max(1)), 0.1), rtol=1e-5)
+        cls, smooth_targets(jax.nn.softmax(logits + 0.5 * aux.max(1)), 0.1), rtol=1e-5
+    )
     np.testing.assert_allclose(dense, smooth_targets(jax.nn.softmax(aux), 0.1), rtol=1e-5)
 
     # init_from loads the same weights into the student, except skipped paths.

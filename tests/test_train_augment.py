@@ -22,41 +22,69 @@ def ours(op, image: np.ndarray, arg) -> np.ndarray:
     return op(tf.constant(image, tf.float32), tf.constant(arg, tf.float32)).numpy()
 
 
-@pytest.mark.parametrize(("op", "arg", "pil"), [
-    (augment.invert, 0.0, ImageOps.invert),
-    (augment.auto_contrast, 0.0, ImageOps.autocontrast),
-    (augment.equalize, 0.0, ImageOps.equalize),
-    (augment.posterize, 2.0, lambda im: ImageOps.posterize(im, 2)),
-    (augment.posterize, 1.0, lambda im: ImageOps.posterize(im, 1)),
-    (augment.solarize, 100.0, lambda im: ImageOps.solarize(im, 100)),
-    (augment.brightness, 1.7, lambda im: ImageEnhance.Brightness(im).enhance(1.7)),
-])
+@pytest.mark.parametrize(
+    ("op", "arg", "pil"),
+    [
+        (augment.invert, 0.0, ImageOps.invert),
+        (augment.auto_contrast, 0.0, ImageOps.autocontrast),
+        (augment.equalize, 0.0, ImageOps.equalize),
+        (augment.posterize, 2.0, lambda im: ImageOps.posterize(im, 2)),
+        (augment.posterize, 1.0, lambda im: ImageOps.posterize(im, 1)),
+        (augment.solarize, 100.0, lambda im: ImageOps.solarize(im, 100)),
+        (augment.brightness, 1.7, lambda im: ImageEnhance.Brightness(im).enhance(1.7)),
+    ],
+)
 def test_pointwise_ops_match_pil(op, arg, pil):
     expected = np.asarray(pil(Image.fromarray(IMAGE)), np.float32)
     np.testing.assert_array_equal(ours(op, IMAGE, arg), expected)
 
 
-@pytest.mark.parametrize(("op", "pil"), [
-    (augment.color, ImageEnhance.Color),
-    (augment.contrast, ImageEnhance.Contrast),
-    (augment.sharpness, ImageEnhance.Sharpness),
-])
+@pytest.mark.parametrize(
+    ("op", "pil"),
+    [
+        (augment.color, ImageEnhance.Color),
+        (augment.contrast, ImageEnhance.Contrast),
+        (augment.sharpness, ImageEnhance.Sharpness),
+    ],
+)
 @pytest.mark.parametrize("factor", [0.3, 1.8])
 def test_enhance_ops_match_pil_within_one_level(op, pil, factor):
     expected = np.asarray(pil(Image.fromarray(IMAGE)).enhance(factor), np.float32)
     assert np.abs(ours(op, IMAGE, factor) - expected).max() <= 1
 
 
-@pytest.mark.parametrize(("op", "arg", "pil"), [
-    (augment.rotate, 20.0, lambda im: im.rotate(20.0, Image.Resampling.BILINEAR,
-                                                fillcolor=(124, 116, 104))),
-    (augment.shear_x, 0.2, lambda im: im.transform(
-        im.size, Image.Transform.AFFINE, (1, 0.2, 0, 0, 1, 0), Image.Resampling.BILINEAR,
-        fillcolor=(124, 116, 104))),
-    (augment.translate_y, -0.25, lambda im: im.transform(
-        im.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, -12), Image.Resampling.BILINEAR,
-        fillcolor=(124, 116, 104))),
-])
+@pytest.mark.parametrize(
+    ("op", "arg", "pil"),
+    [
+        (
+            augment.rotate,
+            20.0,
+            lambda im: im.rotate(20.0, Image.Resampling.BILINEAR, fillcolor=(124, 116, 104)),
+        ),
+        (
+            augment.shear_x,
+            0.2,
+            lambda im: im.transform(
+                im.size,
+                Image.Transform.AFFINE,
+                (1, 0.2, 0, 0, 1, 0),
+                Image.Resampling.BILINEAR,
+                fillcolor=(124, 116, 104),
+            ),
+        ),
+        (
+            augment.translate_y,
+            -0.25,
+            lambda im: im.transform(
+                im.size,
+                Image.Transform.AFFINE,
+                (1, 0, 0, 0, 1, -12),
+                Image.Resampling.BILINEAR,
+                fillcolor=(124, 116, 104),
+            ),
+        ),
+    ],
+)
 def test_geometric_ops_follow_pil(op, arg, pil):
     expected = np.asarray(pil(Image.fromarray(SMOOTH)), np.float32)
     got = ours(op, SMOOTH, arg)
@@ -74,8 +102,9 @@ def test_random_resized_crop_box_is_valid_and_deterministic():
         again = augment.random_resized_crop_box(seed, 100, 60, (0.08, 1.0), (3 / 4, 4 / 3))
         np.testing.assert_array_equal(box, again)
     # Impossible ratios: the whole image, aspect clamped, centred (timm's fallback).
-    box = augment.random_resized_crop_box(tf.constant([0, 0], tf.int64), 100, 20,
-                                          (0.9, 1.0), (3.0, 4.0))
+    box = augment.random_resized_crop_box(
+        tf.constant([0, 0], tf.int64), 100, 20, (0.9, 1.0), (3.0, 4.0)
+    )
     np.testing.assert_array_equal(box, [46, 0, 7, 20])
 
 
@@ -103,9 +132,13 @@ def test_train_batches_resume_exactly(tmp_path):
     from volo_jax.data.input_pipeline import create_train_dataset
 
     root = prepare_digits_folder(str(tmp_path / "digits"))
-    data = create_train_dataset(root, "train", batch_size=100, seed=0,
-                                augment=augment.TrainAugment(size=16, randaugment="",
-                                                             erase_prob=0.0))
+    data = create_train_dataset(
+        root,
+        "train",
+        batch_size=100,
+        seed=0,
+        augment=augment.TrainAugment(size=16, randaugment="", erase_prob=0.0),
+    )
     assert (data.num_examples, data.steps_per_epoch) == (1437, 14)
     straight = [b for _, b in zip(range(18), data.batches(0), strict=False)]
     resumed = [b for _, b in zip(range(6), data.batches(12), strict=False)]
@@ -130,9 +163,14 @@ def test_token_label_maps_travel_with_their_images(tmp_path):
             score_map = np.stack([rng.random((5, 3, 3)) * 4, rng.integers(0, 4, (5, 3, 3))])
             np.save(tmp_path / "labels" / f"c{c}" / f"{i}.npy", score_map.astype(np.float16))
             maps[(c, i)] = score_map.astype(np.float16).astype(np.float32)
-    data = create_train_dataset(str(tmp_path / "data"), "train", batch_size=4, seed=1,
-                                augment=augment.TrainAugment(size=32),
-                                token_label_dir=str(tmp_path / "labels"))
+    data = create_train_dataset(
+        str(tmp_path / "data"),
+        "train",
+        batch_size=4,
+        seed=1,
+        augment=augment.TrainAugment(size=32),
+        token_label_dir=str(tmp_path / "labels"),
+    )
     batch = next(data.batches(0))
     assert batch["label_map"].shape == (4, 2, 5, 3, 3)
     assert batch["crop_box"].shape == (4, 4) and batch["flip"].shape == (4,)

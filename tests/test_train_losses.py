@@ -22,8 +22,14 @@ GRID = 4  # token grid of a 64-pixel image
 
 
 def tiny_volo(**overrides):
-    kwargs = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2),
-                  stem_hidden_dim=8, img_size=16 * GRID, num_classes=5)
+    kwargs = dict(
+        layers=(1, 1, 1, 1),
+        embed_dims=(16, 32, 32, 32),
+        num_heads=(1, 2, 2, 2),
+        stem_hidden_dim=8,
+        img_size=16 * GRID,
+        num_classes=5,
+    )
     return create_model("volo_d1_224", **{**kwargs, **overrides})
 
 
@@ -116,8 +122,12 @@ def _bilinear(data: np.ndarray, y: float, x: float) -> np.ndarray:
     else:
         x1 = x0 + 1
     ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * data[y0, x0] + (1 - ly) * lx * data[y0, x1]
-            + ly * (1 - lx) * data[y1, x0] + ly * lx * data[y1, x1])
+    return (
+        (1 - ly) * (1 - lx) * data[y0, x0]
+        + (1 - ly) * lx * data[y0, x1]
+        + ly * (1 - lx) * data[y1, x0]
+        + ly * lx * data[y1, x1]
+    )
 
 
 def roi_align_loops(data: np.ndarray, box, out: int, samples: int) -> np.ndarray:
@@ -138,8 +148,9 @@ def roi_align_loops(data: np.ndarray, box, out: int, samples: int) -> np.ndarray
     return result
 
 
-@pytest.mark.parametrize("box", [(0.0, 0.0, 1.0, 1.0), (0.1, 0.25, 0.7, 0.9),
-                                 (0.5, 0.0, 0.6, 0.3), (0.0, 0.6, 0.2, 1.0)])
+@pytest.mark.parametrize(
+    "box", [(0.0, 0.0, 1.0, 1.0), (0.1, 0.25, 0.7, 0.9), (0.5, 0.0, 0.6, 0.3), (0.0, 0.6, 0.2, 1.0)]
+)
 def test_roi_align_matches_torchvision_loops(box):
     rng = np.random.default_rng(1)
     dense = rng.normal(size=(14, 12, 6)).astype(np.float32)

@@ -42,8 +42,15 @@ def test_schedule_scales_with_batch():
 
 
 def _small_params():
-    model = create_model("volo_d1_224", layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64),
-                         num_heads=(1, 2, 2, 2), stem_hidden_dim=8, img_size=32, num_classes=3)
+    model = create_model(
+        "volo_d1_224",
+        layers=(1, 1, 1, 1),
+        embed_dims=(32, 64, 64, 64),
+        num_heads=(1, 2, 2, 2),
+        stem_hidden_dim=8,
+        img_size=32,
+        num_classes=3,
+    )
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     return variables["params"]
 
@@ -53,17 +60,29 @@ def test_weight_decay_mask():
     mask = dict(jax.tree_util.tree_leaves_with_path(weight_decay_mask(params)))
     decayed = {jax.tree_util.keystr(path) for path, value in mask.items() if value}
     kept = {jax.tree_util.keystr(path) for path, value in mask.items() if not value}
-    for name in ["['pos_embed']", "['cls_token']", "['head']['bias']", "['norm']['scale']",
-                 "['patch_embed']['conv_1']['scale']", "['network_0_0']['attn']['proj']['bias']"]:
+    for name in [
+        "['pos_embed']",
+        "['cls_token']",
+        "['head']['bias']",
+        "['norm']['scale']",
+        "['patch_embed']['conv_1']['scale']",
+        "['network_0_0']['attn']['proj']['bias']",
+    ]:
         assert name in kept, name
-    for name in ["['head']['kernel']", "['aux_head']['kernel']",
-                 "['patch_embed']['conv_0']['kernel']", "['network_0_0']['attn']['v']['kernel']",
-                 "['network_2_0']['mlp']['fc1']['kernel']"]:
+    for name in [
+        "['head']['kernel']",
+        "['aux_head']['kernel']",
+        "['patch_embed']['conv_0']['kernel']",
+        "['network_0_0']['attn']['v']['kernel']",
+        "['network_2_0']['mlp']['fc1']['kernel']",
+    ]:
         assert name in decayed, name
     # Exactly the parameters with two or more dimensions, minus the two embeddings.
     leaves = dict(jax.tree_util.tree_leaves_with_path(params))
     assert decayed == {jax.tree_util.keystr(p) for p, v in leaves.items() if v.ndim > 1} - {
-        "['pos_embed']", "['cls_token']"}
+        "['pos_embed']",
+        "['cls_token']",
+    }
 
 
 def test_adamw_decays_only_masked_params():

@@ -20,8 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_state(value: float) -> dict[str, jax.Array]:
-    return {"step": jnp.asarray(int(value), jnp.int32), "w": jnp.full((3, 4), value),
-            "rng": jax.random.PRNGKey(0)}
+    return {
+        "step": jnp.asarray(int(value), jnp.int32),
+        "w": jnp.full((3, 4), value),
+        "rng": jax.random.PRNGKey(0),
+    }
 
 
 def test_keeps_the_last_n_and_the_best(tmp_path):
@@ -54,20 +57,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _command(workdir, data_dir) -> list[str]:
-    return [sys.executable, "main.py", "--config=configs/smoke.py", f"--workdir={workdir}",
-            f"--config.dataset.data_dir={data_dir}", "--config.max_steps=30",
-            "--config.eval_every_steps=1000", "--config.ema_decay=0.999"]
+    return [
+        sys.executable,
+        "main.py",
+        "--config=configs/smoke.py",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.max_steps=30",
+        "--config.eval_every_steps=1000",
+        "--config.ema_decay=0.999",
+    ]
 
 
 def test_killed_run_resumes_exactly(tmp_path):
     """SIGKILL after the checkpoint of step 20, resume, and compare with a run that was
     never interrupted: the final parameters must be identical."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     data = tmp_path / "data"
-    killed = subprocess.Popen(_command(tmp_path / "killed", data), cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(
+        _command(tmp_path / "killed", data),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in killed.stdout:
         if "step 20: checkpoint saved" in line:
             killed.send_signal(signal.SIGKILL)
@@ -76,12 +95,24 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "weights")  # it did not finish
 
-    resumed = subprocess.run(_command(tmp_path / "killed", data), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        _command(tmp_path / "killed", data),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stderr
-    straight = subprocess.run(_command(tmp_path / "straight", data), cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=180)
+    straight = subprocess.run(
+        _command(tmp_path / "straight", data),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     a, meta = load_weights(tmp_path / "killed" / "weights")

@@ -17,21 +17,21 @@ from volo_jax.data.transforms import (
     load_image,
 )
 
-_LAZY_ATTRIBUTES = {'create_eval_dataset': 'volo_jax.data.input_pipeline'}
+_LAZY_ATTRIBUTES = {"create_eval_dataset": "volo_jax.data.input_pipeline"}
 
 __all__ = [
-    'IMAGENET_DEFAULT_MEAN',
-    'IMAGENET_DEFAULT_STD',
-    'INTERPOLATIONS',
-    'create_eval_dataset',
-    'decode_image',
-    'eval_transform',
-    'imagenet_class_names',
-    'load_image',
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "INTERPOLATIONS",
+    "create_eval_dataset",
+    "decode_image",
+    "eval_transform",
+    "imagenet_class_names",
+    "load_image",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_ATTRIBUTES:
         return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

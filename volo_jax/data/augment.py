@@ -56,15 +56,21 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ConfigError(f"config.augment.randaugment: expected 'rand-m9-...', got {spec!r}")
-    fields = {"m": ("magnitude", float), "n": ("num_layers", int),
-              "mstd": ("magnitude_std", float), "inc": ("increasing", lambda v: bool(int(v))),
-              "p": ("prob", float)}
+    fields = {
+        "m": ("magnitude", float),
+        "n": ("num_layers", int),
+        "mstd": ("magnitude_std", float),
+        "inc": ("increasing", lambda v: bool(int(v))),
+        "p": ("prob", float),
+    }
     values = {}
     for part in parts[1:]:
         match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
         if not match or match.group(1) not in fields:
-            raise ConfigError(f"config.augment.randaugment: unknown part {part!r} in {spec!r}; "
-                              f"known: {', '.join(k + 'N' for k in fields)}")
+            raise ConfigError(
+                f"config.augment.randaugment: unknown part {part!r} in {spec!r}; "
+                f"known: {', '.join(k + 'N' for k in fields)}"
+            )
         name, cast = fields[match.group(1)]
         values[name] = cast(match.group(2))
     return RandAugmentSpec(**values)
@@ -89,7 +95,10 @@ def _randint(seed: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 
 
 def random_resized_crop_box(
-    seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale: tuple[float, float],
+    seed: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> tf.Tensor:
     """timm's RandomResizedCrop.get_params: int32 (top, left, crop_h, crop_w)."""
@@ -121,18 +130,25 @@ def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
 
 
 def crop_and_resize(
-    image: tf.Tensor, seed: tf.Tensor, size: int, scale: tuple[float, float],
-    ratio: tuple[float, float], interpolation: str,
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    interpolation: str,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Random resized crop of a uint8 (H, W, 3) image -> (float (size, size, 3) in
     [0, 255], the crop as float (y0, x0, y1, x1) fractions of the image)."""
     s_box, s_interp = _seeds(seed, 2)
     shape = tf.shape(image)
     box = random_resized_crop_box(s_box, shape[0], shape[1], scale, ratio)
-    crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    crop = image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
     if interpolation == "random":
-        out = tf.cond(_uniform(s_interp) < 0.5, lambda: resize(crop, size, "bilinear"),
-                      lambda: resize(crop, size, "bicubic"))
+        out = tf.cond(
+            _uniform(s_interp) < 0.5,
+            lambda: resize(crop, size, "bilinear"),
+            lambda: resize(crop, size, "bicubic"),
+        )
     else:
         out = resize(crop, size, interpolation)
     hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
@@ -163,8 +179,13 @@ def _affine(image: tf.Tensor, transform: tf.Tensor) -> tf.Tensor:
     coeffs = tf.concat([tf.cast(transform, tf.float32), tf.zeros([2])], 0)[None]
     shape = tf.shape(image)[:2]
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=(image - fill)[None], transforms=coeffs, output_shape=shape,
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+        images=(image - fill)[None],
+        transforms=coeffs,
+        output_shape=shape,
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
     return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0)
 
 
@@ -201,8 +222,9 @@ def rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
     shape = tf.cast(tf.shape(image), tf.float32)
     cx, cy = shape[1] / 2.0, shape[0] / 2.0
     cos, sin = tf.cos(angle), tf.sin(angle)
-    return _affine(image, tf.stack([cos, sin, cx - cos * cx - sin * cy,
-                                    -sin, cos, cy + sin * cx - cos * cy]))
+    return _affine(
+        image, tf.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
+    )
 
 
 def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
@@ -308,12 +330,14 @@ def _rand_augment_layer(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec
     level = tf.clip_by_value(level, 0.0, LEVEL_MAX)
     sign = tf.where(_uniform(s_sign) < 0.5, -1.0, 1.0)
     branches = [functools.partial(_apply_op, op, arg, image, level, sign) for op, arg in ops]
-    return tf.cond(_uniform(s_apply) < spec.prob, lambda: tf.switch_case(index, branches),
-                   lambda: image)
+    return tf.cond(
+        _uniform(s_apply) < spec.prob, lambda: tf.switch_case(index, branches), lambda: image
+    )
 
 
-def _apply_op(op: Op, arg: LevelToArg, image: tf.Tensor, level: tf.Tensor,
-              sign: tf.Tensor) -> tf.Tensor:
+def _apply_op(
+    op: Op, arg: LevelToArg, image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor
+) -> tf.Tensor:
     return op(image, arg(level, sign))
 
 
@@ -369,8 +393,14 @@ class TrainAugment:
         """uint8 (H, W, 3) image, int64 (2,) seed -> {'image': float32 (S, S, 3) normalised,
         'crop_box': float32 (4,) crop (y0, x0, y1, x1) as image fractions, 'flip': bool}."""
         s_crop, s_flip, s_ra, s_erase = _seeds(seed, 4)
-        out, box = crop_and_resize(image, s_crop, self.size, tuple(self.crop_scale),
-                                   tuple(self.crop_ratio), self.interpolation)
+        out, box = crop_and_resize(
+            image,
+            s_crop,
+            self.size,
+            tuple(self.crop_scale),
+            tuple(self.crop_ratio),
+            self.interpolation,
+        )
         flip = _uniform(s_flip) < self.hflip
         out = tf.cond(flip, lambda: out[:, ::-1], lambda: out)
         if self.randaugment:

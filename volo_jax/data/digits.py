@@ -28,7 +28,10 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=TEST_SIZE, stratify=digits.target,
+        images,
+        digits.target,
+        test_size=TEST_SIZE,
+        stratify=digits.target,
         random_state=SPLIT_SEED,
     )
     return {"train": (x_train, y_train), "test": (x_test, y_test)}

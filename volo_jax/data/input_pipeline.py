@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Must precede the TensorFlow import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
 
 import jax
 import numpy as np
@@ -36,8 +36,18 @@ import tensorflow_datasets as tfds
 from volo_jax.data.transforms import INTERPOLATIONS, decode_image, eval_transform
 from volo_jax.errors import ConfigError, DatasetError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif', '.tiff',
-                    '.webp')
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 
 
 @functools.cache
@@ -46,9 +56,9 @@ def configure_tensorflow() -> None:
     tf.get_logger().setLevel(logging.ERROR)
     tfds.disable_progress_bar()
     try:
-        tf.config.set_visible_devices([], 'GPU')
+        tf.config.set_visible_devices([], "GPU")
     except RuntimeError as e:  # TensorFlow's runtime was initialised before this call.
-        logging.getLogger(__name__).warning('Could not hide GPUs from TensorFlow: %s', e)
+        logging.getLogger(__name__).warning("Could not hide GPUs from TensorFlow: %s", e)
 
 
 def _process_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -80,16 +90,20 @@ class _Records(NamedTuple):
 def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
     """How to prepare a TFDS dataset offline, for a DatasetError."""
     data_dir = builder.data_dir_root
-    build = f'tfds build {builder.name} --data_dir={data_dir}'
+    build = f"tfds build {builder.name} --data_dir={data_dir}"
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        instructions = ' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
-        return (f'TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} '
-                f'(looked for {builder.data_dir}). It needs a manual download: '
-                f'{instructions} Put those files in {data_dir}/downloads/manual/ and run '
-                f'`{build}` (this reads the archives; no internet needed).')
-    return (f'TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} '
-            f'(looked for {builder.data_dir}). Run `{build}` on a machine with internet access '
-            f'and copy {data_dir}/{builder.name} here, or pass the data_dir that holds it.')
+        instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        return (
+            f"TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} "
+            f"(looked for {builder.data_dir}). It needs a manual download: "
+            f"{instructions} Put those files in {data_dir}/downloads/manual/ and run "
+            f"`{build}` (this reads the archives; no internet needed)."
+        )
+    return (
+        f"TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} "
+        f"(looked for {builder.data_dir}). Run `{build}` on a machine with internet access "
+        f"and copy {data_dir}/{builder.name} here, or pass the data_dir that holds it."
+    )
 
 
 def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -97,8 +111,10 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except ValueError as e:  # Includes tfds' DatasetNotFoundError.
-        raise DatasetError(f'Dataset {name!r} is not an existing directory, and TFDS cannot '
-                           f'load it: {str(e).splitlines()[0]}') from e
+        raise DatasetError(
+            f"Dataset {name!r} is not an existing directory, and TFDS cannot "
+            f"load it: {str(e).splitlines()[0]}"
+        ) from e
     if not builder.is_prepared():
         raise DatasetError(_not_prepared_message(builder))
     return builder
@@ -108,11 +124,15 @@ def _check_features(builder: tfds.core.DatasetBuilder, image_key: str, label_key
     """Raises DatasetError unless ``image_key`` is an image and ``label_key`` exists."""
     features = builder.info.features
     if image_key not in features or not isinstance(features[image_key], tfds.features.Image):
-        raise DatasetError(f'Dataset {builder.name!r} has no image feature {image_key!r}; '
-                           f'its features are {sorted(features)}.')
+        raise DatasetError(
+            f"Dataset {builder.name!r} has no image feature {image_key!r}; "
+            f"its features are {sorted(features)}."
+        )
     if label_key not in features:
-        raise DatasetError(f'Dataset {builder.name!r} has no label feature {label_key!r}; '
-                           f'its features are {sorted(features)}.')
+        raise DatasetError(
+            f"Dataset {builder.name!r} has no label feature {label_key!r}; "
+            f"its features are {sorted(features)}."
+        )
 
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -120,22 +140,34 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
     try:
         return builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
-        raise DatasetError(f'Dataset {builder.name!r} cannot read split {split!r} (its splits '
-                           f'are {sorted(builder.info.splits)}): {e}') from e
+        raise DatasetError(
+            f"Dataset {builder.name!r} cannot read split {split!r} (its splits "
+            f"are {sorted(builder.info.splits)}): {e}"
+        ) from e
 
 
 def _limited_split(builder: tfds.core.DatasetBuilder, split: str, num_examples: int | None) -> str:
     """Returns ``split`` restricted to its first ``num_examples`` examples (TFDS slicing)."""
     if num_examples is None:
         return split
-    if not re.fullmatch(r'\w+', split):
-        raise ConfigError(f'num_examples needs a plain split name, got {split!r}; '
-                          'slice the split instead (e.g. "validation[:1000]").')
-    return f'{split}[:{min(num_examples, _split_size(builder, split))}]'
+    if not re.fullmatch(r"\w+", split):
+        raise ConfigError(
+            f"num_examples needs a plain split name, got {split!r}; "
+            'slice the split instead (e.g. "validation[:1000]").'
+        )
+    return f"{split}[:{min(num_examples, _split_size(builder, split))}]"
 
 
-def _tfds_records(name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
-                  num_examples: int | None, process_index: int, process_count: int) -> _Records:
+def _tfds_records(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    image_key: str,
+    label_key: str,
+    num_examples: int | None,
+    process_index: int,
+    process_count: int,
+) -> _Records:
     """Encoded images and labels of this process's shard of a prepared TFDS split."""
     builder = _tfds_builder(name, data_dir)
     _check_features(builder, image_key, label_key)
@@ -143,11 +175,18 @@ def _tfds_records(name: str, split: str, data_dir: str | None, image_key: str, l
     num_total = _split_size(builder, split)
     shards = tfds.even_splits(split, n=process_count)
     dataset = builder.as_dataset(
-        split=shards[process_index], shuffle_files=False,
+        split=shards[process_index],
+        shuffle_files=False,
         decoders={image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True))
-    dataset = dataset.map(lambda ex: {'data': ex[image_key], 'source': ex['tfds_id'],
-                                      'label': tf.cast(ex[label_key], tf.int32)})
+        read_config=tfds.ReadConfig(add_tfds_id=True),
+    )
+    dataset = dataset.map(
+        lambda ex: {
+            "data": ex[image_key],
+            "source": ex["tfds_id"],
+            "label": tf.cast(ex[label_key], tf.int32),
+        }
+    )
     counts = [builder.info.splits[shard].num_examples for shard in shards]
     return _Records(dataset, counts[process_index], max(counts), num_total)
 
@@ -157,54 +196,63 @@ def _list_image_folder(split_dir: pathlib.Path) -> tuple[list[str], list[int]]:
     classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
     paths, labels = [], []
     for label, class_name in enumerate(classes):
-        files = sorted(path for path in (split_dir / class_name).rglob('*')
-                       if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+        files = sorted(
+            path
+            for path in (split_dir / class_name).rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        )
         paths += [str(path) for path in files]
         labels += [label] * len(files)
     return paths, labels
 
 
-def _folder_records(root: pathlib.Path, split: str, num_examples: int | None,
-                    process_index: int, process_count: int) -> _Records:
+def _folder_records(
+    root: pathlib.Path, split: str, num_examples: int | None, process_index: int, process_count: int
+) -> _Records:
     """Encoded images and labels of this process's shard of ``root/split/<class>/*``."""
     split_dir = root / split
     if not split_dir.is_dir():
         available = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-        raise DatasetError(f'Image folder {root} has no split folder {split!r} '
-                           f'(found {available}); expected {split_dir}/<class_name>/<image>.')
+        raise DatasetError(
+            f"Image folder {root} has no split folder {split!r} "
+            f"(found {available}); expected {split_dir}/<class_name>/<image>."
+        )
     paths, labels = _list_image_folder(split_dir)
     if not paths:
-        raise DatasetError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in '
-                           f'{split_dir}/<class_name>/.')
+        raise DatasetError(
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {split_dir}/<class_name>/."
+        )
     if num_examples is not None:
         paths, labels = paths[:num_examples], labels[:num_examples]
     start, stop = _process_shard(len(paths), process_index, process_count)
-    dataset = tf.data.Dataset.from_tensor_slices({
-        'source': tf.constant(paths[start:stop], tf.string),
-        'label': tf.constant(labels[start:stop], tf.int32),
-    })
-    dataset = dataset.map(lambda ex: {'data': tf.io.read_file(ex['source']), **ex})
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {
+            "source": tf.constant(paths[start:stop], tf.string),
+            "label": tf.constant(labels[start:stop], tf.int32),
+        }
+    )
+    dataset = dataset.map(lambda ex: {"data": tf.io.read_file(ex["source"]), **ex})
     num_max = _process_shard(len(paths), 0, process_count)[1]  # Process 0 is never smaller.
     return _Records(dataset, stop - start, num_max, len(paths))
 
 
 def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
     """Zero-pads a (possibly partial) batch to ``batch_size`` rows and adds a bool ``mask``."""
-    size = tf.shape(batch['label'])[0]
+    size = tf.shape(batch["label"])[0]
     padded = {}
     for key, value in batch.items():
         paddings = [[0, batch_size - size]] + [[0, 0]] * (value.shape.rank - 1)
         padded[key] = tf.ensure_shape(tf.pad(value, paddings), [batch_size, *value.shape[1:]])
-    padded['mask'] = tf.sequence_mask(size, batch_size)
+    padded["mask"] = tf.sequence_mask(size, batch_size)
     return padded
 
 
 def _empty_batches(num_batches: int, batch_size: int, input_size: int) -> tf.data.Dataset:
     """``num_batches`` fully masked batches (for processes with fewer examples)."""
     batch = {
-        'image': np.zeros((batch_size, input_size, input_size, 3), np.float32),
-        'label': np.zeros((batch_size,), np.int32),
-        'mask': np.zeros((batch_size,), bool),
+        "image": np.zeros((batch_size, input_size, input_size, 3), np.float32),
+        "label": np.zeros((batch_size,), np.int32),
+        "mask": np.zeros((batch_size,), bool),
     }
     return tf.data.Dataset.from_tensors(batch).repeat(num_batches)
 
@@ -224,8 +272,8 @@ def create_eval_dataset(
     mean: Sequence[float],
     std: Sequence[float],
     data_dir: str | None = None,
-    image_key: str = 'image',
-    label_key: str = 'label',
+    image_key: str = "image",
+    label_key: str = "label",
     num_examples: int | None = None,
     *,
     process_index: int | None = None,
@@ -259,38 +307,59 @@ def create_eval_dataset(
         ConfigError: invalid batch size, input size, interpolation or num_examples.
     """
     if batch_size <= 0 or input_size <= 0 or (num_examples is not None and num_examples <= 0):
-        raise ConfigError(f'batch_size, input_size and num_examples must be positive, '
-                          f'got {batch_size}, {input_size} and {num_examples}.')
+        raise ConfigError(
+            f"batch_size, input_size and num_examples must be positive, "
+            f"got {batch_size}, {input_size} and {num_examples}."
+        )
     if interpolation not in INTERPOLATIONS:
-        raise ConfigError(f'Unknown interpolation {interpolation!r}; expected one of '
-                          f'{INTERPOLATIONS}.')
+        raise ConfigError(
+            f"Unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}."
+        )
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-        raise ConfigError(f'process_index {process_index} is not in [0, {process_count}).')
+        raise ConfigError(f"process_index {process_index} is not in [0, {process_count}).")
     configure_tensorflow()
 
     if os.path.isdir(dataset):
-        records = _folder_records(pathlib.Path(dataset), split, num_examples,
-                                  process_index, process_count)
+        records = _folder_records(
+            pathlib.Path(dataset), split, num_examples, process_index, process_count
+        )
     else:
-        records = _tfds_records(dataset, split, data_dir, image_key, label_key, num_examples,
-                                process_index, process_count)
+        records = _tfds_records(
+            dataset,
+            split,
+            data_dir,
+            image_key,
+            label_key,
+            num_examples,
+            process_index,
+            process_count,
+        )
 
-    preprocess = functools.partial(_decode_and_transform, input_size=input_size,
-                                   crop_pct=crop_pct, interpolation=interpolation,
-                                   mean=tuple(mean), std=tuple(std))
+    preprocess = functools.partial(
+        _decode_and_transform,
+        input_size=input_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = tf.numpy_function(preprocess, [example['data'], example['source']], tf.float32,
-                                  stateful=False)
-        return {'image': tf.ensure_shape(image, (input_size, input_size, 3)),
-                'label': example['label']}
+        image = tf.numpy_function(
+            preprocess, [example["data"], example["source"]], tf.float32, stateful=False
+        )
+        return {
+            "image": tf.ensure_shape(image, (input_size, input_size, 3)),
+            "label": example["label"],
+        }
 
     ds = records.dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
-    missing = (math.ceil(records.num_per_process_max / batch_size)
-               - math.ceil(records.num_local / batch_size))
+    missing = math.ceil(records.num_per_process_max / batch_size) - math.ceil(
+        records.num_local / batch_size
+    )
     if missing:
         ds = ds.concatenate(_empty_batches(missing, batch_size, input_size))
     return ds.prefetch(tf.data.AUTOTUNE), records.num_total
@@ -300,7 +369,7 @@ def create_eval_dataset(
 # Training
 # --------------------------------------------------------------------------------------------
 
-TOKEN_LABEL_SUFFIX = '.npy'
+TOKEN_LABEL_SUFFIX = ".npy"
 
 
 class _TrainRecords(NamedTuple):
@@ -322,42 +391,64 @@ def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 def _token_label_path(token_label_dir: str | None, relative: str) -> str:
     """<token_label_dir>/<relative path of the image without extension>.npy, or ''."""
     if not token_label_dir:
-        return ''
+        return ""
     return os.path.join(token_label_dir, os.path.splitext(relative)[0] + TOKEN_LABEL_SUFFIX)
 
 
-def _folder_train_records(root: pathlib.Path, split: str, seed: int, token_label_dir: str | None,
-                          process_index: int, process_count: int) -> _TrainRecords:
+def _folder_train_records(
+    root: pathlib.Path,
+    split: str,
+    seed: int,
+    token_label_dir: str | None,
+    process_index: int,
+    process_count: int,
+) -> _TrainRecords:
     """A fresh permutation of the folder's images per (seed, epoch), split over processes."""
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetError(f'Image folder {root} has no split folder {split!r}; expected '
-                           f'{split_dir}/<class_name>/<image>.')
+        raise DatasetError(
+            f"Image folder {root} has no split folder {split!r}; expected "
+            f"{split_dir}/<class_name>/<image>."
+        )
     paths, labels = _list_image_folder(split_dir)
     if not paths:
-        raise DatasetError(f'No images found in {split_dir}/<class_name>/.')
+        raise DatasetError(f"No images found in {split_dir}/<class_name>/.")
     table = {
-        'path': tf.constant(paths),
-        'label': tf.constant(labels, tf.int32),
-        'label_path': tf.constant([_token_label_path(token_label_dir, os.path.relpath(p, split_dir))
-                                   for p in paths]),
+        "path": tf.constant(paths),
+        "label": tf.constant(labels, tf.int32),
+        "label_path": tf.constant(
+            [_token_label_path(token_label_dir, os.path.relpath(p, split_dir)) for p in paths]
+        ),
     }
     start, stop = _process_shard(len(paths), process_index, process_count)
 
     def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)),
-                                                         _epoch_seed(seed, epoch))[start:stop]
-        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: {
-            'data': tf.io.read_file(table['path'][i]), 'label': table['label'][i],
-            'label_path': table['label_path'][i]})
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(paths)), _epoch_seed(seed, epoch)
+        )[start:stop]
+        return tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: {
+                "data": tf.io.read_file(table["path"][i]),
+                "label": table["label"][i],
+                "label_path": table["label_path"][i],
+            }
+        )
 
     return _TrainRecords(for_epoch, len(paths))
 
 
-def _tfds_train_records(name: str, split: str, data_dir: str | None, image_key: str,
-                        label_key: str, seed: int, shuffle_buffer: int,
-                        token_label_dir: str | None, process_index: int,
-                        process_count: int) -> _TrainRecords:
+def _tfds_train_records(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    image_key: str,
+    label_key: str,
+    seed: int,
+    shuffle_buffer: int,
+    token_label_dir: str | None,
+    process_index: int,
+    process_count: int,
+) -> _TrainRecords:
     """The split's files in their fixed order (TFDS shuffles examples when it prepares a
     dataset) through a shuffle buffer seeded by (seed, epoch), split over processes.
 
@@ -366,30 +457,37 @@ def _tfds_train_records(name: str, split: str, data_dir: str | None, image_key: 
     """
     builder = _tfds_builder(name, data_dir)
     _check_features(builder, image_key, label_key)
-    if token_label_dir and 'file_name' not in builder.info.features:
-        raise DatasetError(f'Dataset {name!r} has no file_name feature to find token-label '
-                           'maps by; use an image folder instead.')
+    if token_label_dir and "file_name" not in builder.info.features:
+        raise DatasetError(
+            f"Dataset {name!r} has no file_name feature to find token-label "
+            "maps by; use an image folder instead."
+        )
     try:
         num_total = builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
-        raise DatasetError(f'Dataset {name!r} has no split {split!r}; it has '
-                           f'{sorted(builder.info.splits)}.') from e
+        raise DatasetError(
+            f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}."
+        ) from e
     shard = tfds.even_splits(split, n=process_count)[process_index]
-    records = builder.as_dataset(split=shard, shuffle_files=False,
-                                 decoders={image_key: tfds.decode.SkipDecoding()})
-    label_root = tf.constant(token_label_dir or '')
+    records = builder.as_dataset(
+        split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    label_root = tf.constant(token_label_dir or "")
 
     def label_path(file_name: tf.Tensor) -> tf.Tensor:
-        stem = tf.strings.regex_replace(file_name, r'\.[^.]*$', '')
-        synset = tf.strings.split(stem, '_')[0]
-        return tf.strings.join([label_root, synset, stem + TOKEN_LABEL_SUFFIX], '/')
+        stem = tf.strings.regex_replace(file_name, r"\.[^.]*$", "")
+        synset = tf.strings.split(stem, "_")[0]
+        return tf.strings.join([label_root, synset, stem + TOKEN_LABEL_SUFFIX], "/")
 
     def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
-        return records.shuffle(shuffle_buffer, seed=shuffle_seed).map(lambda ex: {
-            'data': ex[image_key], 'label': tf.cast(ex[label_key], tf.int32),
-            'label_path': label_path(ex['file_name']) if token_label_dir else tf.constant(''),
-        })
+        return records.shuffle(shuffle_buffer, seed=shuffle_seed).map(
+            lambda ex: {
+                "data": ex[image_key],
+                "label": tf.cast(ex[label_key], tf.int32),
+                "label_path": label_path(ex["file_name"]) if token_label_dir else tf.constant(""),
+            }
+        )
 
     return _TrainRecords(for_epoch, num_total)
 
@@ -399,7 +497,7 @@ def _load_token_label(path: bytes) -> np.ndarray:
     try:
         return np.load(path.decode()).astype(np.float32)
     except (OSError, ValueError) as e:
-        raise DatasetError(f'Cannot read the token-label map {path.decode()}: {e}') from e
+        raise DatasetError(f"Cannot read the token-label map {path.decode()}: {e}") from e
 
 
 class TrainData:
@@ -408,14 +506,23 @@ class TrainData:
     the stateless seed (seed, process, e, i), so ``batches(step)`` resumes exactly.
     """
 
-    def __init__(self, records: _TrainRecords, batch_size: int, process_count: int,
-                 augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]], seed: int,
-                 process_index: int, token_labels: bool) -> None:
+    def __init__(
+        self,
+        records: _TrainRecords,
+        batch_size: int,
+        process_count: int,
+        augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+        seed: int,
+        process_index: int,
+        token_labels: bool,
+    ) -> None:
         self.num_examples = records.num_total
         self.steps_per_epoch = records.num_total // (batch_size * process_count)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f'batch_size {batch_size * process_count} is larger than the '
-                              f'{records.num_total} training examples.')
+            raise ConfigError(
+                f"batch_size {batch_size * process_count} is larger than the "
+                f"{records.num_total} training examples."
+            )
         self._records, self._batch_size, self._augment = records, batch_size, augment
         self._seed, self._process_index = seed, process_index
         self._token_labels = token_labels
@@ -425,19 +532,21 @@ class TrainData:
         per_epoch = self.steps_per_epoch * self._batch_size
         examples = self._records.for_epoch(epoch).take(per_epoch)
         return tf.data.Dataset.zip(tf.data.Dataset.range(per_epoch), examples).map(
-            lambda index, example: {**example, 'epoch': epoch, 'index': index})
+            lambda index, example: {**example, "epoch": epoch, "index": index}
+        )
 
     def _preprocess(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        counter = (self._process_index * 2**20 + example['epoch']) * 2**32 + example['index']
+        counter = (self._process_index * 2**20 + example["epoch"]) * 2**32 + example["index"]
         seed = tf.stack([tf.constant(self._seed, tf.int64), counter])
-        image = tf.io.decode_image(example['data'], channels=3, expand_animations=False)
+        image = tf.io.decode_image(example["data"], channels=3, expand_animations=False)
         out = self._augment(image, seed)
-        out['label'] = example['label']
+        out["label"] = example["label"]
         if self._token_labels:
-            out['label_map'] = tf.numpy_function(_load_token_label, [example['label_path']],
-                                                 tf.float32, stateful=False)
+            out["label_map"] = tf.numpy_function(
+                _load_token_label, [example["label_path"]], tf.float32, stateful=False
+            )
         else:
-            del out['crop_box'], out['flip']
+            del out["crop_box"], out["flip"]
         return out
 
     def dataset(self, start_step: int = 0) -> tf.data.Dataset:
@@ -456,7 +565,7 @@ class TrainData:
         try:
             yield from self.dataset(start_step).as_numpy_iterator()
         except op_error as e:
-            raise DatasetError(f'Reading the training data failed: {e.message}') from e
+            raise DatasetError(f"Reading the training data failed: {e.message}") from e
 
 
 def create_train_dataset(
@@ -466,8 +575,8 @@ def create_train_dataset(
     augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
     seed: int,
     data_dir: str | None = None,
-    image_key: str = 'image',
-    label_key: str = 'label',
+    image_key: str = "image",
+    label_key: str = "label",
     shuffle_buffer: int = 16_384,
     token_label_dir: str | None = None,
     *,
@@ -493,11 +602,22 @@ def create_train_dataset(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if os.path.isdir(dataset):
-        records = _folder_train_records(pathlib.Path(dataset), split, seed, token_label_dir,
-                                        process_index, process_count)
+        records = _folder_train_records(
+            pathlib.Path(dataset), split, seed, token_label_dir, process_index, process_count
+        )
     else:
-        records = _tfds_train_records(dataset, split, data_dir, image_key, label_key, seed,
-                                      shuffle_buffer, token_label_dir, process_index,
-                                      process_count)
-    return TrainData(records, batch_size, process_count, augment, seed, process_index,
-                     bool(token_label_dir))
+        records = _tfds_train_records(
+            dataset,
+            split,
+            data_dir,
+            image_key,
+            label_key,
+            seed,
+            shuffle_buffer,
+            token_label_dir,
+            process_index,
+            process_count,
+        )
+    return TrainData(
+        records, batch_size, process_count, augment, seed, process_index, bool(token_label_dir)
+    )

@@ -29,10 +29,10 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 # The PIL filters that torchvision maps timm's interpolation names to.
 _PIL_FILTERS = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 INTERPOLATIONS = tuple(_PIL_FILTERS)
 
@@ -41,14 +41,14 @@ def _open_rgb(file: str | os.PathLike | BinaryIO, source: str) -> np.ndarray:
     """Decodes an image file fully and returns it as uint8 RGB, shape (H, W, 3)."""
     try:
         with Image.open(file) as image:
-            return np.asarray(image.convert('RGB'))
+            return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
-        raise ImageReadError(f'Cannot read image {source}: file not found.') from None
+        raise ImageReadError(f"Cannot read image {source}: file not found.") from None
     except UnidentifiedImageError:
-        reason = 'not a recognised image format'
-        raise ImageReadError(f'Cannot read image {source}: {reason}.') from None
+        reason = "not a recognised image format"
+        raise ImageReadError(f"Cannot read image {source}: {reason}.") from None
     except OSError as e:  # Truncated or otherwise corrupt data, unreadable file.
-        raise ImageReadError(f'Cannot read image {source}: {e}') from e
+        raise ImageReadError(f"Cannot read image {source}: {e}") from e
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -63,7 +63,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return _open_rgb(path, str(path))
 
 
-def decode_image(data: bytes, source: str = '<bytes>') -> np.ndarray:
+def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Decodes encoded image bytes (JPEG, PNG, ...) like :func:`load_image` does a file.
 
     Args:
@@ -79,15 +79,15 @@ def decode_image(data: bytes, source: str = '<bytes>') -> np.ndarray:
 def _to_pil_rgb(image: np.ndarray | Image.Image) -> Image.Image:
     """Returns an RGB PIL image from a PIL image or a uint8 (H, W), (H, W, 1|3|4) array."""
     if isinstance(image, Image.Image):
-        return image if image.mode == 'RGB' else image.convert('RGB')
+        return image if image.mode == "RGB" else image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        raise TypeError(f'Expected a uint8 image array, got dtype {array.dtype}.')
+        raise TypeError(f"Expected a uint8 image array, got dtype {array.dtype}.")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f'Expected an image of shape (H, W[, 1|3|4]), got {array.shape}.')
-    return Image.fromarray(array).convert('RGB')
+        raise ValueError(f"Expected an image of shape (H, W[, 1|3|4]), got {array.shape}.")
+    return Image.fromarray(array).convert("RGB")
 
 
 def _resize_shorter_side(image: Image.Image, size: int, interpolation: str) -> Image.Image:
@@ -112,19 +112,20 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """
     pad_h, pad_w = max(size - image.shape[0], 0), max(size - image.shape[1], 0)
     if pad_h or pad_w:  # The smaller half of the padding goes top / left.
-        image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
-                               (0, 0)))
+        image = np.pad(
+            image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+        )
     # torchvision rounds the offset with Python's round() (half to even).
     top = round((image.shape[0] - size) / 2.0)
     left = round((image.shape[1] - size) / 2.0)
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def eval_transform(
     image: np.ndarray | Image.Image,
     input_size: int,
     crop_pct: float,
-    interpolation: str = 'bicubic',
+    interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> np.ndarray:
@@ -143,10 +144,11 @@ def eval_transform(
         float32 array of shape (input_size, input_size, 3).
     """
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f'Unsupported interpolation {interpolation!r}; '
-                         f'expected one of {INTERPOLATIONS}.')
+        raise ValueError(
+            f"Unsupported interpolation {interpolation!r}; expected one of {INTERPOLATIONS}."
+        )
     if crop_pct <= 0:
-        raise ValueError(f'crop_pct must be positive, got {crop_pct}.')
+        raise ValueError(f"crop_pct must be positive, got {crop_pct}.")
     scale_size = math.floor(input_size / crop_pct)
     resized = _resize_shorter_side(_to_pil_rgb(image), scale_size, interpolation)
     cropped = _center_crop(np.asarray(resized), input_size)
@@ -156,5 +158,5 @@ def eval_transform(
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names (first WordNet lemma) in class-index order."""
-    text = resources.files(__package__).joinpath('imagenet_classes.txt').read_text('utf-8')
+    text = resources.files(__package__).joinpath("imagenet_classes.txt").read_text("utf-8")
     return text.splitlines()

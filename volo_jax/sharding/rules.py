@@ -114,8 +114,7 @@ def preset_rules(preset: str, rules: Rules | None = None) -> dict[str, tuple[str
     allowed = PRESETS[preset]
     if allowed is None:
         return rules
-    return {k: v if k == "batch" else tuple(a for a in v if a in allowed)
-            for k, v in rules.items()}
+    return {k: v if k == "batch" else tuple(a for a in v if a in allowed) for k, v in rules.items()}
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
@@ -131,9 +130,7 @@ def _as_axes(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def spec_for(
-    path: str, shape: Sequence[int], rules: Rules, mesh: Mesh
-) -> P:
+def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh) -> P:
     """The PartitionSpec of one array: its logical axes mapped by `rules` onto `mesh`.
 
     A mesh axis missing from the mesh, of size 1, or already used by an earlier dimension
@@ -147,16 +144,18 @@ def spec_for(
     spec: list[tuple[str, ...] | str | None] = []
     for dim, name in zip(shape, axes, strict=True):
         mesh_axes = tuple(
-            a for a in _as_axes(rules.get(name) if name else None)
+            a
+            for a in _as_axes(rules.get(name) if name else None)
             if a in mesh.axis_names and a not in used and mesh.shape[a] > 1
         )
         if mesh_axes and dim % axis_size(mesh, mesh_axes):
-            _log_once(f"sharding: {path} dim {dim} ({name}) does not divide over "
-                      f"{mesh_axes} = {axis_size(mesh, mesh_axes)} devices; kept whole")
+            _log_once(
+                f"sharding: {path} dim {dim} ({name}) does not divide over "
+                f"{mesh_axes} = {axis_size(mesh, mesh_axes)} devices; kept whole"
+            )
             mesh_axes = ()
         used.update(mesh_axes)
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
-                    else mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     while spec and spec[-1] is None:
         spec.pop()
     return P(*spec)
@@ -165,9 +164,11 @@ def spec_for(
 def param_specs(abstract_params: Any, rules: Rules, mesh: Mesh, prefix: str = "params") -> Any:
     """PartitionSpec tree of a params tree ({'network_0_0': ...}, arrays or
     ShapeDtypeStructs; paths are matched as '<prefix>/network_0_0/...')."""
+
     def one(path: Sequence[Any], leaf: Any) -> P:
-        return spec_for(f"{prefix}/{path_str(path)}" if prefix else path_str(path),
-                        leaf.shape, rules, mesh)
+        return spec_for(
+            f"{prefix}/{path_str(path)}" if prefix else path_str(path), leaf.shape, rules, mesh
+        )
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
@@ -212,15 +213,17 @@ def state_specs(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
             fields[name] = _mirror_specs(value, params, pspecs)
     others = {
         name: jax.tree_util.tree_map(lambda _: P(), getattr(abstract_state, name))
-        for name in ("step", "rng") if hasattr(abstract_state, name)
+        for name in ("step", "rng")
+        if hasattr(abstract_state, name)
     }
     return abstract_state.replace(**fields, **others)
 
 
 def to_shardings(specs: Any, mesh: Mesh) -> Any:
     """PartitionSpec tree -> NamedSharding tree on `mesh`."""
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -240,4 +243,5 @@ def variables_shardings(abstract_variables: Mapping[str, Any], mesh: Mesh, rules
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying `shardings` (a restore target for orbax)."""
     return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )

@@ -30,15 +30,22 @@ class Checkpointer:
     """Saves (asynchronously) and restores a train state under `directory`."""
 
     def __init__(self, directory: str | os.PathLike, keep: int) -> None:
-        policy = checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=keep),
-            checkpoint_managers.BestN(
-                get_metric_fn=_best_metric, reverse=False, n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
-        ])
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=keep),
+                checkpoint_managers.BestN(
+                    get_metric_fn=_best_metric,
+                    reverse=False,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=_best_metric, best_mode="max", create=True,
+            preservation_policy=policy,
+            best_fn=_best_metric,
+            best_mode="max",
+            create=True,
             enable_async_checkpointing=True,
         )
         self.directory = os.path.abspath(os.fspath(directory))

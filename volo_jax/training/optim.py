@@ -61,8 +61,12 @@ def create_optimizer(
     """AdamW (+ optional global-norm clipping) on the config's schedule."""
     opt = config.optim
     adamw = optax.adamw(
-        create_learning_rate_fn(config, steps_per_epoch), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-        weight_decay=opt.weight_decay, mask=weight_decay_mask,
+        create_learning_rate_fn(config, steps_per_epoch),
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=weight_decay_mask,
     )
     if opt.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)

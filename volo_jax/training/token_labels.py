@@ -30,8 +30,10 @@ def _interp_weights(coords: jax.Array, size: int) -> jax.Array:
     low = jnp.where(at_end, size - 1, low)
     high = jnp.where(at_end, size - 1, low + 1)
     frac = jnp.where(at_end, 0.0, c - low)
-    weights = (jax.nn.one_hot(low, size) * (1.0 - frac)[..., None]
-               + jax.nn.one_hot(high, size) * frac[..., None])
+    weights = (
+        jax.nn.one_hot(low, size) * (1.0 - frac)[..., None]
+        + jax.nn.one_hot(high, size) * frac[..., None]
+    )
     return weights * valid[..., None]
 
 
@@ -39,7 +41,7 @@ def roi_weights(start: jax.Array, stop: jax.Array, size: int, out: int, samples:
     """(out, size) averaging weights of roi_align along one axis: `out` bins over
     [start, stop) pixels (length at least 1), `samples` points per bin."""
     length = jnp.maximum(stop - start, 1.0)
-    offsets = (jnp.arange(out)[:, None] + (jnp.arange(samples)[None, :] + 0.5) / samples)
+    offsets = jnp.arange(out)[:, None] + (jnp.arange(samples)[None, :] + 0.5) / samples
     coords = start + offsets * length / out  # (out, samples)
     return _interp_weights(coords, size).mean(axis=1)
 

@@ -93,11 +93,17 @@ class StepOptions:
     def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
         tl = config.token_label
         return cls(
-            num_classes=config.dataset.num_classes, grid=config.img_size // 16,
-            label_smoothing=config.label_smoothing, cls_weight=tl.cls_weight,
-            dense_weight=tl.dense_weight, mix_token=tl.mix_token, mix_beta=tl.mix_beta,
-            ground_truth=tl.ground_truth, roi_samples=tl.roi_samples,
-            grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+            num_classes=config.dataset.num_classes,
+            grid=config.img_size // 16,
+            label_smoothing=config.label_smoothing,
+            cls_weight=tl.cls_weight,
+            dense_weight=tl.dense_weight,
+            mix_token=tl.mix_token,
+            mix_beta=tl.mix_beta,
+            ground_truth=tl.ground_truth,
+            roi_samples=tl.roi_samples,
+            grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
         )
 
 
@@ -123,8 +129,13 @@ def compute_targets(
     n = opts.grid * opts.grid
     if "label_map" in batch:
         cls, dense = targets_from_score_maps(
-            batch["label_map"], batch["crop_box"], batch["flip"], opts.num_classes, opts.grid,
-            opts.label_smoothing, opts.roi_samples,
+            batch["label_map"],
+            batch["crop_box"],
+            batch["flip"],
+            opts.num_classes,
+            opts.grid,
+            opts.label_smoothing,
+            opts.roi_samples,
         )
     elif teacher is not None:
         logits, aux = teacher.apply(teacher_variables, batch["image"], return_dense=True)
@@ -161,23 +172,36 @@ def train_step(
     """
     cls_target, dense_target = compute_targets(batch, opts, teacher, teacher_variables)
     micro = _micro_batches(
-        {"image": batch["image"], "label": batch["label"], "cls": cls_target,
-         "dense": dense_target},
+        {
+            "image": batch["image"],
+            "label": batch["label"],
+            "cls": cls_target,
+            "dense": dense_target,
+        },
         opts.grad_accum_steps,
     )
     keys = jax.random.split(jax.random.fold_in(state.rng, state.step), opts.grad_accum_steps)
 
     def loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
         box_key, dropout_key = jax.random.split(key)
-        box = sample_mix_box(box_key, (opts.grid, opts.grid), opts.mix_beta) if opts.mix_token \
+        box = (
+            sample_mix_box(box_key, (opts.grid, opts.grid), opts.mix_beta)
+            if opts.mix_token
             else None
+        )
         (logits, aux), new_vars = model.apply(
-            {"params": params, "batch_stats": batch_stats}, mb["image"], train=True,
-            return_dense=True, mix_box=box, rngs={"dropout": dropout_key},
+            {"params": params, "batch_stats": batch_stats},
+            mb["image"],
+            train=True,
+            return_dense=True,
+            mix_box=box,
+            rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        cls = mb["cls"] if box is None else mix_class_targets(
-            mb["cls"], mix_box_lam(box, (opts.grid, opts.grid))
+        cls = (
+            mb["cls"]
+            if box is None
+            else mix_class_targets(mb["cls"], mix_box_lam(box, (opts.grid, opts.grid)))
         )
         loss, parts = token_label_loss(
             logits, aux, cls, mb["dense"], opts.cls_weight, opts.dense_weight
@@ -203,9 +227,11 @@ def train_step(
         grads = jax.tree_util.tree_map(lambda g: g / opts.grad_accum_steps, grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if opts.ema_decay > 0:
-        new_state = new_state.replace(ema_params=optax.incremental_update(
-            new_state.params, state.ema_params, 1.0 - opts.ema_decay
-        ))
+        new_state = new_state.replace(
+            ema_params=optax.incremental_update(
+                new_state.params, state.ema_params, 1.0 - opts.ema_decay
+            )
+        )
     return new_state, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
@@ -231,8 +257,11 @@ def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
-    tx: optax.GradientTransformation | None = None, load_init: bool = True,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    steps_per_epoch: int,
+    tx: optax.GradientTransformation | None = None,
+    load_init: bool = True,
 ) -> TrainState:
     """Step 0: initial (or config.init_from, unless `load_init` is False) weights, AdamW
     state (`tx`, default the config's), EMA copy, base RNG."""
@@ -245,7 +274,8 @@ def create_train_state(
         variables = merge_weights(variables, loaded)
     params = variables["params"]
     state = TrainState.create(
-        apply_fn=model.apply, params=params,
+        apply_fn=model.apply,
+        params=params,
         tx=create_optimizer(config, steps_per_epoch) if tx is None else tx,
         batch_stats=variables.get("batch_stats", {}),
         # A copy: the step donates the state, and one buffer cannot be donated twice.
@@ -268,8 +298,11 @@ def abstract_train_state(
 
 
 def create_sharded_train_state(
-    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
-    mesh: jax.sharding.Mesh, rules: dict[str, tuple[str, ...]],
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    steps_per_epoch: int,
+    mesh: jax.sharding.Mesh,
+    rules: dict[str, tuple[str, ...]],
 ) -> tuple[TrainState, Any]:
     """Step 0 born in its shardings (`jax.jit(init, out_shardings=...)` after
     `jax.eval_shape`, so no device holds more than its shard), then the config.init_from
@@ -296,8 +329,9 @@ def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState
         flat[path] = jax.device_put(np.asarray(value, flat[path].dtype), targets[path])
     merged = traverse_util.unflatten_dict(flat)
     ema = None if state.ema_params is None else jax.tree_util.tree_map(jnp.copy, merged["params"])
-    return state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}),
-                         ema_params=ema)
+    return state.replace(
+        params=merged["params"], batch_stats=merged.get("batch_stats", {}), ema_params=ema
+    )
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
@@ -331,15 +365,26 @@ def create_train_input(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
     aug = config.augment
     augment = TrainAugment(
-        size=config.img_size, crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio),
-        interpolation=aug.interpolation, hflip=aug.hflip, randaugment=aug.randaugment,
-        erase_prob=aug.erase_prob, mean=tuple(config.mean), std=tuple(config.std),
+        size=config.img_size,
+        crop_scale=tuple(aug.crop_scale),
+        crop_ratio=tuple(aug.crop_ratio),
+        interpolation=aug.interpolation,
+        hflip=aug.hflip,
+        randaugment=aug.randaugment,
+        erase_prob=aug.erase_prob,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
     )
     return create_train_dataset(
-        eval_lib.dataset_location(config, workdir), config.dataset.train_split,
-        batch_size=config.batch_size // jax.process_count(), augment=augment, seed=config.seed,
-        data_dir=config.dataset.data_dir, image_key=config.dataset.image_key,
-        label_key=config.dataset.label_key, shuffle_buffer=config.dataset.shuffle_buffer,
+        eval_lib.dataset_location(config, workdir),
+        config.dataset.train_split,
+        batch_size=config.batch_size // jax.process_count(),
+        augment=augment,
+        seed=config.seed,
+        data_dir=config.dataset.data_dir,
+        image_key=config.dataset.image_key,
+        label_key=config.dataset.label_key,
+        shuffle_buffer=config.dataset.shuffle_buffer,
         token_label_dir=config.token_label.data_dir,
     )
 
@@ -348,8 +393,13 @@ def _progress(start: int, total: int) -> Any:
     """A tqdm bar with ETA on process 0 (disabled elsewhere)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                disable=jax.process_index() != 0)
+    return tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    )
 
 
 def _is_due(step: int, every: int, last: int) -> bool:
@@ -386,32 +436,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         shardings = state_shardings(abstract, mesh, rules)
         state = ckpt.restore(ckpt.latest_step, with_shardings(abstract, shardings))
     else:
-        state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh,
-                                                      rules)
+        state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh, rules)
     teacher, teacher_variables = load_teacher(config)
-    teacher_shardings = None if teacher_variables is None else variables_shardings(
-        teacher_variables, mesh, rules)
+    teacher_shardings = (
+        None if teacher_variables is None else variables_shardings(teacher_variables, mesh, rules)
+    )
     teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, teacher=teacher,
-                          opts=StepOptions.from_config(config)),
+        functools.partial(
+            train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
+        ),
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
     )
     variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
     loop = _Loop(
-        step_fn=step_fn, eval_fn=eval_lib.make_eval_fn(model, mesh, variable_shardings),
-        lr_fn=create_learning_rate_fn(config, steps_per_epoch), eval_data=eval_data,
-        teacher_variables=teacher_variables, mesh=mesh, writer=MetricWriter(workdir), ckpt=ckpt,
-        batch_size=config.batch_size, log_every=config.log_every_steps,
+        step_fn=step_fn,
+        eval_fn=eval_lib.make_eval_fn(model, mesh, variable_shardings),
+        lr_fn=create_learning_rate_fn(config, steps_per_epoch),
+        eval_data=eval_data,
+        teacher_variables=teacher_variables,
+        mesh=mesh,
+        writer=MetricWriter(workdir),
+        ckpt=ckpt,
+        batch_size=config.batch_size,
+        log_every=config.log_every_steps,
         eval_every=config.eval_every_steps or steps_per_epoch,
         checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
     )
     start = int(state.step)
-    logging.info("training %s: %d examples, %d steps/epoch, steps %d..%d, batch %d on %d "
-                 "devices", config.model, train_data.num_examples, steps_per_epoch, start,
-                 last_step, config.batch_size, jax.device_count())
+    logging.info(
+        "training %s: %d examples, %d steps/epoch, steps %d..%d, batch %d on %d devices",
+        config.model,
+        train_data.num_examples,
+        steps_per_epoch,
+        start,
+        last_step,
+        config.batch_size,
+        jax.device_count(),
+    )
     logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
     try:
         with use_mesh(mesh):
@@ -435,8 +500,13 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
 
         variables = multihost_utils.process_allgather(variables, tiled=True)
     overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
-    save_weights(directory, variables, config.model,
-                 overrides, source=f"volo_jax training, step {int(state.step)}")
+    save_weights(
+        directory,
+        variables,
+        config.model,
+        overrides,
+        source=f"volo_jax training, step {int(state.step)}",
+    )
     logging.info("final weights written to %s", directory)
 
 
@@ -457,8 +527,13 @@ class _Loop:
     eval_every: int
     checkpoint_every: int
 
-    def run(self, state: TrainState, batches: Iterator[dict[str, np.ndarray]], start: int,
-            last_step: int) -> tuple[TrainState, dict[str, float]]:
+    def run(
+        self,
+        state: TrainState,
+        batches: Iterator[dict[str, np.ndarray]],
+        start: int,
+        last_step: int,
+    ) -> tuple[TrainState, dict[str, float]]:
         """Steps start+1 .. last_step; returns the final state and the last eval metrics."""
         pending: list[Metrics] = []
         eval_metrics: dict[str, float] = {}
@@ -469,8 +544,9 @@ class _Loop:
         # same cores (measured 3x slower on 2 cores), so there the host waits for each step.
         wait_each_step = jax.default_backend() == "cpu"
         for step in range(start + 1, last_step + 1):
-            state, metrics = self.step_fn(state, shard_batch(next(batches), self.mesh),
-                                          self.teacher_variables)
+            state, metrics = self.step_fn(
+                state, shard_batch(next(batches), self.mesh), self.teacher_variables
+            )
             if wait_each_step:
                 jax.block_until_ready(metrics)
             pending.append(metrics)
@@ -483,10 +559,13 @@ class _Loop:
             is_eval = _is_due(step, self.eval_every, last_step)
             if is_eval:
                 eval_metrics = self.evaluate(state)
-                self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()
-                                         if k != "count"})
-                say(f"step {step}: eval top-1 {100 * eval_metrics['top1']:.2f}% top-5 "
-                    f"{100 * eval_metrics['top5']:.2f}% loss {eval_metrics['loss']:.4f}")
+                self.writer.write(
+                    step, {f"eval/{k}": v for k, v in eval_metrics.items() if k != "count"}
+                )
+                say(
+                    f"step {step}: eval top-1 {100 * eval_metrics['top1']:.2f}% top-5 "
+                    f"{100 * eval_metrics['top5']:.2f}% loss {eval_metrics['loss']:.4f}"
+                )
             if is_eval or _is_due(step, self.checkpoint_every, last_step):
                 self.ckpt.save(step, state, {"top1": eval_metrics["top1"]} if is_eval else None)
                 say(f"step {step}: checkpoint saved to {self.ckpt.directory}")
@@ -505,10 +584,12 @@ class _Loop:
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """Top-1/top-5/loss of the params (and of their EMA, as ema_top1, when kept)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        result = eval_lib.run_eval(self.eval_fn, variables, self.eval_data.as_numpy_iterator(),
-                                   self.mesh)
+        result = eval_lib.run_eval(
+            self.eval_fn, variables, self.eval_data.as_numpy_iterator(), self.mesh
+        )
         if state.ema_params is not None:
             ema = {"params": state.ema_params, "batch_stats": state.batch_stats}
             result["ema_top1"] = eval_lib.run_eval(
-                self.eval_fn, ema, self.eval_data.as_numpy_iterator(), self.mesh)["top1"]
+                self.eval_fn, ema, self.eval_data.as_numpy_iterator(), self.mesh
+            )["top1"]
         return result
