@@ -38,6 +38,10 @@ def get_base_config() -> ml_collections.ConfigDict:
         }
     )
     config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    # jax_default_matmul_precision for the steps (None: JAX's default). 'bfloat16' keeps a
+    # float32 model but gives its products bf16 operands, as TPUs do by default; on a CPU
+    # with AMX it is the fastest setting (docs/performance.md).
+    config.matmul_precision = config_dict.placeholder(str)
     # A weights directory (python -m volo_jax.convert ...) to start from, and regexes of
     # parameter paths not to load from it (e.g. "^params/(head|aux_head)/" for new classes).
     config.init_from = config_dict.placeholder(str)

@@ -75,6 +75,7 @@ def test_finetune_recipe():
     [
         ("mode", "predict", "config.mode"),
         ("dtype", "float16", "config.dtype"),
+        ("matmul_precision", "bf16", "config.matmul_precision"),
         ("img_size", 100, "config.img_size"),
         ("batch_size", 30, "config.batch_size"),  # with grad_accum_steps = 4
         ("model", "volo_d9_224", "config.model"),

@@ -125,3 +125,28 @@ def test_bad_spec(spec, message):
         pytest.skip("low-precision specs are rewritten on the CPU only")
     with pytest.raises(ValueError, match=message):
         matmul.einsum(spec, a, b)
+
+
+@pytest.mark.parametrize("spec", ["bnc,co->bno", "bhqd,bhkd->bhqk"])
+def test_float32_under_bfloat16_matmul_precision(spec):
+    """float32 operands, jax_default_matmul_precision='bfloat16': on the CPU the operands
+    are rounded to bf16, the product accumulates and stays float32 (forward and grads)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rule applies on the CPU")
+    a, b = _operands(spec)
+    rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (a, b)]
+    with jax.default_matmul_precision("bfloat16"):
+        out = matmul.einsum(spec, a, b)
+        grads = jax.grad(lambda x, y: jnp.sum(matmul.einsum(spec, x, y) ** 2), (0, 1))(a, b)
+        hlo = jax.jit(lambda x, y: matmul.einsum(spec, x, y)).lower(a, b).as_text("hlo")
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, jnp.einsum(spec, *rounded), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(out, jnp.einsum(spec, a, b))  # the operands were rounded
+    dots = re.findall(r"= (\w+)\[[^\]]*\][^ ]* dot\(", hlo)
+    assert dots and set(dots) == {"f32"} and "bf16[" in hlo  # bf16 operands, f32 result
+    ref = jax.grad(lambda x, y: jnp.sum(jnp.einsum(spec, x, y) ** 2), (0, 1))(a, b)
+    for g, r in zip(grads, ref, strict=True):
+        assert g.dtype == jnp.float32
+        assert float(jnp.abs(g - r).max()) <= 2e-2 * float(jnp.abs(r).max())
+    # Without the setting, float32 products are untouched.
+    chex.assert_trees_all_equal(matmul.einsum(spec, a, b), jnp.einsum(spec, a, b))

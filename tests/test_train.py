@@ -13,7 +13,7 @@ import pytest
 from configs.smoke import get_config
 from volo_jax.models import create_model
 from volo_jax.training import train
-from volo_jax.training.config import model_overrides
+from volo_jax.training.config import matmul_precision, model_overrides
 from volo_jax.training.losses import smooth_targets
 from volo_jax.weights import save_weights
 
@@ -57,6 +57,27 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
         losses.append(float(metrics["loss"]))
     assert int(state.step) == 8
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_bfloat16_matmul_precision_learns_with_float32_state():
+    """config.matmul_precision='bfloat16': a float32 model whose products take bf16
+    operands on the CPU (ops/matmul.py); the state stays float32 and it still learns."""
+    config = tiny_config(
+        matmul_precision="bfloat16", **{"token_label.mix_token": False, "optim.warmup_epochs": 0}
+    )
+    _, state, step = make_step(config)
+    batch = fixed_batch()
+    with matmul_precision(config):
+        hlo = step.lower(state, batch, None).as_text("hlo")
+        losses = []
+        for _ in range(8):
+            state, metrics = step(state, batch, None)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+    leaves = jax.tree_util.tree_leaves(state.params)
+    assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
+    if jax.default_backend() == "cpu":
+        assert "bf16[" in hlo
 
 
 def test_accumulation_bfloat16_and_ema():

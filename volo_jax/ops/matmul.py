@@ -1,11 +1,17 @@
-"""Matrix products for every layer: `dot_general` (for flax's `Dense`) and `einsum`.
+"""Matrix products for every layer: `dot_general` (for flax's `Dense`), `einsum`, and the
+`Dense` and `Conv` built on them.
 
-In float32 both are exactly `lax.dot_general` / `jnp.einsum`. With bfloat16 (or float16)
-operands on the CPU, products accumulate and return float32 and are cast back to the
-operands' dtype, forward and backward (a custom VJP whose two gradient products do the
-same). XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit library (AMX where the
-CPU has it: about 5x the float32 rate on this project's CPU), but a bf16 -> bf16 product on
-a generic path slower than float32. On GPU and TPU the products are left to XLA as they are.
+On GPU and TPU, and for float32 on the CPU by default, they are exactly `lax.dot_general`
+/ `jnp.einsum`. On the CPU, products run with bfloat16 operands and float32 accumulation:
+- when the operands are bfloat16 (or float16): the result is cast back to their dtype;
+- when they are float32 and `jax_default_matmul_precision` is 'bfloat16' (what a TPU does
+  with float32 by default; `jax.default_matmul_precision("bfloat16")`, or
+  `--config.matmul_precision=bfloat16` in training): the operands are rounded to bfloat16
+  and the result stays float32, so everything between the products stays float32.
+Gradients follow the same rule (a custom VJP whose two gradient products are such
+products too). The reason: XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit
+library (AMX where the CPU has it: about 5x the float32 rate on this project's CPU), but a
+bf16 -> bf16 product on a generic path slower than float32.
 """
 
 from __future__ import annotations
@@ -25,10 +31,18 @@ DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _accumulate_in_float32(*operands: jax.Array) -> bool:
-    """True for low-precision operands of one dtype on the CPU backend."""
-    dtypes = {jnp.dtype(x.dtype) for x in operands}
-    return len(dtypes) == 1 and dtypes.pop() in _LOW_PRECISION and jax.default_backend() == "cpu"
+def _operand_dtype(a: jax.Array, b: jax.Array, precision: Any) -> Any:
+    """The dtype a product's operands are rounded to on the CPU (module docstring), or
+    None to leave the product to XLA as it is."""
+    if jax.default_backend() != "cpu" or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+        return None
+    dtype = jnp.dtype(a.dtype)
+    if dtype in _LOW_PRECISION:
+        return dtype
+    fast = str(jax.config.jax_default_matmul_precision).lower() in ("bfloat16", "fastest")
+    if dtype == jnp.float32 and precision is None and fast:
+        return jnp.dtype(jnp.bfloat16)
+    return None
 
 
 def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
@@ -67,27 +81,29 @@ def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.A
     return jnp.transpose(y, [produced.index(c) for c in out])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
-    return _product_f32(spec, a, b, precision).astype(a.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _product(spec: str, a: jax.Array, b: jax.Array, precision: Any, out_dtype: Any) -> jax.Array:
+    """`_product_f32` cast to `out_dtype`; its gradients are such products too."""
+    return _product_f32(spec, a, b, precision).astype(out_dtype)
 
 
-def _einsum_f32_fwd(spec: str, a: jax.Array, b: jax.Array, precision: Any):
-    return _einsum_f32(spec, a, b, precision), (a, b)
+def _product_fwd(spec: str, a: jax.Array, b: jax.Array, precision: Any, out_dtype: Any):
+    return _product(spec, a, b, precision, out_dtype), (a, b)
 
 
-def _einsum_f32_bwd(spec: str, precision: Any, residuals, g: jax.Array):
+def _product_bwd(spec: str, precision: Any, out_dtype: Any, residuals, g: jax.Array):
     a, b = residuals
     inputs, out = spec.split("->")
     sa, sb = inputs.split(",")
+    g = g.astype(a.dtype)
     # Every index of one operand is in the output or in the other operand (no index is
     # summed within a single operand), so each gradient is one more product.
-    da = _einsum_f32(f"{out},{sb}->{sa}", g, b, precision)
-    db = _einsum_f32(f"{sa},{out}->{sb}", a, g, precision)
+    da = _product(f"{out},{sb}->{sa}", g, b, precision, a.dtype)
+    db = _product(f"{sa},{out}->{sb}", a, g, precision, b.dtype)
     return da, db
 
 
-_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+_product.defvjp(_product_fwd, _product_bwd)
 
 
 def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
@@ -115,12 +131,20 @@ def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
     return f"{sa},{sb}->{out}"
 
 
+def _low_precision_product(
+    spec: str, a: jax.Array, b: jax.Array, precision: Any, dtype: Any
+) -> jax.Array:
+    out_dtype = a.dtype
+    return _product(spec, a.astype(dtype), b.astype(dtype), precision, out_dtype)
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
-    """`jnp.einsum` of two operands with an explicit `->`, float32-accumulated on the CPU
-    for low-precision operands (module docstring)."""
-    if _accumulate_in_float32(a, b):
-        return _einsum_f32(_explicit_spec(spec, a, b), a, b, precision)
-    return jnp.einsum(spec, a, b, precision=precision)
+    """`jnp.einsum` of two operands with an explicit `->`, with the CPU precision rule of
+    the module docstring."""
+    dtype = _operand_dtype(a, b, precision)
+    if dtype is None:
+        return jnp.einsum(spec, a, b, precision=precision)
+    return _low_precision_product(_explicit_spec(spec, a, b), a, b, precision, dtype)
 
 
 def dot_general(
@@ -132,7 +156,8 @@ def dot_general(
     **kwargs: Any,
 ) -> jax.Array:
     """`lax.dot_general` with `einsum`'s precision rule; pass as `nn.Dense(dot_general=...)`."""
-    if preferred_element_type is not None or kwargs or not _accumulate_in_float32(lhs, rhs):
+    dtype = _operand_dtype(lhs, rhs, precision)
+    if preferred_element_type is not None or kwargs or dtype is None:
         return lax.dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
         )
@@ -153,16 +178,18 @@ def dot_general(
                 subscripts[i] = next(letters)
                 free.append(subscripts[i])
     spec = f"{''.join(sa)},{''.join(sb)}->{''.join(batch + free)}"
-    return _einsum_f32(spec, lhs, rhs, precision)
+    return _low_precision_product(spec, lhs, rhs, precision, dtype)
 
 
 def conv_general_dilated(
     lhs: jax.Array, rhs: jax.Array, *args: Any, preferred_element_type: Any = None, **kwargs: Any
 ) -> jax.Array:
     """`lax.conv_general_dilated`; low-precision operands on the CPU are convolved in float32
-    (XLA:CPU's bf16 convolutions are slower than its float32 ones) and cast back. Pass as
+    (XLA:CPU's bf16 convolutions are slower than its float32 ones) and cast back, and a
+    float32 convolution stays float32 under any matmul precision. Pass as
     `nn.Conv(conv_general_dilated=...)`."""
-    if preferred_element_type is not None or not _accumulate_in_float32(lhs, rhs):
+    low = jnp.dtype(lhs.dtype) in _LOW_PRECISION and jax.default_backend() == "cpu"
+    if preferred_element_type is not None or not low or lhs.dtype != rhs.dtype:
         return lax.conv_general_dilated(
             lhs, rhs, *args, preferred_element_type=preferred_element_type, **kwargs
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -14,6 +15,7 @@ from volo_jax.models import model_kwargs
 
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "bfloat16", "tensorfloat32", "float32", "highest", "fastest")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 DIGITS = "sklearn_digits"  # the built-in dataset of configs/default.py
 PATCH_GRID = 16  # image pixels per token side (patch 8 x pooling 2)
@@ -29,6 +31,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     or inconsistent with another."""
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
+    precision = config.get("matmul_precision")
+    _require(
+        precision is None or precision in MATMUL_PRECISIONS,
+        "matmul_precision",
+        f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
+    )
     _require(
         config.img_size > 0 and config.img_size % PATCH_GRID == 0,
         "img_size",
@@ -188,3 +196,13 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
     if config.dtype == "bfloat16":
         overrides["dtype"] = jnp.bfloat16
     return overrides
+
+
+def matmul_precision(config: ml_collections.ConfigDict) -> contextlib.AbstractContextManager:
+    """`jax.default_matmul_precision(config.matmul_precision)`, for the steps traced inside
+    it (a no-op when unset). 'bfloat16' on the CPU runs float32 models' products with bf16
+    operands (volo_jax/ops/matmul.py); on TPU it is the default already."""
+    precision = config.get("matmul_precision")
+    return (
+        contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    )

@@ -32,7 +32,12 @@ from volo_jax.sharding import (
     use_mesh,
     variables_shardings,
 )
-from volo_jax.training.config import DIGITS, model_overrides, validate_config
+from volo_jax.training.config import (
+    DIGITS,
+    matmul_precision,
+    model_overrides,
+    validate_config,
+)
 from volo_jax.weights import load_weights_into
 
 SUMS = ("top1", "top5", "loss", "count")
@@ -151,7 +156,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
         config.dataset.eval_split,
         num_examples,
     )
-    with use_mesh(mesh):
+    with use_mesh(mesh), matmul_precision(config):
         result = run_eval(
             make_eval_fn(model, mesh, shardings), variables, ds.as_numpy_iterator(), mesh
         )

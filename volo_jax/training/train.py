@@ -44,7 +44,7 @@ from volo_jax.sharding import (
 )
 from volo_jax.training import evaluate as eval_lib
 from volo_jax.training.checkpointing import Checkpointer
-from volo_jax.training.config import model_overrides, validate_config
+from volo_jax.training.config import matmul_precision, model_overrides, validate_config
 from volo_jax.training.losses import (
     ground_truth_mix,
     mix_class_targets,
@@ -479,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
     try:
-        with use_mesh(mesh):
+        with use_mesh(mesh), matmul_precision(config):
             state, eval_metrics = loop.run(state, train_data.batches(start), start, last_step)
     finally:
         ckpt.close()
