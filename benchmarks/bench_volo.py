@@ -40,7 +40,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: make volo_jax importable
     sys.path.insert(0, str(REPO_ROOT))
-JAX_BACKENDS = ("jax_fp32", "jax_bf16")
+#: jax_bf16mm: a float32 model whose products take bf16 operands
+#: (jax_default_matmul_precision='bfloat16', config.matmul_precision in training).
+JAX_BACKENDS = ("jax_fp32", "jax_bf16", "jax_bf16mm")
 TORCH_BACKENDS = ("torch_eager", "torch_amp", "torch_compile")
 BACKENDS = JAX_BACKENDS + TORCH_BACKENDS
 MODES = ("infer", "train")
@@ -428,7 +430,7 @@ def compile_stats(jitted: Any, *args: Any) -> tuple[dict[str, Any], str]:
 
 
 def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -> tuple:
-    """Times `mode` for jax_fp32 / jax_bf16. Returns (result dict, logits or None)."""
+    """Times `mode` for a JAX backend. Returns (result dict, logits or None)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -436,8 +438,9 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
 
-    if cfg.jax_matmul_precision:
-        jax.config.update("jax_default_matmul_precision", cfg.jax_matmul_precision)
+    precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
+    if precision:
+        jax.config.update("jax_default_matmul_precision", precision)
     dtype = jnp.bfloat16 if backend == "jax_bf16" else jnp.float32
     model = create_model(cfg.model, dtype=dtype, **cfg.overrides)
     variables = torch_to_flax(state_dict_of(data), model, model_name=cfg.model)
