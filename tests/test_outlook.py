@@ -9,7 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from volo_jax.ops.outlook import IMPLEMENTATIONS, OutlookAttention, outlook_aggregate
+from volo_jax.ops.outlook import (
+    DEFAULT_IMPLEMENTATION,
+    IMPLEMENTATIONS,
+    OutlookAttention,
+    outlook_aggregate,
+)
+from volo_jax.ops.patches import (
+    fold,
+    fold_planes,
+    fold_slices,
+    planes_unfold,
+    planes_window_slices,
+    to_planes,
+    unfold,
+    window_slices,
+)
 
 SHAPES = [
     # (B, H, W, heads, head_dim, K, stride, padding)
@@ -82,3 +97,96 @@ def test_layer_matches_timm(impl, size):
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
     assert np.abs(np.asarray(layer.apply(variables, x)) - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_bfloat16_inputs_stay_bfloat16_and_close(impl):
+    """bf16 values and weights: bf16 output and gradients, within bf16 rounding of the
+    float32 reference."""
+    v, attn, geometry = _inputs(SHAPES[1])
+    vb, ab = v.astype(jnp.bfloat16), attn.astype(jnp.bfloat16)
+
+    def loss(v, attn, impl):
+        out = outlook_aggregate(v, attn, *geometry, impl=impl)
+        return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    out = jax.jit(lambda v, a: outlook_aggregate(v, a, *geometry, impl=impl))(vb, ab)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(vb, ab, impl)
+    assert out.dtype == jnp.bfloat16
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    ref = outlook_aggregate(v, attn, *geometry, impl="reference")
+    ref_grads = jax.grad(loss, argnums=(0, 1))(v, attn, "reference")
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    chex.assert_trees_all_close(f32(out), ref, atol=5e-2, rtol=5e-2)
+    chex.assert_trees_all_close(f32(grads), ref_grads, atol=5e-2, rtol=5e-2)
+
+
+def _layer_cases():
+    for impl in sorted(set(IMPLEMENTATIONS) - {"reference"}):
+        marks = [pytest.mark.slow] if impl == "pallas" else []
+        yield pytest.param(impl, marks=marks, id=impl)
+
+
+@pytest.mark.parametrize("impl", list(_layer_cases()))
+def test_layer_gradients_equal_the_reference(impl):
+    """The whole layer's parameter and input gradients, as in training."""
+    x = jax.random.normal(jax.random.key(1), (2, 7, 9, 24))
+    layers = {i: OutlookAttention(24, 3, 3, 1, 2, impl=i) for i in ("reference", impl)}
+    params = layers["reference"].init(jax.random.key(0), x)
+    cot = jnp.cos(jnp.arange(x.size).reshape(x.shape))
+
+    def grads(layer):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * cot), argnums=(0, 1)))
+
+    chex.assert_trees_all_close(
+        grads(layers[impl])(params, x), grads(layers["reference"])(params, x), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_cpu_default_is_an_implementation():
+    assert set(DEFAULT_IMPLEMENTATION.values()) <= set(IMPLEMENTATIONS)
+
+
+PLANE_GEOMETRIES = [
+    # (H, W, kernel, stride, padding, dilation)
+    (7, 6, 3, 2, 1, 1),  # VOLO's outlook geometry on an odd-sized grid
+    (28, 28, 3, 2, 1, 1),
+    (6, 9, (2, 3), (1, 2), (0, 1), 1),
+    (9, 9, 3, 1, 2, 2),  # dilated
+    (10, 7, 4, 3, 1, 1),
+    (8, 9, 2, 3, 0, 1),  # stride > kernel: some planes get no window
+    (5, 5, 1, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("geometry", PLANE_GEOMETRIES, ids=str)
+def test_plane_helpers_equal_unfold_and_fold(geometry):
+    """`patches`' plane helpers against window_slices / unfold / fold_slices / fold."""
+    height, width, *kspd = geometry
+    x = jax.random.normal(jax.random.key(0), (2, height, width, 3, 2))
+    flat = x.reshape(2, height, width, 6)
+    planes = to_planes(x, *kspd)
+    slices = window_slices(x, *kspd)
+    for got, want in zip(planes_window_slices(planes, (height, width), *kspd), slices, strict=True):
+        np.testing.assert_array_equal(got, want)
+    windows = planes_unfold(planes, (height, width), *kspd, axis=-2)  # (B, h, w, 3, KK, 2)
+    np.testing.assert_array_equal(windows, jnp.stack(slices, axis=-2))
+    np.testing.assert_array_equal(
+        planes_unfold(to_planes(flat, *kspd), (height, width), *kspd), unfold(flat, *kspd)
+    )
+    cols = jax.random.normal(jax.random.key(1), windows.shape)
+    parts = [cols[..., k, :] for k in range(cols.shape[-2])]
+    folded = fold_planes(parts, (height, width), *kspd)
+    np.testing.assert_allclose(folded, fold_slices(parts, (height, width), *kspd), atol=1e-6)
+    flat_cols = jnp.moveaxis(cols, -2, 3).reshape(*cols.shape[:3], -1, 6)
+    np.testing.assert_allclose(
+        folded.reshape(2, height, width, 6), fold(flat_cols, (height, width), *kspd), atol=1e-6
+    )
+
+
+def test_plane_helpers_check_shapes():
+    planes = to_planes(jnp.zeros((1, 8, 8, 4)), 3, 2, 1)
+    with pytest.raises(ValueError, match="planes"):
+        planes_window_slices(planes, (9, 9), 3, 2, 1)
+    with pytest.raises(ValueError, match="fold_planes"):
+        fold_planes([jnp.zeros((1, 4, 4, 4))] * 8, (8, 8), 3, 2, 1)
