@@ -165,6 +165,21 @@ def window_slices(
     ]
 
 
+def _check_parts(
+    parts: Sequence[jax.Array],
+    caller: str,
+    output_size: tuple[int, int],
+    grid: tuple[int, int],
+    count: int,
+) -> None:
+    """Raises ValueError unless `parts` are `count` arrays (B, *grid, ...)."""
+    if len(parts) != count or any(tuple(p.shape[1:3]) != grid for p in parts):
+        raise ValueError(
+            f"{caller} to {output_size} expects {count} parts (B, {grid[0]}, {grid[1]}, ...), "
+            f"got {[tuple(p.shape) for p in parts]}"
+        )
+
+
 def fold_slices(
     parts: Sequence[jax.Array],
     output_size: IntOrPair,
@@ -185,11 +200,7 @@ def fold_slices(
     height, width = _pair(output_size, "output_size")
     h, w = geometry.out_size(height, width)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.key()
-    if len(parts) != kh * kw or any(tuple(p.shape[1:3]) != (h, w) for p in parts):
-        raise ValueError(
-            f"fold_slices to {(height, width)} expects {kh * kw} parts (B, {h}, {w}, ...), got "
-            f"{[tuple(p.shape) for p in parts]}"
-        )
+    _check_parts(parts, "fold_slices", (height, width), (h, w), kh * kw)
     zero = jnp.zeros((), parts[0].dtype)
     total = None
     for k, part in enumerate(parts):
@@ -412,11 +423,7 @@ def fold_planes(
     height, width = _pair(output_size, "output_size")
     h, w, hq, wq = _plane_extent(geometry, height, width)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.key()
-    if len(parts) != kh * kw or any(tuple(p.shape[1:3]) != (h, w) for p in parts):
-        raise ValueError(
-            f"fold_planes to {(height, width)} expects {kh * kw} parts (B, {h}, {w}, ...), got "
-            f"{[tuple(p.shape) for p in parts]}"
-        )
+    _check_parts(parts, "fold_planes", (height, width), (h, w), kh * kw)
     b, rest, dtype = parts[0].shape[0], parts[0].shape[3:], parts[0].dtype
     zero = jnp.zeros((), dtype)
     plane_rows = []
