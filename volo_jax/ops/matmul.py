@@ -134,8 +134,8 @@ def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
 def _low_precision_product(
     spec: str, a: jax.Array, b: jax.Array, precision: Any, dtype: Any
 ) -> jax.Array:
-    out_dtype = a.dtype
-    return _product(spec, a.astype(dtype), b.astype(dtype), precision, out_dtype)
+    """The product with operands rounded to `dtype`, returned in the operands' dtype."""
+    return _product(spec, a.astype(dtype), b.astype(dtype), precision, a.dtype)
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
