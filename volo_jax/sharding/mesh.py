@@ -8,7 +8,10 @@ parameters are laid out on the mesh is decided by `volo_jax.sharding.rules`.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -232,9 +235,6 @@ def _backend_will_be_cpu() -> bool:
     """Whether JAX will compute on the CPU, decided without starting a backend: the
     first of JAX_PLATFORMS (`jax_platforms`) if set, otherwise no accelerator plugin
     (CUDA, ROCm, TPU) installed."""
-    import importlib.metadata
-    import importlib.util
-
     platforms = jax.config.jax_platforms
     if platforms:
         return platforms.split(",")[0].strip().lower() == "cpu"
@@ -253,8 +253,6 @@ def maybe_initialize_distributed(settings: Any = None) -> bool:
     switched on first unless another implementation is chosen; accelerators are left
     alone.
     """
-    import os
-
     args = distributed_settings(settings)
     if args is None and os.environ.get(DISTRIBUTED_ENV, "0") == "1":
         args = {}
