@@ -42,6 +42,7 @@ from benchmarks.bench_volo import (
     loadavg,
     machine_info,
     time_calls,
+    write_report,
 )
 
 FRAMEWORKS = ("jax", "torch")
@@ -488,10 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = {f.name for f in dataclasses.fields(OpsConfig)}
     cfg = OpsConfig(**{k: v for k, v in vars(args).items() if k in fields})
     report = run(cfg, frameworks, isolate=not args.in_process, timeout=args.timeout)
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    write_report(report, format_table(report), args.json)
     return 0
 
 

@@ -844,6 +844,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict[str, Any], table: str, json_path: str | None) -> None:
+    """Prints `table` and, if `json_path` is given, writes `report` there as JSON."""
+    print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+        print(f"wrote {json_path}")
+
+
 def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -914,10 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_amp=args.cpu_amp,
     )
     report = run(cfg, args.backends, args.modes, isolate=not args.in_process, timeout=args.timeout)
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    write_report(report, format_table(report), args.json)
     return 0
 
 

@@ -31,13 +31,18 @@ DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _low_precision_on_cpu(dtype: Any) -> bool:
+    """Whether `dtype` is bfloat16 / float16 and the default backend is the CPU."""
+    return jnp.dtype(dtype) in _LOW_PRECISION and jax.default_backend() == "cpu"
+
+
 def _operand_dtype(a: jax.Array, b: jax.Array, precision: Any) -> Any:
     """The dtype a product's operands are rounded to on the CPU (module docstring), or
     None to leave the product to XLA as it is."""
     if jax.default_backend() != "cpu" or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
         return None
     dtype = jnp.dtype(a.dtype)
-    if dtype in _LOW_PRECISION:
+    if _low_precision_on_cpu(dtype):
         return dtype
     fast = str(jax.config.jax_default_matmul_precision).lower() in ("bfloat16", "fastest")
     if dtype == jnp.float32 and precision is None and fast:
@@ -188,8 +193,8 @@ def conv_general_dilated(
     (XLA:CPU's bf16 convolutions are slower than its float32 ones) and cast back, and a
     float32 convolution stays float32 under any matmul precision. Pass as
     `nn.Conv(conv_general_dilated=...)`."""
-    low = jnp.dtype(lhs.dtype) in _LOW_PRECISION and jax.default_backend() == "cpu"
-    if preferred_element_type is not None or not low or lhs.dtype != rhs.dtype:
+    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
+    if preferred_element_type is not None or not low:
         return lax.conv_general_dilated(
             lhs, rhs, *args, preferred_element_type=preferred_element_type, **kwargs
         )
