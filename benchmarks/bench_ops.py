@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from benchmarks.bench_volo import (
     loadavg,
     machine_info,
     time_calls,
+    worker_env,
     write_report,
 )
 
@@ -357,11 +357,14 @@ def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict
             "--worker-out",
             str(out),
         ]
-        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=path)
         try:
             proc = subprocess.run(
-                cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+                cmd,
+                cwd=REPO_ROOT,
+                env=worker_env(huge_pages=True),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired:
             return [
@@ -407,7 +410,11 @@ def run(
             "unfolded": [cfg.batch, h, h, cfg.kernel**2, cfg.dim],
         },
         "timing": "median of reps timed calls after first call + warm-up, device-synchronised",
-        "isolation": "one fresh subprocess per framework" if isolate else "one process",
+        "isolation": (
+            "one fresh subprocess per framework (glibc malloc on huge pages, bench_volo.worker_env)"
+            if isolate
+            else "one process"
+        ),
         "memory_note": (
             "JAX: XLA's memory plan (temp + output buffers of the compiled op). torch: "
             "CUDA max_memory_allocated, or on CPU the peak-RSS growth during the timed calls "

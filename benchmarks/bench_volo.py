@@ -289,6 +289,7 @@ class Config:
     profile_top: int = 0  # > 0: profile the JAX step's HLO ops after timing
     torch_tf32: bool = False  # CUDA: let torch's float32 matmuls use TF32 (as JAX's default)
     cpu_amp: bool = False  # torch_amp on CPU: bfloat16 autocast (worth it with AMX/AVX512-BF16)
+    huge_pages: bool = True  # workers start with volo_jax.cli.with_huge_pages (both frameworks)
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -674,8 +675,20 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_env(huge_pages: bool) -> dict[str, str]:
+    """The environment of a worker process: this one's, the repository importable, and
+    (`huge_pages`) glibc's malloc on transparent huge pages, the same for JAX and torch
+    workers (`volo_jax.cli.with_huge_pages`; docs/performance.md has what it changes)."""
+    from volo_jax.cli import with_huge_pages
+
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return with_huge_pages(env) if huge_pages else env
+
+
 def _run_subprocess(
-    backend: str, mode: str, workdir: Path, timeout: float
+    backend: str, mode: str, workdir: Path, timeout: float, huge_pages: bool
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     out = workdir / f"{backend}_{mode}.json"
     cmd = [
@@ -693,12 +706,14 @@ def _run_subprocess(
         "--worker-out",
         str(out),
     ]
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         proc = subprocess.run(
-            cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            cmd,
+            cwd=REPO_ROOT,
+            env=worker_env(huge_pages),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         reason = f"worker timed out after {timeout:.0f} s"
@@ -749,7 +764,7 @@ def run(
             for backend in backends:
                 log(f"[bench_volo] {backend} {mode} ... (load {loadavg()})")
                 if isolate:
-                    record, out = _run_subprocess(backend, mode, workdir, timeout)
+                    record, out = _run_subprocess(backend, mode, workdir, timeout, cfg.huge_pages)
                 else:
                     record, out = run_backend(backend, mode, cfg, data)
                 record["loadavg_after"] = loadavg()
@@ -775,6 +790,9 @@ def run(
             "each (backend, mode) in a fresh subprocess, run one after another"
             if isolate
             else "all backends in this one process (peak memory figures mix)"
+        ),
+        "worker_glibc_tunables": (worker_env(cfg.huge_pages) if isolate else os.environ).get(
+            "GLIBC_TUNABLES"
         ),
         "timing": "median of reps timed calls after first call + warm-up, device-synchronised",
         "machine": machine_info(),
@@ -896,6 +914,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run torch_amp on CPU too (bfloat16 autocast; fast where the CPU has AMX)",
     )
+    p.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="start the workers without glibc's huge-page tunable (see worker_env)",
+    )
     p.add_argument("--in-process", action="store_true", help="no subprocess per backend")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
     p.add_argument("--json", default=None, help="write the report here")
@@ -920,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_top=args.profile_top,
         torch_tf32=args.torch_tf32,
         cpu_amp=args.cpu_amp,
+        huge_pages=args.huge_pages,
     )
     report = run(cfg, args.backends, args.modes, isolate=not args.in_process, timeout=args.timeout)
     write_report(report, format_table(report), args.json)
