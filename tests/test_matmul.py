@@ -83,6 +83,42 @@ def test_no_bfloat16_output_products_on_the_cpu():
     assert dots and set(dots) == {"f32"}, dots
 
 
+def _compiled_dot_operand_dtypes(compiled_hlo: str) -> list[tuple[str, ...]]:
+    """The operand dtypes of every dot in an optimized HLO module (after XLA's passes,
+    which may have rewritten the operands), e.g. [('bf16', 'bf16'), ...]."""
+    out = []
+    for computation in re.split(r"\n(?=%|ENTRY)", compiled_hlo):
+        types = dict(re.findall(r"(\w[\w.-]*): (\w+)\[", computation.split("\n", 1)[0]))
+        types |= dict(re.findall(r"%([\w.-]+) = (\w+)\[", computation))
+        for operands in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", computation):
+            out.append(tuple(types.get(name, "?") for name in operands))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_low_precision_products_stay_low_precision_after_compilation(dtype):
+    """Every product of a Dense layer's forward and backward and of attention reaches the
+    CPU's matrix unit with bf16 operands: XLA folds a transposed operand into a dot's
+    dimension numbers and then upcasts that dot to float32, which `_product_f32` must
+    prevent (bf16 layers, and float32 layers under matmul precision 'bfloat16')."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rule applies on the CPU")
+    layer = matmul.Dense(384, dtype=dtype)
+    x = jnp.ones((8, 196, 192))
+    params = layer.init(jax.random.PRNGKey(0), x)
+
+    def loss(p, x):
+        y = layer.apply(p, x).reshape(8, 196, 12, 32).transpose(0, 2, 1, 3)
+        logits = matmul.einsum("bhqd,bhkd->bhqk", y, y)
+        return jnp.sum(matmul.einsum("bhqk,bhkd->bhqd", logits, y).astype(jnp.float32))
+
+    with jax.default_matmul_precision("bfloat16"):
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
+    dtypes = _compiled_dot_operand_dtypes(compiled)
+    assert len(dtypes) >= 6, dtypes  # 3 products forward, 6 backward (some may fuse)
+    assert set(dtypes) == {("bf16", "bf16")}, dtypes
+
+
 def test_dot_general_matches_lax():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 5))
     w = jax.random.normal(jax.random.PRNGKey(2), (5, 9))

@@ -67,8 +67,11 @@ def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.A
     size = dict(zip(sa, a.shape, strict=True)) | dict(zip(sb, b.shape, strict=True))
 
     def as_matrix(x: jax.Array, sub: str, rows: list[str], cols: list[str]) -> jax.Array:
-        order = batch + rows + cols
-        x = jnp.transpose(x, [sub.index(c) for c in order])
+        perm = [sub.index(c) for c in batch + rows + cols]
+        if perm != sorted(perm):
+            # Transposed through a unit axis: XLA folds a plain transpose of an operand
+            # into the product's dimension numbers, and then runs it in float32.
+            x = jnp.transpose(x[None], [0, *(i + 1 for i in perm)])[0]
         shape = [size[c] for c in batch]
         return x.reshape(
             *([np.prod(shape, dtype=int)] if batch else []),
