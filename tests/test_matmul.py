@@ -3,6 +3,7 @@ accumulated in float32 on the CPU, forward and backward)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import chex
@@ -148,6 +149,57 @@ def test_conv_low_precision_runs_in_float32():
         x16.astype(jnp.float32), k16.astype(jnp.float32), *args, dimension_numbers=dn
     )
     np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=1e-2, atol=1e-2)
+
+
+def _conv_count(fn, *args) -> int:
+    """Convolutions in the optimized program of `fn` (duplicates merged by XLA)."""
+    return len(re.findall(r" convolution\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [
+        ((2, 32, 40, 4), (3, 3), ((1, 1), (1, 1))),  # VOLO's stem, row chunks of 8 rows
+        ((2, 10, 7, 3), (3, 3), "SAME"),  # one chunk per image
+        ((1, 9, 8, 5), (2, 3), "VALID"),
+        ((2, 6, 6, 2), (3, 2), ((0, 2), (1, 0))),  # uneven padding
+        ((1, 8, 8, 3), (7, 7), ((3, 3), (3, 3))),
+    ],
+)
+def test_stride1_conv_gradients_equal_lax(shape, kernel, padding):
+    """A stride-1 convolution on the CPU gets its weight gradient from shifted products
+    (no third convolution in the gradient's program) equal to XLA's within float32
+    rounding; strided ones are left to XLA."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    k = jax.random.normal(jax.random.PRNGKey(1), (*kernel, shape[-1], 6))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    t = jax.random.normal(
+        jax.random.PRNGKey(2),
+        lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn).shape,
+    )
+
+    def loss(conv, x, k, strides=(1, 1)):
+        y = conv(x, k, strides, padding, dimension_numbers=dn)
+        return jnp.sum(y * t[:, : y.shape[1], : y.shape[2]])
+
+    def grad(conv, strides=(1, 1)):
+        return jax.grad(functools.partial(loss, conv, strides=strides), (0, 1))
+
+    ref = grad(lax.conv_general_dilated)(x, k)
+    for g, r in zip(jax.jit(grad(matmul.conv_general_dilated))(x, k), ref, strict=True):
+        scale = float(jnp.abs(r).max())
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-6 * scale * np.sqrt(np.prod(shape[:3])))
+    if jax.default_backend() == "cpu":  # one convolution fewer: the weight gradient's
+        ours, xla = (
+            _conv_count(grad(c), x, k)
+            for c in (matmul.conv_general_dilated, lax.conv_general_dilated)
+        )
+        assert ours == xla - 1, (ours, xla)
+        ours, xla = (
+            _conv_count(grad(c, (2, 2)), x, k)
+            for c in (matmul.conv_general_dilated, lax.conv_general_dilated)
+        )
+        assert ours == xla, (ours, xla)
 
 
 @pytest.mark.parametrize(

@@ -189,21 +189,136 @@ def dot_general(
     return _low_precision_product(spec, lhs, rhs, precision, dtype)
 
 
+_NHWC = lax.ConvDimensionNumbers(
+    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: tuple[int, int], pad: Padding):
+    """The weight gradient of a stride-1 NHWC convolution, (kh, kw, C, O): for every kernel
+    offset, the shifted input (C x positions) times the output gradient (positions x O),
+    as canonical batched products over chunks of image rows, summed.
+
+    XLA:CPU computes it as a convolution with an output-sized kernel over transposed
+    copies, at about 40 GFLOP/s for VOLO's stem (3 x 3, 64 channels, 112 x 112): this
+    takes the stem's train step from about 1.87 to 1.60 s (docs/performance.md).
+    """
+    kh, kw = kernel
+    n, ho, wo, o = g.shape
+    c = x.shape[-1]
+    # Row chunks of at least 1024 positions: each product's reduction stays in cache.
+    rows = max(d for d in range(1, ho + 1) if ho % d == 0 and (ho // d * wo >= 1024 or d == 1))
+    s, k = n * rows, ho // rows * wo
+    xt = jnp.transpose(jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0))), (3, 0, 1, 2))
+    gg = g.reshape(s, k, o)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            # (C, N, Ho, Wo) -> (S, C, K); through a unit axis, as in `_product_f32`.
+            lhs = xt[:, :, i : i + ho, j : j + wo].reshape(c, s, k)
+            lhs = jnp.transpose(lhs[None], (0, 2, 1, 3))[0]
+            dims = (((2,), (1,)), ((0,), (0,)))
+            taps.append(lax.dot_general(lhs, gg, dims, preferred_element_type=jnp.float32))
+    return jnp.stack(taps).sum(1).reshape(kh, kw, c, o)
+
+
+def _conv_stride1(x: jax.Array, w: jax.Array, pad: Padding, precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_stride1_cpu(x: jax.Array, w: jax.Array, pad: Padding, precision: Any) -> jax.Array:
+    """A stride-1 NHWC / HWIO convolution whose weight gradient is `_shifted_weight_grad`."""
+    return _conv_stride1(x, w, pad, precision)
+
+
+def _conv_stride1_cpu_fwd(x: jax.Array, w: jax.Array, pad: Padding, precision: Any):
+    return _conv_stride1(x, w, pad, precision), (x, w)
+
+
+def _conv_stride1_cpu_bwd(pad: Padding, precision: Any, residuals, g: jax.Array):
+    x, w = residuals
+    _, input_grad = jax.vjp(lambda x: _conv_stride1(x, w, pad, precision), x)
+    (dx,) = input_grad(g)
+    return dx, _shifted_weight_grad(x, g, w.shape[:2], pad).astype(w.dtype)
+
+
+_conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
+
+
+def _stride1_padding(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None,
+    rhs_dilation: Sequence[int] | None,
+    dimension_numbers: Any,
+    feature_group_count: int,
+    batch_group_count: int,
+) -> Padding | None:
+    """The explicit padding when the convolution is one `_conv_stride1_cpu` computes (CPU,
+    float32, 2-D NHWC / HWIO, stride 1, undilated, ungrouped, a kernel larger than 1 x 1),
+    else None."""
+    if (
+        jax.default_backend() != "cpu"
+        or lhs.ndim != 4
+        or lhs.dtype != jnp.float32
+        or rhs.dtype != jnp.float32
+        or tuple(window_strides) != (1, 1)
+        or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        or feature_group_count != 1
+        or batch_group_count != 1
+        or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC
+        or rhs.shape[0] * rhs.shape[1] == 1
+    ):
+        return None
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    (top, bottom), (left, right) = padding
+    return (int(top), int(bottom)), (int(left), int(right))
+
+
 def conv_general_dilated(
-    lhs: jax.Array, rhs: jax.Array, *args: Any, preferred_element_type: Any = None, **kwargs: Any
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`; low-precision operands on the CPU are convolved in float32
-    (XLA:CPU's bf16 convolutions are slower than its float32 ones) and cast back, and a
-    float32 convolution stays float32 under any matmul precision. Pass as
-    `nn.Conv(conv_general_dilated=...)`."""
-    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
-    if preferred_element_type is not None or not low:
-        return lax.conv_general_dilated(
-            lhs, rhs, *args, preferred_element_type=preferred_element_type, **kwargs
-        )
-    out = lax.conv_general_dilated(
-        lhs.astype(jnp.float32), rhs.astype(jnp.float32), *args, **kwargs
+    """`lax.conv_general_dilated`, with two CPU rules (pass as
+    `nn.Conv(conv_general_dilated=...)`):
+    - low-precision operands are convolved in float32 (XLA:CPU's bf16 convolutions are
+      slower than its float32 ones) and cast back; a float32 convolution stays float32
+      under any matmul precision;
+    - a float32 stride-1 NHWC convolution gets its weight gradient from
+      `_shifted_weight_grad` (VOLO's stem).
+    """
+    args = (
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
     )
+    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
+    if preferred_element_type is not None:
+        return lax.conv_general_dilated(lhs, rhs, *args, precision, preferred_element_type)
+    x, w = (lhs.astype(jnp.float32), rhs.astype(jnp.float32)) if low else (lhs, rhs)
+    pad = _stride1_padding(x, w, *args)
+    if pad is not None:
+        out = _conv_stride1_cpu(x, w, pad, precision)
+    else:
+        out = lax.conv_general_dilated(x, w, *args, precision)
     return out.astype(lhs.dtype)
 
 
