@@ -240,7 +240,8 @@ def _conv_stride1_cpu_fwd(x: jax.Array, w: jax.Array, pad: Padding, precision: A
 
 def _conv_stride1_cpu_bwd(pad: Padding, precision: Any, residuals, g: jax.Array):
     x, w = residuals
-    (dx,) = jax.linear_transpose(lambda x: _conv_stride1(x, w, pad, precision), x)(g)
+    _, input_grad = jax.vjp(lambda x: _conv_stride1(x, w, pad, precision), x)
+    (dx,) = input_grad(g)
     return dx, _shifted_weight_grad(x, g, w.shape[:2], pad).astype(w.dtype)
 
 
