@@ -71,3 +71,16 @@ def test_bench_ops_report_fields():
         if r["framework"] == "jax":
             assert r["xla_gflops"] >= 0 and r["xla_gbytes_accessed"] > 0
     assert "outlook_aggregate" in bench_ops.format_table(report)
+
+
+def test_workers_of_both_frameworks_start_alike(monkeypatch):
+    """Every worker gets the repository on its path and, unless switched off, glibc's
+    huge-page tunable; the switch is the same for JAX and torch workers."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("VOLO_JAX_HUGE_PAGES", raising=False)
+    on, off = bench_volo.worker_env(True), bench_volo.worker_env(False)
+    assert on["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in off
+    assert str(bench_volo.REPO_ROOT) in on["PYTHONPATH"].split(":")
+    assert bench_volo.parse_args(["--no-huge-pages"]).huge_pages is False
+    assert bench_volo.parse_args([]).huge_pages is True
