@@ -36,6 +36,13 @@ def _low_precision_on_cpu(dtype: Any) -> bool:
     return jnp.dtype(dtype) in _LOW_PRECISION and jax.default_backend() == "cpu"
 
 
+def _transpose_copy(x: jax.Array, perm: Sequence[int]) -> jax.Array:
+    """`jnp.transpose(x, perm)` through a unit axis, which XLA keeps as a real copy: a plain
+    transpose of a product's operand is folded into the dot's dimension numbers, and
+    XLA:CPU then runs that dot in float32 with upcast operands."""
+    return jnp.transpose(x[None], [0, *(i + 1 for i in perm)])[0]
+
+
 def _operand_dtype(a: jax.Array, b: jax.Array, precision: Any) -> Any:
     """The dtype a product's operands are rounded to on the CPU (module docstring), or
     None to leave the product to XLA as it is."""
@@ -69,9 +76,7 @@ def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.A
     def as_matrix(x: jax.Array, sub: str, rows: list[str], cols: list[str]) -> jax.Array:
         perm = [sub.index(c) for c in batch + rows + cols]
         if perm != sorted(perm):
-            # Transposed through a unit axis: XLA folds a plain transpose of an operand
-            # into the product's dimension numbers, and then runs it in float32.
-            x = jnp.transpose(x[None], [0, *(i + 1 for i in perm)])[0]
+            x = _transpose_copy(x, perm)
         shape = [size[c] for c in batch]
         return x.reshape(
             *([np.prod(shape, dtype=int)] if batch else []),
@@ -216,9 +221,8 @@ def _shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: tuple[int, int], pa
     taps = []
     for i in range(kh):
         for j in range(kw):
-            # (C, N, Ho, Wo) -> (S, C, K); through a unit axis, as in `_product_f32`.
-            lhs = xt[:, :, i : i + ho, j : j + wo].reshape(c, s, k)
-            lhs = jnp.transpose(lhs[None], (0, 2, 1, 3))[0]
+            # (C, N, Ho, Wo) -> (C, S, K) -> (S, C, K).
+            lhs = _transpose_copy(xt[:, :, i : i + ho, j : j + wo].reshape(c, s, k), (1, 0, 2))
             dims = (((2,), (1,)), ((0,), (0,)))
             taps.append(lax.dot_general(lhs, gg, dims, preferred_element_type=jnp.float32))
     return jnp.stack(taps).sum(1).reshape(kh, kw, c, o)
