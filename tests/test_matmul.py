@@ -202,6 +202,69 @@ def test_stride1_conv_gradients_equal_lax(shape, kernel, padding):
         assert ours == xla, (ours, xla)
 
 
+def test_stride1_weight_gradient_follows_the_matmul_precision():
+    """Under matmul precision 'bfloat16' the stride-1 weight gradient's products take bf16
+    operands (the forward and input-gradient convolutions stay float32)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rule applies on the CPU")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 12, 8))
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 6))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, k):
+        return jnp.sum(conv(x, k, (1, 1), "SAME", dimension_numbers=dn) ** 2)
+
+    grad = jax.grad(functools.partial(loss, matmul.conv_general_dilated))
+    with jax.default_matmul_precision("bfloat16"):
+        dk = jax.jit(grad)(k)
+        dtypes = _compiled_dot_operand_dtypes(jax.jit(grad).lower(k).compile().as_text())
+    assert len(dtypes) == 9 and set(dtypes) == {("bf16", "bf16")}, dtypes
+    ref = jax.grad(functools.partial(loss, lax.conv_general_dilated))(k)
+    assert dk.dtype == jnp.float32
+    assert not np.array_equal(dk, ref)  # the operands were rounded
+    np.testing.assert_allclose(dk, ref, rtol=0, atol=2e-2 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [
+        ((2, 16, 16, 8), (4, 4), "VALID"),  # VOLO's stem projection
+        ((2, 6, 6, 12), (2, 2), ((0, 0), (0, 0))),  # VOLO's Downsample
+        ((1, 9, 11, 3), (2, 3), "VALID"),  # a remainder XLA drops too
+        ((2, 5, 5, 4), (1, 1), "SAME"),  # a 1 x 1 convolution is a Dense layer
+    ],
+)
+def test_patch_conv_equals_lax(shape, kernel, padding):
+    """A convolution whose stride equals its kernel is products over patch rows on the
+    CPU (no convolution left in its program), equal to XLA's convolution in float32,
+    forward and gradients; bf16 operands under matmul precision 'bfloat16'."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    k = jax.random.normal(jax.random.PRNGKey(1), (*kernel, shape[-1], 5))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    ref_out = lax.conv_general_dilated(x, k, kernel, padding, dimension_numbers=dn)
+    t = jax.random.normal(jax.random.PRNGKey(2), ref_out.shape)
+
+    def loss(conv, x, k):
+        return jnp.sum(conv(x, k, kernel, padding, dimension_numbers=dn) * t)
+
+    out = matmul.conv_general_dilated(x, k, kernel, padding, dimension_numbers=dn)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5 * float(jnp.abs(ref_out).max()))
+    grad = jax.grad(functools.partial(loss, matmul.conv_general_dilated), (0, 1))
+    ref = jax.grad(functools.partial(loss, lax.conv_general_dilated), (0, 1))(x, k)
+    for g, r in zip(jax.jit(grad)(x, k), ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(jnp.abs(r).max()))
+    if jax.default_backend() != "cpu":
+        return
+    assert _conv_count(grad, x, k) == 0
+    with jax.default_matmul_precision("bfloat16"):
+        low = jax.jit(grad)(x, k)
+        dtypes = _compiled_dot_operand_dtypes(jax.jit(grad).lower(x, k).compile().as_text())
+    assert dtypes and set(dtypes) == {("bf16", "bf16")}, dtypes
+    for g, r in zip(low, ref, strict=True):
+        assert g.dtype == jnp.float32 and not np.array_equal(g, r)
+        np.testing.assert_allclose(g, r, rtol=0, atol=3e-2 * float(jnp.abs(r).max()))
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [("ij,jk", "explicit '->'"), ("ij,jk->k", "summed within one operand")],

@@ -200,15 +200,18 @@ _NHWC = lax.ConvDimensionNumbers(
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: tuple[int, int], pad: Padding):
-    """The weight gradient of a stride-1 NHWC convolution, (kh, kw, C, O): for every kernel
-    offset, the shifted input (C x positions) times the output gradient (positions x O),
-    as canonical batched products over chunks of image rows, summed.
+def _shifted_weight_grad(
+    x: jax.Array, g: jax.Array, kernel: tuple[int, int], pad: Padding, dtype: Any
+) -> jax.Array:
+    """The weight gradient of a stride-1 NHWC convolution, (kh, kw, C, O), float32: for
+    every kernel offset, the shifted input (C x positions) times the output gradient
+    (positions x O), as canonical batched products over chunks of image rows, summed;
+    the products' operands are `dtype` (bfloat16 under a bfloat16 matmul precision).
 
     XLA:CPU computes it as a convolution with an output-sized kernel over transposed
     copies, at about 40 GFLOP/s for VOLO's stem (3 x 3, 64 channels, 112 x 112); this
     took VOLO-D1's bf16-products train step (batch 8, 2 cores) from about 1.87 to 1.6 s
-    (docs/performance.md).
+    in float32 products, and bfloat16 ones halve it again (docs/performance.md).
     """
     kh, kw = kernel
     n, ho, wo, o = g.shape
@@ -216,8 +219,8 @@ def _shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: tuple[int, int], pa
     # Row chunks of at least 1024 positions: each product's reduction stays in cache.
     rows = max(d for d in range(1, ho + 1) if ho % d == 0 and (ho // d * wo >= 1024 or d == 1))
     s, k = n * rows, ho // rows * wo
-    xt = jnp.transpose(jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0))), (3, 0, 1, 2))
-    gg = g.reshape(s, k, o)
+    xt = jnp.transpose(jnp.pad(x.astype(dtype), ((0, 0), pad[0], pad[1], (0, 0))), (3, 0, 1, 2))
+    gg = g.astype(dtype).reshape(s, k, o)
     taps = []
     for i in range(kh):
         for j in range(kw):
@@ -232,27 +235,57 @@ def _conv_stride1(x: jax.Array, w: jax.Array, pad: Padding, precision: Any) -> j
     return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_stride1_cpu(x: jax.Array, w: jax.Array, pad: Padding, precision: Any) -> jax.Array:
-    """A stride-1 NHWC / HWIO convolution whose weight gradient is `_shifted_weight_grad`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_stride1_cpu(
+    x: jax.Array, w: jax.Array, pad: Padding, precision: Any, grad_dtype: Any
+) -> jax.Array:
+    """A stride-1 NHWC / HWIO convolution whose weight gradient is `_shifted_weight_grad`
+    with `grad_dtype` operands."""
     return _conv_stride1(x, w, pad, precision)
 
 
-def _conv_stride1_cpu_fwd(x: jax.Array, w: jax.Array, pad: Padding, precision: Any):
+def _conv_stride1_cpu_fwd(
+    x: jax.Array, w: jax.Array, pad: Padding, precision: Any, grad_dtype: Any
+):
     return _conv_stride1(x, w, pad, precision), (x, w)
 
 
-def _conv_stride1_cpu_bwd(pad: Padding, precision: Any, residuals, g: jax.Array):
+def _conv_stride1_cpu_bwd(pad: Padding, precision: Any, grad_dtype: Any, residuals, g: jax.Array):
     x, w = residuals
     _, input_grad = jax.vjp(lambda x: _conv_stride1(x, w, pad, precision), x)
     (dx,) = input_grad(g)
-    return dx, _shifted_weight_grad(x, g, w.shape[:2], pad).astype(w.dtype)
+    return dx, _shifted_weight_grad(x, g, w.shape[:2], pad, grad_dtype).astype(w.dtype)
 
 
 _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
-def _stride1_padding(
+def _patch_conv(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+    """A convolution whose stride equals its kernel, unpadded (a patch projection, NHWC /
+    HWIO): every output position is one kh x kw x C patch times the kernel, computed as kh
+    products over rows of patches, (N, Ho, Wo, kw*C) x (kw*C, O), summed in float32, with
+    this module's precision rule. XLA:CPU's convolution gradients are 2-3x slower at
+    VOLO's patch projections (112 x 112 x 64 -> 28 x 28 x 192, 28 x 28 x 192 -> 14 x 14
+    x 384), in float32 as in bfloat16."""
+    n, h, wd, c = x.shape
+    kh, kw, _, o = w.shape
+    ho, wo = h // kh, wd // kw
+    rows = x[:, : ho * kh, : wo * kw].reshape(n, ho, kh, wo, kw * c)
+    kernel = w.reshape(kh, kw * c, o)
+    dtype = _operand_dtype(x, w, precision)
+    spec = "nhwk,ko->nhwo"
+    terms = [
+        jnp.einsum(spec, rows[:, :, i], kernel[i], precision=precision)
+        if dtype is None
+        else _product(
+            spec, rows[:, :, i].astype(dtype), kernel[i].astype(dtype), precision, jnp.float32
+        )
+        for i in range(kh)
+    ]
+    return sum(terms[1:], terms[0]).astype(x.dtype)
+
+
+def _cpu_rule(
     lhs: jax.Array,
     rhs: jax.Array,
     window_strides: Sequence[int],
@@ -262,27 +295,31 @@ def _stride1_padding(
     dimension_numbers: Any,
     feature_group_count: int,
     batch_group_count: int,
-) -> Padding | None:
-    """The explicit padding when the convolution is one `_conv_stride1_cpu` computes (CPU,
-    float32, 2-D NHWC / HWIO, stride 1, undilated, ungrouped, a kernel larger than 1 x 1),
-    else None."""
+) -> tuple[str, Padding] | None:
+    """Which of this module's CPU convolutions computes the convolution, with its explicit
+    padding: "patch" (`_patch_conv`: stride = kernel, unpadded), "stride1"
+    (`_conv_stride1_cpu`: stride 1, a kernel larger than 1 x 1); None for XLA's own. Both
+    take 2-D NHWC / HWIO, undilated, ungrouped convolutions of one dtype."""
     if (
         jax.default_backend() != "cpu"
         or lhs.ndim != 4
-        or lhs.dtype != jnp.float32
-        or rhs.dtype != jnp.float32
-        or tuple(window_strides) != (1, 1)
+        or lhs.dtype != rhs.dtype
         or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         or feature_group_count != 1
         or batch_group_count != 1
         or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC
-        or rhs.shape[0] * rhs.shape[1] == 1
     ):
         return None
+    kernel, strides = tuple(rhs.shape[:2]), tuple(window_strides)
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], kernel, strides, padding)
     (top, bottom), (left, right) = padding
-    return (int(top), int(bottom)), (int(left), int(right))
+    pad = (int(top), int(bottom)), (int(left), int(right))
+    if strides == kernel and pad == ((0, 0), (0, 0)):
+        return "patch", pad
+    if strides == (1, 1) and kernel != (1, 1):
+        return "stride1", pad
+    return None
 
 
 def conv_general_dilated(
@@ -298,13 +335,15 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`, with two CPU rules (pass as
+    """`lax.conv_general_dilated`, with three CPU rules (pass as
     `nn.Conv(conv_general_dilated=...)`):
-    - low-precision operands are convolved in float32 (XLA:CPU's bf16 convolutions are
-      slower than its float32 ones) and cast back; a float32 convolution stays float32
-      under any matmul precision;
-    - a float32 stride-1 NHWC convolution gets its weight gradient from
-      `_shifted_weight_grad` (VOLO's stem).
+    - a convolution whose stride equals its kernel (patch projections) is `_patch_conv`'s
+      products, with the precision rule of the module docstring;
+    - other convolutions are XLA's in float32: low-precision operands are convolved in
+      float32 (XLA:CPU's bf16 convolutions are no faster) and cast back, and a float32
+      convolution stays float32 under any matmul precision;
+    - except the weight gradient of a stride-1 one, which is `_shifted_weight_grad`'s
+      products (VOLO's stem), with the precision rule.
     """
     args = (
         window_strides,
@@ -315,13 +354,16 @@ def conv_general_dilated(
         feature_group_count,
         batch_group_count,
     )
-    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
     if preferred_element_type is not None:
         return lax.conv_general_dilated(lhs, rhs, *args, precision, preferred_element_type)
+    rule = _cpu_rule(lhs, rhs, *args)
+    if rule is not None and rule[0] == "patch":
+        return _patch_conv(lhs, rhs, precision)
+    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
     x, w = (lhs.astype(jnp.float32), rhs.astype(jnp.float32)) if low else (lhs, rhs)
-    pad = _stride1_padding(x, w, *args)
-    if pad is not None:
-        out = _conv_stride1_cpu(x, w, pad, precision)
+    if rule is not None and rule[0] == "stride1" and x.dtype == jnp.float32:
+        grad_dtype = _operand_dtype(lhs, rhs, precision) or jnp.dtype(jnp.float32)
+        out = _conv_stride1_cpu(x, w, rule[1], precision, grad_dtype)
     else:
         out = lax.conv_general_dilated(x, w, *args, precision)
     return out.astype(lhs.dtype)
