@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from volo_jax.cli import restart_with_huge_pages, run_cli
+from volo_jax.cli import restart_with_malloc_tunables, run_cli, synchronous_cpu_dispatch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and plots (training).")
@@ -59,5 +59,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    restart_with_malloc_tunables()
+    synchronous_cpu_dispatch()
     app.run(main, flags_parser=parse_flags)

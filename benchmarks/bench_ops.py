@@ -127,8 +127,10 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
     from jax import lax
 
     from benchmarks.bench_volo import compile_stats
+    from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.ops import TOKEN_MIXERS, fold, outlook, unfold
 
+    synchronous_cpu_dispatch()  # as main.py and bench_volo's workers
     dtype = jnp.dtype(cfg.dtype)
     device = jax.devices()[0]
     arr = {k: jax.device_put(jnp.asarray(v, dtype), device) for k, v in inputs.items()}
@@ -361,7 +363,7 @@ def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict
             proc = subprocess.run(
                 cmd,
                 cwd=REPO_ROOT,
-                env=worker_env(huge_pages=True),
+                env=worker_env(malloc_tunables=True),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -411,7 +413,8 @@ def run(
         },
         "timing": "median of reps timed calls after first call + warm-up, device-synchronised",
         "isolation": (
-            "one fresh subprocess per framework (glibc malloc on huge pages, bench_volo.worker_env)"
+            "one fresh subprocess per framework, with main.py's glibc malloc tunables "
+            "(bench_volo.worker_env)"
             if isolate
             else "one process"
         ),

@@ -289,7 +289,8 @@ class Config:
     profile_top: int = 0  # > 0: profile the JAX step's HLO ops after timing
     torch_tf32: bool = False  # CUDA: let torch's float32 matmuls use TF32 (as JAX's default)
     cpu_amp: bool = False  # torch_amp on CPU: bfloat16 autocast (worth it with AMX/AVX512-BF16)
-    huge_pages: bool = True  # workers start with volo_jax.cli.with_huge_pages (both frameworks)
+    # Workers start with volo_jax.cli.with_malloc_tunables (both frameworks), as main.py.
+    malloc_tunables: bool = True
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -436,9 +437,11 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     import jax.numpy as jnp
     import optax
 
+    from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
 
+    synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
     precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
     if precision:
         jax.config.update("jax_default_matmul_precision", precision)
@@ -675,20 +678,21 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_env(huge_pages: bool) -> dict[str, str]:
+def worker_env(malloc_tunables: bool) -> dict[str, str]:
     """The environment of a worker process: this one's, the repository importable, and
-    (`huge_pages`) glibc's malloc on transparent huge pages, the same for JAX and torch
-    workers (`volo_jax.cli.with_huge_pages`; docs/performance.md has what it changes)."""
-    from volo_jax.cli import with_huge_pages
+    (`malloc_tunables`) the glibc malloc tunables `main.py` starts with, the same for JAX
+    and torch workers (`volo_jax.cli.with_malloc_tunables`; docs/performance.md has what
+    they change)."""
+    from volo_jax.cli import with_malloc_tunables
 
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return with_huge_pages(env) if huge_pages else env
+    return with_malloc_tunables(env) if malloc_tunables else env
 
 
 def _run_subprocess(
-    backend: str, mode: str, workdir: Path, timeout: float, huge_pages: bool
+    backend: str, mode: str, workdir: Path, timeout: float, malloc_tunables: bool
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     out = workdir / f"{backend}_{mode}.json"
     cmd = [
@@ -710,7 +714,7 @@ def _run_subprocess(
         proc = subprocess.run(
             cmd,
             cwd=REPO_ROOT,
-            env=worker_env(huge_pages),
+            env=worker_env(malloc_tunables),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -764,7 +768,9 @@ def run(
             for backend in backends:
                 log(f"[bench_volo] {backend} {mode} ... (load {loadavg()})")
                 if isolate:
-                    record, out = _run_subprocess(backend, mode, workdir, timeout, cfg.huge_pages)
+                    record, out = _run_subprocess(
+                        backend, mode, workdir, timeout, cfg.malloc_tunables
+                    )
                 else:
                     record, out = run_backend(backend, mode, cfg, data)
                 record["loadavg_after"] = loadavg()
@@ -791,7 +797,7 @@ def run(
             if isolate
             else "all backends in this one process (peak memory figures mix)"
         ),
-        "worker_glibc_tunables": (worker_env(cfg.huge_pages) if isolate else os.environ).get(
+        "worker_glibc_tunables": (worker_env(cfg.malloc_tunables) if isolate else os.environ).get(
             "GLIBC_TUNABLES"
         ),
         "timing": "median of reps timed calls after first call + warm-up, device-synchronised",
@@ -915,10 +921,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run torch_amp on CPU too (bfloat16 autocast; fast where the CPU has AMX)",
     )
     p.add_argument(
-        "--no-huge-pages",
-        dest="huge_pages",
+        "--no-malloc-tunables",
+        dest="malloc_tunables",
         action="store_false",
-        help="start the workers without glibc's huge-page tunable (see worker_env)",
+        help="start the workers without main.py's glibc malloc tunables (see worker_env)",
     )
     p.add_argument("--in-process", action="store_true", help="no subprocess per backend")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
@@ -944,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_top=args.profile_top,
         torch_tf32=args.torch_tf32,
         cpu_amp=args.cpu_amp,
-        huge_pages=args.huge_pages,
+        malloc_tunables=args.malloc_tunables,
     )
     report = run(cfg, args.backends, args.modes, isolate=not args.in_process, timeout=args.timeout)
     write_report(report, format_table(report), args.json)

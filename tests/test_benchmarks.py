@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("timm")
 
 from benchmarks import bench_ops, bench_volo
+from volo_jax.cli import MALLOC_TUNABLES, MALLOC_TUNABLES_SWITCH
 
 TINY = dict(
     layers=(1, 1, 1, 1),
@@ -74,13 +75,14 @@ def test_bench_ops_report_fields():
 
 
 def test_workers_of_both_frameworks_start_alike(monkeypatch):
-    """Every worker gets the repository on its path and, unless switched off, glibc's
-    huge-page tunable; the switch is the same for JAX and torch workers."""
+    """Every worker gets the repository on its path and, unless switched off, the glibc
+    malloc tunables main.py starts with; the switch is the same for JAX and torch
+    workers."""
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv("VOLO_JAX_HUGE_PAGES", raising=False)
+    monkeypatch.delenv(MALLOC_TUNABLES_SWITCH, raising=False)
     on, off = bench_volo.worker_env(True), bench_volo.worker_env(False)
-    assert on["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert on["GLIBC_TUNABLES"] == ":".join(MALLOC_TUNABLES)
     assert "GLIBC_TUNABLES" not in off
     assert str(bench_volo.REPO_ROOT) in on["PYTHONPATH"].split(":")
-    assert bench_volo.parse_args(["--no-huge-pages"]).huge_pages is False
-    assert bench_volo.parse_args([]).huge_pages is True
+    assert bench_volo.parse_args(["--no-malloc-tunables"]).malloc_tunables is False
+    assert bench_volo.parse_args([]).malloc_tunables is True

@@ -1,5 +1,6 @@
 """What every command-line entry point shares: one clear line for user errors, and the
-process start with huge pages for XLA's large host buffers."""
+process setup for XLA:CPU's large host buffers (glibc malloc tunables, synchronous
+dispatch)."""
 
 from __future__ import annotations
 
@@ -9,43 +10,65 @@ from collections.abc import Callable, Mapping
 
 from volo_jax.errors import VoloJaxError
 
-#: glibc's malloc tunable that backs its large (mmap'd) blocks with transparent huge pages.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+#: glibc malloc tunables for XLA:CPU: transparent huge pages for large blocks; large blocks
+#: of the main thread from its heap instead of fresh mappings; that heap never trimmed.
+MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.mmap_max=0",
+    "glibc.malloc.trim_threshold=17179869184",
+)
 #: Set to 0 to keep the process as it was started.
-HUGE_PAGES_SWITCH = "VOLO_JAX_HUGE_PAGES"
+MALLOC_TUNABLES_SWITCH = "VOLO_JAX_MALLOC_TUNABLES"
 
 
-def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with `HUGE_PAGES_TUNABLE` added to GLIBC_TUNABLES (other tunables kept; an
-    explicit glibc.malloc.hugetlb setting, or VOLO_JAX_HUGE_PAGES=0, is left alone).
+def with_malloc_tunables(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with `MALLOC_TUNABLES` added to GLIBC_TUNABLES: each one whose name is not
+    set there already (the user's own settings win); VOLO_JAX_MALLOC_TUNABLES=0 leaves
+    `env` alone.
 
-    Why: XLA:CPU allocates an executable's temporaries (about 2 GiB for a VOLO-D1 train
-    step at batch 8) afresh on every call, and glibc maps such blocks anew each time, so
-    the kernel faults in and zeroes every 4 KiB page again: about 590,000 page faults and
-    1 s of system time per step on this project's CPU machine. With huge pages it is a
-    few thousand faults, and the step is 10-20% faster (docs/performance.md).
+    Why: XLA:CPU allocates an executable's temporaries as one block (about 2 GiB for a
+    VOLO-D1 train step at batch 8) on every call. glibc maps a block that large afresh each
+    time and unmaps it after, so the kernel faults in and zeroes it again on every step:
+    about 590,000 page faults and 1 s of system time per step on 4 KiB pages, and on huge
+    pages still a full zeroing, which on this project's (virtual) machine costs 1-2 s on
+    every other step. With the main thread's large blocks kept in its heap (and
+    `synchronous_cpu_dispatch`, so that the main thread is the one that allocates them),
+    the step reuses the same memory (docs/performance.md).
     """
     env = dict(env)
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if env.get(HUGE_PAGES_SWITCH) == "0" or "glibc.malloc.hugetlb" in tunables:
+    if env.get(MALLOC_TUNABLES_SWITCH) == "0":
         return env
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    names = {t.split("=")[0] for t in tunables}
+    tunables += [t for t in MALLOC_TUNABLES if t.split("=")[0] not in names]
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
     return env
 
 
-def restart_with_huge_pages() -> None:
-    """Re-executes this process with `with_huge_pages(os.environ)` if that differs from
-    its environment (glibc reads its tunables only at start). Linux only; call it first
-    thing in a script's `__main__`, before anything worth keeping has run."""
+def restart_with_malloc_tunables() -> None:
+    """Re-executes this process with `with_malloc_tunables(os.environ)` if that differs
+    from its environment (glibc reads its tunables only at start). Linux only; call it
+    first thing in a script's `__main__`, before anything worth keeping has run."""
     if not sys.platform.startswith("linux"):
         return
-    env = with_huge_pages(os.environ)
+    env = with_malloc_tunables(os.environ)
     if env == dict(os.environ):
         return
-    env[HUGE_PAGES_SWITCH] = "0"  # never more than one restart
+    env[MALLOC_TUNABLES_SWITCH] = "0"  # never more than one restart
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def synchronous_cpu_dispatch() -> None:
+    """Runs XLA:CPU executions on the calling thread (`jax_cpu_enable_async_dispatch`
+    off): their temporaries then come from the main thread's heap, which
+    `MALLOC_TUNABLES` keeps mapped, instead of a worker thread's arena, which glibc maps
+    afresh for every large block. Call it before JAX's first computation. Python then
+    waits for each CPU step; the input pipeline prefetches in its own threads."""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
