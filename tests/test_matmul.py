@@ -301,3 +301,29 @@ def test_float32_under_bfloat16_matmul_precision(spec):
         assert float(jnp.abs(g - r).max()) <= 2e-2 * float(jnp.abs(r).max())
     # Without the setting, float32 products are untouched.
     chex.assert_trees_all_equal(matmul.einsum(spec, a, b), jnp.einsum(spec, a, b))
+
+
+@pytest.mark.parametrize("spec", ["bnc,co->bno", "bhqd,bhkd->bhqk"])
+def test_float32_gradients_are_not_rounded_to_bfloat16(spec):
+    """Under a bf16 matmul precision a float32 operand's gradient is the float32 product
+    of the bf16-rounded cotangent and other operand: rounded operands, never a rounded
+    result (rounding it to bf16 would be off by up to 2**-9 relative)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rule applies on the CPU")
+    a, b = _operands(spec, seed=3)
+    g = jax.random.normal(jax.random.PRNGKey(7), jnp.einsum(spec, a, b).shape)
+
+    def rounded(x):
+        return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+    with jax.default_matmul_precision("bfloat16"):
+        _, vjp = jax.vjp(lambda x, y: matmul.einsum(spec, x, y), a, b)
+        da, db = vjp(g)
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    hi = lax.Precision.HIGHEST
+    want_a = jnp.einsum(f"{out},{sb}->{sa}", rounded(g), rounded(b), precision=hi)
+    want_b = jnp.einsum(f"{sa},{out}->{sb}", rounded(a), rounded(g), precision=hi)
+    for got, want in ((da, want_a), (db, want_b)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

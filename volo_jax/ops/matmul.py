@@ -94,29 +94,48 @@ def _product_f32(spec: str, a: jax.Array, b: jax.Array, precision: Any) -> jax.A
     return jnp.transpose(y, [produced.index(c) for c in out])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _product(spec: str, a: jax.Array, b: jax.Array, precision: Any, out_dtype: Any) -> jax.Array:
-    """`_product_f32` cast to `out_dtype`; its gradients are such products too."""
-    return _product_f32(spec, a, b, precision).astype(out_dtype)
+def _product(
+    spec: str, a: jax.Array, b: jax.Array, precision: Any, dtype: Any, out_dtype: Any
+) -> jax.Array:
+    """`_product_f32` of `a` and `b` rounded to `dtype`, cast to `out_dtype`. Its gradients
+    are such products too, each in its operand's own dtype: a float32 operand's gradient
+    is the float32 result of bf16 operands, never rounded to bf16 on the way."""
+    return _rounded_product(
+        spec, a, b, precision, jnp.dtype(dtype), jnp.dtype(out_dtype), a.dtype, b.dtype
+    )
 
 
-def _product_fwd(spec: str, a: jax.Array, b: jax.Array, precision: Any, out_dtype: Any):
-    return _product(spec, a, b, precision, out_dtype), (a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5, 6, 7))
+def _rounded_product(
+    spec: str,
+    a: jax.Array,
+    b: jax.Array,
+    precision: Any,
+    dtype: Any,
+    out_dtype: Any,
+    a_dtype: Any,
+    b_dtype: Any,
+) -> jax.Array:
+    return _product_f32(spec, a.astype(dtype), b.astype(dtype), precision).astype(out_dtype)
 
 
-def _product_bwd(spec: str, precision: Any, out_dtype: Any, residuals, g: jax.Array):
+def _rounded_product_fwd(spec, a, b, precision, dtype, out_dtype, a_dtype, b_dtype):
+    a, b = a.astype(dtype), b.astype(dtype)  # the residuals are the rounded operands
+    return _product_f32(spec, a, b, precision).astype(out_dtype), (a, b)
+
+
+def _rounded_product_bwd(spec, precision, dtype, out_dtype, a_dtype, b_dtype, residuals, g):
     a, b = residuals
     inputs, out = spec.split("->")
     sa, sb = inputs.split(",")
-    g = g.astype(a.dtype)
     # Every index of one operand is in the output or in the other operand (no index is
     # summed within a single operand), so each gradient is one more product.
-    da = _product(f"{out},{sb}->{sa}", g, b, precision, a.dtype)
-    db = _product(f"{sa},{out}->{sb}", a, g, precision, b.dtype)
+    da = _product(f"{out},{sb}->{sa}", g, b, precision, dtype, a_dtype)
+    db = _product(f"{sa},{out}->{sb}", a, g, precision, dtype, b_dtype)
     return da, db
 
 
-_product.defvjp(_product_fwd, _product_bwd)
+_rounded_product.defvjp(_rounded_product_fwd, _rounded_product_bwd)
 
 
 def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
@@ -148,7 +167,7 @@ def _low_precision_product(
     spec: str, a: jax.Array, b: jax.Array, precision: Any, dtype: Any
 ) -> jax.Array:
     """The product with operands rounded to `dtype`, returned in the operands' dtype."""
-    return _product(spec, a.astype(dtype), b.astype(dtype), precision, a.dtype)
+    return _product(spec, a, b, precision, dtype, a.dtype)
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
@@ -277,9 +296,7 @@ def _patch_conv(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
     terms = [
         jnp.einsum(spec, rows[:, :, i], kernel[i], precision=precision)
         if dtype is None
-        else _product(
-            spec, rows[:, :, i].astype(dtype), kernel[i].astype(dtype), precision, jnp.float32
-        )
+        else _product(spec, rows[:, :, i], kernel[i], precision, dtype, jnp.float32)
         for i in range(kh)
     ]
     return sum(terms[1:], terms[0]).astype(x.dtype)
