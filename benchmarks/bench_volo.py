@@ -67,14 +67,38 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model() -> str:
-    try:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+#: CPU features that decide which product paths XLA and PyTorch take on the CPU: AMX
+#: tiles (Intel), AVX-512 BF16 (Intel and AMD Zen 4+), AVX-512, AVX2.
+CPU_FEATURES = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_details() -> dict[str, Any]:
+    """Vendor, family/model numbers (e.g. AMD family 26 is Zen 5) and the features in
+    CPU_FEATURES: the model name alone ('AMD EPYC') does not tell machines apart."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {
+        "vendor": info.get("vendor_id"),
+        "family": info.get("cpu family"),
+        "model": info.get("model"),
+        "features": [f for f in CPU_FEATURES if f in flags],
+    }
 
 
 def _version(package: str) -> str | None:
@@ -106,6 +130,7 @@ def machine_info() -> dict[str, Any]:
         )
     return {
         "cpu_model": cpu_model(),
+        "cpu": cpu_details(),
         "cpu_cores_available": cpu_count(),
         "cpu_count_total": os.cpu_count(),
         "platform": platform.platform(),
@@ -828,7 +853,16 @@ def format_table(report: dict[str, Any]) -> str:
     """Plain-text table of the results and the JAX / torch ratios."""
     head = f"{'backend':<14}{'mode':<7}{'img/s':>9}{'ms/iter':>10}{'first s':>9}"
     head += f"{'peak MiB':>10}{'XLA tmp':>9}  note"
-    lines = [head, "-" * len(head)]
+    machine = report.get("machine", {})
+    cpu = machine.get("cpu") or {}
+    lines = [
+        f"machine: {machine.get('cpu_model')}, {machine.get('cpu_cores_available')} cores "
+        f"({cpu.get('vendor')} family {cpu.get('family')} model {cpu.get('model')}; "
+        f"{' '.join(cpu.get('features', [])) or 'no listed features'})"
+        + (f"; GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ""),
+        head,
+        "-" * len(head),
+    ]
     for r in report["results"]:
         if r["status"] != "ok":
             reason = r.get("reason", "").splitlines()[0][:70] if r.get("reason") else ""

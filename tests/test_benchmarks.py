@@ -28,8 +28,9 @@ def test_bench_volo_report_fields(tmp_path):
     report = bench_volo.run(cfg, backends, ["infer", "train"], isolate=False, log=lambda _: None)
     json.dumps(report)  # serialisable
     assert report["model"] == "volo_d1_224" and report["img_size"] == 32
-    for key in ("cpu_model", "cpu_cores_available", "versions", "threads_note"):
+    for key in ("cpu_model", "cpu", "cpu_cores_available", "versions", "threads_note"):
         assert key in report["machine"]
+    assert set(report["machine"]["cpu"]["features"]) <= set(bench_volo.CPU_FEATURES)
     assert {(r["backend"], r["mode"]) for r in report["results"]} == {
         (b, m) for b in backends for m in ("infer", "train")
     }
