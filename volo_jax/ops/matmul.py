@@ -220,63 +220,95 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _shifted_weight_grad(
-    x: jax.Array, g: jax.Array, kernel: tuple[int, int], pad: Padding, dtype: Any
+    x: jax.Array,
+    g: jax.Array,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    pad: Padding,
+    dtype: Any,
 ) -> jax.Array:
-    """The weight gradient of a stride-1 NHWC convolution, (kh, kw, C, O), float32: for
-    every kernel offset, the shifted input (C x positions) times the output gradient
-    (positions x O), as canonical batched products over chunks of image rows, summed;
-    the products' operands are `dtype` (bfloat16 under a bfloat16 matmul precision).
+    """The weight gradient of an NHWC convolution, (kh, kw, C, O), float32: the input
+    shifted (and strided) by each kernel offset, transposed (C x positions), times the
+    output gradient (positions x O), as canonical batched products over chunks of output
+    rows, summed over the chunks; the operands are `dtype` (bfloat16 under a bfloat16
+    matmul precision).
 
     XLA:CPU computes it as a convolution with an output-sized kernel over transposed
-    copies, at about 40 GFLOP/s for VOLO's stem (3 x 3, 64 channels, 112 x 112); this
-    took VOLO-D1's bf16-products train step (batch 8, 2 cores) from about 1.87 to 1.6 s
-    in float32 products, and bfloat16 ones halve it again (docs/performance.md).
+    copies: about 40 GFLOP/s for VOLO's stem (3 x 3, 64 channels, 112 x 112) and 64 for
+    its 7 x 7 stride-2 first convolution (docs/performance.md).
     """
     kh, kw = kernel
+    sh, sw = strides
     n, ho, wo, o = g.shape
     c = x.shape[-1]
-    # Row chunks of at least 1024 positions: each product's reduction stays in cache.
+    # Chunks of at least 1024 output positions: each product's reduction stays in cache.
     rows = max(d for d in range(1, ho + 1) if ho % d == 0 and (ho // d * wo >= 1024 or d == 1))
     s, k = n * rows, ho // rows * wo
     xt = jnp.transpose(jnp.pad(x.astype(dtype), ((0, 0), pad[0], pad[1], (0, 0))), (3, 0, 1, 2))
     gg = g.astype(dtype).reshape(s, k, o)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            # (C, N, Ho, Wo) -> (C, S, K) -> (S, C, K).
-            lhs = _transpose_copy(xt[:, :, i : i + ho, j : j + wo].reshape(c, s, k), (1, 0, 2))
-            dims = (((2,), (1,)), ((0,), (0,)))
-            taps.append(lax.dot_general(lhs, gg, dims, preferred_element_type=jnp.float32))
-    return jnp.stack(taps).sum(1).reshape(kh, kw, c, o)
+    taps = [
+        # (C, N, Ho, Wo) -> (C, S, K) -> (S, C, K).
+        _transpose_copy(
+            xt[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw].reshape(
+                c, s, k
+            ),
+            (1, 0, 2),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    # Offsets stacked up to 64 rows a product (one offset a product for 64+ channels, 21
+    # for the 3 channels of an image): fewer, larger products for few channels, and no
+    # stacked copy of a wide input, which would cost memory and time for nothing.
+    per = max(1, 64 // c)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    dw = [
+        lax.dot_general(
+            jnp.stack(taps[t : t + per], 1).reshape(s, -1, k),
+            gg,
+            dims,
+            preferred_element_type=jnp.float32,
+        ).sum(0)
+        for t in range(0, len(taps), per)
+    ]
+    return jnp.concatenate(dw).reshape(kh, kw, c, o)
 
 
-def _conv_stride1(x: jax.Array, w: jax.Array, pad: Padding, precision: Any) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC, precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_stride1_cpu(
-    x: jax.Array, w: jax.Array, pad: Padding, precision: Any, grad_dtype: Any
+def _conv_xla(
+    x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding, precision: Any
 ) -> jax.Array:
-    """A stride-1 NHWC / HWIO convolution whose weight gradient is `_shifted_weight_grad`
-    with `grad_dtype` operands."""
-    return _conv_stride1(x, w, pad, precision)
+    return lax.conv_general_dilated(
+        x, w, strides, pad, dimension_numbers=_NHWC, precision=precision
+    )
 
 
-def _conv_stride1_cpu_fwd(
-    x: jax.Array, w: jax.Array, pad: Padding, precision: Any, grad_dtype: Any
-):
-    return _conv_stride1(x, w, pad, precision), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_shifted_cpu(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    pad: Padding,
+    precision: Any,
+    grad_dtype: Any,
+) -> jax.Array:
+    """XLA's NHWC / HWIO convolution and input gradient, with `_shifted_weight_grad`'s
+    weight gradient (`grad_dtype` operands)."""
+    return _conv_xla(x, w, strides, pad, precision)
 
 
-def _conv_stride1_cpu_bwd(pad: Padding, precision: Any, grad_dtype: Any, residuals, g: jax.Array):
+def _conv_shifted_cpu_fwd(x, w, strides, pad, precision, grad_dtype):
+    return _conv_xla(x, w, strides, pad, precision), (x, w)
+
+
+def _conv_shifted_cpu_bwd(strides, pad, precision, grad_dtype, residuals, g):
     x, w = residuals
-    _, input_grad = jax.vjp(lambda x: _conv_stride1(x, w, pad, precision), x)
+    _, input_grad = jax.vjp(lambda x: _conv_xla(x, w, strides, pad, precision), x)
     (dx,) = input_grad(g)
-    return dx, _shifted_weight_grad(x, g, w.shape[:2], pad, grad_dtype).astype(w.dtype)
+    dw = _shifted_weight_grad(x, g, w.shape[:2], strides, pad, grad_dtype)
+    return dx, dw.astype(w.dtype)
 
 
-_conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
+_conv_shifted_cpu.defvjp(_conv_shifted_cpu_fwd, _conv_shifted_cpu_bwd)
 
 
 def _patch_conv(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
@@ -314,8 +346,8 @@ def _cpu_rule(
     batch_group_count: int,
 ) -> tuple[str, Padding] | None:
     """Which of this module's CPU convolutions computes the convolution, with its explicit
-    padding: "patch" (`_patch_conv`: stride = kernel, unpadded), "stride1"
-    (`_conv_stride1_cpu`: stride 1, a kernel larger than 1 x 1); None for XLA's own. Both
+    padding: "patch" (`_patch_conv`: stride = kernel, unpadded), "shifted"
+    (`_conv_shifted_cpu`: any other kernel larger than 1 x 1); None for XLA's own. Both
     take 2-D NHWC / HWIO, undilated, ungrouped convolutions of one dtype."""
     if (
         jax.default_backend() != "cpu"
@@ -334,8 +366,8 @@ def _cpu_rule(
     pad = (int(top), int(bottom)), (int(left), int(right))
     if strides == kernel and pad == ((0, 0), (0, 0)):
         return "patch", pad
-    if strides == (1, 1) and kernel != (1, 1):
-        return "stride1", pad
+    if kernel != (1, 1):
+        return "shifted", pad
     return None
 
 
@@ -359,8 +391,8 @@ def conv_general_dilated(
     - other convolutions are XLA's in float32: low-precision operands are convolved in
       float32 (XLA:CPU's bf16 convolutions are no faster) and cast back, and a float32
       convolution stays float32 under any matmul precision;
-    - except the weight gradient of a stride-1 one, which is `_shifted_weight_grad`'s
-      products (VOLO's stem), with the precision rule.
+    - except their weight gradient (kernels larger than 1 x 1), which is
+      `_shifted_weight_grad`'s products (VOLO's stem), with the precision rule.
     """
     args = (
         window_strides,
@@ -378,9 +410,9 @@ def conv_general_dilated(
         return _patch_conv(lhs, rhs, precision)
     low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
     x, w = (lhs.astype(jnp.float32), rhs.astype(jnp.float32)) if low else (lhs, rhs)
-    if rule is not None and rule[0] == "stride1" and x.dtype == jnp.float32:
+    if rule is not None and rule[0] == "shifted" and x.dtype == jnp.float32:
         grad_dtype = _operand_dtype(lhs, rhs, precision) or jnp.dtype(jnp.float32)
-        out = _conv_stride1_cpu(x, w, rule[1], precision, grad_dtype)
+        out = _conv_shifted_cpu(x, w, tuple(window_strides), rule[1], precision, grad_dtype)
     else:
         out = lax.conv_general_dilated(x, w, *args, precision)
     return out.astype(lhs.dtype)
