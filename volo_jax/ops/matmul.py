@@ -9,9 +9,10 @@ On GPU and TPU, and for float32 on the CPU by default, they are exactly `lax.dot
   `--config.matmul_precision=bfloat16` in training): the operands are rounded to bfloat16
   and the result stays float32, so everything between the products stays float32.
 Gradients follow the same rule (a custom VJP whose two gradient products are such
-products too). The reason: XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit
-library (AMX where the CPU has it: about 5x the float32 rate on this project's CPU), but a
-bf16 -> bf16 product on a generic path slower than float32.
+products too; a float32 operand's gradient stays float32). The reason: XLA:CPU runs a
+bf16 x bf16 -> f32 product on its matrix-unit library (AMX where the CPU has it: about 5x
+the float32 rate on an AMX Xeon; AVX-512 BF16 on AMD Zen 4/5), but a bf16 -> bf16
+product on a generic path slower than float32.
 """
 
 from __future__ import annotations
