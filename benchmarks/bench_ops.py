@@ -129,6 +129,7 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
     from benchmarks.bench_volo import compile_stats
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.ops import TOKEN_MIXERS, fold, outlook, unfold
+    from volo_jax.ops.cpu import cpu_kernels
 
     synchronous_cpu_dispatch()  # as main.py and bench_volo's workers
     dtype = jnp.dtype(cfg.dtype)
@@ -179,7 +180,7 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
         extra = {"impl": impl} if impl else {}
         layer = outlook.OutlookAttention(cfg.dim, cfg.heads, k, p, s, dtype=layer_dtype, **extra)
         cases[f"OutlookAttention layer (flax{f', {impl}' if impl else ''})"] = (
-            lambda prm, x, layer=layer: layer.apply(prm, x),
+            lambda prm, x, layer=layer: cpu_kernels(layer.apply)(prm, x),
             (params, arr["x"]),
             arr["g"],
         )
@@ -195,7 +196,7 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
         mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype, **kwargs)
         mixer_vars = jax.jit(mixer.init)(jax.random.key(0), arr["x"])
         cases[f"{mixer_name} layer (flax)"] = (
-            lambda prm, x, mixer=mixer: mixer.apply(prm, x),
+            lambda prm, x, mixer=mixer: cpu_kernels(mixer.apply)(prm, x),
             (mixer_vars, arr["x"]),
             arr["g"],
         )

@@ -465,6 +465,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
+    from volo_jax.ops.cpu import cpu_kernels
 
     synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
     precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
@@ -481,7 +482,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     logits = None
 
     if mode == "infer":
-        forward = jax.jit(lambda v, x: model.apply(v, x))
+        forward = jax.jit(lambda v, x: cpu_kernels(model.apply)(v, x))
         xla, hlo = compile_stats(forward, variables, images)
         timing = time_calls(lambda: forward(variables, images), sync, cfg.reps, cfg.warmup, memory)
         logits = np.asarray(forward(variables, images), dtype=np.float32)
@@ -501,7 +502,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
             return -(target * logp).sum(-1).mean()
 
         def loss_fn(params, batch_stats, x, ct, dt, rng):
-            (cls, aux), updates = model.apply(
+            (cls, aux), updates = cpu_kernels(model.apply)(
                 {"params": params, "batch_stats": batch_stats},
                 x,
                 train=True,

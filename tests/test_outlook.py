@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from volo_jax.ops import cpu
 from volo_jax.ops.outlook import (
-    DEFAULT_IMPLEMENTATION,
+    ACCELERATOR_IMPLEMENTATION,
     IMPLEMENTATIONS,
     OutlookAttention,
     outlook_aggregate,
+    resolve_implementation,
 )
 from volo_jax.ops.patches import (
     fold,
@@ -143,8 +145,21 @@ def test_layer_gradients_equal_the_reference(impl):
     )
 
 
-def test_cpu_default_is_an_implementation():
-    assert set(DEFAULT_IMPLEMENTATION.values()) <= set(IMPLEMENTATIONS)
+def test_auto_is_the_cpu_choice_only_where_lowered_for_the_cpu():
+    """`impl="auto"` resolves while tracing: to the CPU module's choice in
+    `cpu_kernels`' CPU branch, to the accelerators' everywhere else."""
+    seen = []
+
+    def trace(x):
+        seen.append(resolve_implementation("auto"))
+        return x
+
+    assert resolve_implementation("auto") == ACCELERATOR_IMPLEMENTATION
+    jax.jit(cpu.cpu_kernels(trace)).lower(jnp.zeros(2))
+    assert sorted(seen) == sorted([cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION])
+    assert {cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION} <= set(IMPLEMENTATIONS)
+    with pytest.raises(ValueError, match="unknown outlook attention implementation"):
+        resolve_implementation("fast")
 
 
 PLANE_GEOMETRIES = [

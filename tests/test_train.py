@@ -61,7 +61,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_bfloat16_matmul_precision_learns_with_float32_state():
     """config.matmul_precision='bfloat16': a float32 model whose products take bf16
-    operands on the CPU (ops/matmul.py); the state stays float32 and it still learns."""
+    operands on the CPU (ops/cpu.py); the state stays float32 and it still learns."""
     config = tiny_config(
         matmul_precision="bfloat16", **{"token_label.mix_token": False, "optim.warmup_epochs": 0}
     )

@@ -16,6 +16,7 @@ import numpy as np
 from volo_jax.cli import run_cli
 from volo_jax.data.transforms import eval_transform, imagenet_class_names, load_image
 from volo_jax.models import create_model, pretrained_cfg
+from volo_jax.ops.cpu import cpu_kernels
 from volo_jax.weights import load_weights_into, read_metadata
 
 
@@ -52,7 +53,7 @@ def predict(
             for im in images
         ]
     )
-    logits = jax.jit(model.apply)(variables, batch)
+    logits = jax.jit(cpu_kernels(model.apply))(variables, batch)
     return np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
 
 

@@ -21,7 +21,6 @@ import numpy as np
 from volo_jax.models.layers import DropPath
 from volo_jax.ops.dwconv import ConvNormAct, batch_norm, get_act
 from volo_jax.ops.halo import HaloAttn, make_divisible
-from volo_jax.ops.matmul import Dense
 
 Dtype = Any
 
@@ -40,7 +39,7 @@ class ClassifierHead(nn.Module):
         if pre_logits:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return Dense(
+        return nn.Dense(
             self.num_classes,
             kernel_init=nn.initializers.normal(0.01),
             name="fc",

@@ -26,7 +26,6 @@ from volo_jax.models.layers import (
     dot_product_attention,
 )
 from volo_jax.ops import TOKEN_MIXERS
-from volo_jax.ops.matmul import Conv, Dense
 from volo_jax.ops.outlook import OutlookAttention
 
 Dtype = Any
@@ -49,7 +48,7 @@ def patchify(
     features: int, patch: int, dtype: Dtype | None, param_dtype: Dtype, name: str
 ) -> nn.Conv:
     """Non-overlapping patch projection: a conv with kernel = stride = `patch`."""
-    return Conv(
+    return nn.Conv(
         features, (patch, patch), patch, "VALID", dtype=dtype, param_dtype=param_dtype, name=name
     )
 
@@ -78,13 +77,13 @@ class PatchEmbed(nn.Module):
             param_dtype=self.param_dtype,
         )
         # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...
-        x = Conv(
+        x = nn.Conv(
             self.hidden_dim, (7, 7), self.stem_stride, ((3, 3), (3, 3)), name="conv_0", **conv
         )(x)
         x = nn.relu(nn.BatchNorm(name="conv_1", **norm)(x))
-        x = Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_3", **conv)(x)
+        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_3", **conv)(x)
         x = nn.relu(nn.BatchNorm(name="conv_4", **norm)(x))
-        x = Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_6", **conv)(x)
+        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_6", **conv)(x)
         x = nn.relu(nn.BatchNorm(name="conv_7", **norm)(x))
         k = self.patch_size // self.stem_stride
         return patchify(self.embed_dim, k, self.dtype, self.param_dtype, name="proj")(x)
@@ -200,13 +199,14 @@ class ClassAttention(nn.Module):
         b, n, _ = x.shape
         head_dim = self.head_dim or self.dim // self.num_heads
         inner = head_dim * self.num_heads
-        kv = Dense(2 * inner, use_bias=self.qkv_bias, name="kv", **dense)(x)
-        k, v = kv.reshape(b, n, 2, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q = Dense(inner, use_bias=self.qkv_bias, name="q", **dense)(x[:, :1])
-        q = q.reshape(b, 1, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+        kv = nn.Dense(2 * inner, use_bias=self.qkv_bias, name="kv", **dense)(x)
+        kv = kv.reshape(b, n, 2, self.num_heads, head_dim)
+        k, v = kv[:, :, 0], kv[:, :, 1]  # 2 x (B, N, heads, hd)
+        q = nn.Dense(inner, use_bias=self.qkv_bias, name="q", **dense)(x[:, :1])
+        q = q.reshape(b, 1, self.num_heads, head_dim)
         attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
-        cls = dot_product_attention(q, k, v, attn_drop).transpose(0, 2, 1, 3).reshape(b, 1, inner)
-        cls = Dense(self.dim, name="proj", **dense)(cls)
+        cls = dot_product_attention(q, k, v, attn_drop).reshape(b, 1, inner)
+        cls = nn.Dense(self.dim, name="proj", **dense)(cls)
         return nn.Dropout(self.proj_drop, deterministic=not train)(cls)
 
 
@@ -402,9 +402,9 @@ class VOLO(nn.Module):
         self.norm = TorchLayerNorm(**dt)
         self.head_drop = nn.Dropout(self.drop_rate)
         dense = dict(kernel_init=dense_init(), **dt)
-        self.head = Dense(self.num_classes, **dense)
+        self.head = nn.Dense(self.num_classes, **dense)
         if self.use_aux_head:
-            self.aux_head = Dense(self.num_classes, **dense)
+            self.aux_head = nn.Dense(self.num_classes, **dense)
 
     def _check(self) -> None:
         n = len(self.layers)

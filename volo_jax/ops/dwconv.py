@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.ops.matmul import Conv, einsum
 from volo_jax.ops.patches import unfold, window_slices
 
 Dtype = Any
@@ -65,7 +64,7 @@ def conv2d(
 ) -> nn.Conv:
     """PyTorch's `Conv2d` in NHWC: symmetric padding, (k - 1) // 2 unless given."""
     pad = (kernel_size - 1) // 2 if padding is None else padding
-    return Conv(
+    return nn.Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
@@ -134,7 +133,7 @@ def dynamic_depthwise_conv(
     kernels = kernels.astype(x.dtype)
     if impl == "unfold":
         windows = unfold(x, kernel_size, stride, padding)  # (B, h, w, KK, C)
-        return einsum("bhwkc,bkc->bhwc", windows, kernels)
+        return jnp.einsum("bhwkc,bkc->bhwc", windows, kernels)
     if impl != "slices":
         raise ValueError(f"dynamic_depthwise_conv: impl must be 'slices' or 'unfold', got {impl!r}")
     parts = window_slices(x, kernel_size, stride, padding)

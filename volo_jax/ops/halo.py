@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from volo_jax.ops.matmul import Conv, Dense, einsum
 from volo_jax.ops.patches import unfold
 
 Dtype = Any
@@ -48,8 +47,8 @@ def relative_logits(q: jax.Array, height_rel: jax.Array, width_rel: jax.Array) -
     bq = q.shape[-2]
     win = (height_rel.shape[0] + 1) // 2
     index = np.arange(win)[None, :] - np.arange(bq)[:, None] + win - 1  # (bq, win)
-    rel_h = einsum("...yxd,ykd->...yxk", q, height_rel[index].astype(q.dtype))
-    rel_w = einsum("...yxd,xkd->...yxk", q, width_rel[index].astype(q.dtype))
+    rel_h = jnp.einsum("...yxd,ykd->...yxk", q, height_rel[index].astype(q.dtype))
+    rel_w = jnp.einsum("...yxd,xkd->...yxk", q, width_rel[index].astype(q.dtype))
     rel = rel_h[..., :, None] + rel_w[..., None, :]  # (..., bq, bq, win, win)
     return rel.reshape(*q.shape[:-3], bq * bq, win * win)
 
@@ -128,8 +127,8 @@ class HaloAttn(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        q = Conv(heads * dqk, (1, 1), (q_stride, q_stride), name="q", **conv)(x)
-        kv = Conv(heads * (dqk + dv), (1, 1), name="kv", **conv)(x)
+        q = nn.Conv(heads * dqk, (1, 1), (q_stride, q_stride), name="q", **conv)(x)
+        kv = nn.Conv(heads * (dqk + dv), (1, 1), name="kv", **conv)(x)
 
         # Queries: (B, nh, nw, heads, bq, bq, dqk); channels are head-major.
         q = q.reshape(b, nh, bq, nw, bq, heads, dqk).transpose(0, 1, 3, 5, 2, 4, 6)
@@ -139,19 +138,19 @@ class HaloAttn(nn.Module):
         k, v = windows[..., :dqk], windows[..., dqk:]
 
         scale = dqk**-0.5
-        logits = einsum("bijnyxd,bijknd->bijnyxk", q, k).reshape(
+        logits = jnp.einsum("bijnyxd,bijknd->bijnyxk", q, k).reshape(
             b, nh, nw, heads, bq * bq, win * win
         )
         rel = PosEmbedRel(win, dqk, self.param_dtype, name="pos_embed")(q)
         logits = (logits + rel) * scale if self.scale_pos_embed else logits * scale + rel
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = einsum("bijnqk,bijknd->bijqnd", attn, v)  # (B, nh, nw, bq*bq, heads, dv)
+        out = jnp.einsum("bijnqk,bijknd->bijqnd", attn, v)  # (B, nh, nw, bq*bq, heads, dv)
         out = out.reshape(b, nh, nw, bq, bq, heads * dv).transpose(0, 1, 3, 2, 4, 5)
         out = out.reshape(b, nh * bq, nw * bq, heads * dv)
         if use_pool:
             out = nn.avg_pool(out, (2, 2), (2, 2))
         if self.proj:
-            out = Dense(
+            out = nn.Dense(
                 dim_out,
                 kernel_init=nn.initializers.truncated_normal(0.02),
                 name="proj",

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from volo_jax.ops.dwconv import ConvNormAct
-from volo_jax.ops.matmul import Dense, einsum
 from volo_jax.ops.patches import unfold, window_slices
 
 Dtype = Any
@@ -58,7 +57,7 @@ def involution_aggregate(
         windows = unfold(x, *geometry)  # (B, h, w, KK, C)
         h, w = windows.shape[1:3]
         windows = windows.reshape(b, h, w, kk, groups, c // groups)
-        out = einsum("bhwgk,bhwkgc->bhwgc", kernels, windows)
+        out = jnp.einsum("bhwgk,bhwkgc->bhwgc", kernels, windows)
     elif impl == "slices":
         parts = window_slices(grouped, *geometry)  # K*K of (B, h, w, G, C/G)
         out = parts[0] * kernels[..., 0, None]
@@ -123,7 +122,7 @@ class Involution(nn.Module):
         pad = self.dilation * (k - 1) // 2
         out = involution_aggregate(x, kernels, k, s, pad, self.dilation, self.impl)
         if self.proj:
-            out = Dense(
+            out = nn.Dense(
                 self.dim, kernel_init=nn.initializers.truncated_normal(0.02), name="proj", **dt
             )(out)
         return out

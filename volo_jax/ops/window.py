@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from volo_jax.ops.matmul import Dense, einsum
-
 Dtype = Any
 
 
@@ -107,9 +105,9 @@ class WindowAttention(nn.Module):
         windows = window_partition(x, m)  # (B, h, w, N, C)
         nh, nw, n = windows.shape[1:4]
 
-        qkv = Dense(3 * heads * head_dim, use_bias=self.qkv_bias, name="qkv", **dense)(windows)
+        qkv = nn.Dense(3 * heads * head_dim, use_bias=self.qkv_bias, name="qkv", **dense)(windows)
         q, k, v = jnp.moveaxis(qkv.reshape(b, nh, nw, n, 3, heads, head_dim), 4, 0)
-        logits = einsum("bijqhd,bijkhd->bijhqk", q * head_dim**-0.5, k)
+        logits = jnp.einsum("bijqhd,bijkhd->bijhqk", q * head_dim**-0.5, k)
         bias = table[relative_position_index(m)].transpose(2, 0, 1)  # (heads, N, N)
         logits = logits + bias.astype(logits.dtype)
         if shift:
@@ -117,8 +115,8 @@ class WindowAttention(nn.Module):
             logits = logits + jnp.asarray(mask.reshape(nh, nw, 1, n, n), logits.dtype)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
-        out = einsum("bijhqk,bijkhd->bijqhd", attn, v).reshape(b, nh, nw, n, heads * head_dim)
-        out = Dense(self.dim, name="proj", **dense)(out)
+        out = jnp.einsum("bijhqk,bijkhd->bijqhd", attn, v).reshape(b, nh, nw, n, heads * head_dim)
+        out = nn.Dense(self.dim, name="proj", **dense)(out)
         out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
         x = window_reverse(out, m)[:, :height, :width]
         if shift:

@@ -201,7 +201,7 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
 def matmul_precision(config: ml_collections.ConfigDict) -> contextlib.AbstractContextManager:
     """`jax.default_matmul_precision(config.matmul_precision)`, for the steps traced inside
     it (a no-op when unset). 'bfloat16' on the CPU runs float32 models' products with bf16
-    operands (volo_jax/ops/matmul.py); on TPU it is the default already."""
+    operands (volo_jax/ops/cpu.py); on TPU it is the default already."""
     precision = config.get("matmul_precision")
     return (
         contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from volo_jax.models import create_model, pretrained_cfg
+from volo_jax.ops.cpu import cpu_kernels
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -46,7 +47,7 @@ SUMS = ("top1", "top5", "loss", "count")
 def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict:
     """Sums over the real (mask True) examples of a batch {'image' (B, H, W, 3),
     'label' (B,), 'mask' (B,)}: correct top-1, correct top-5, cross-entropy, count."""
-    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+    logits = cpu_kernels(model.apply)(variables, batch["image"]).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     hits = top == labels[:, None]

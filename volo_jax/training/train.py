@@ -30,6 +30,7 @@ from flax.training import train_state
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import mix_box_lam, sample_mix_box
+from volo_jax.ops.cpu import cpu_kernels
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -138,7 +139,9 @@ def compute_targets(
             opts.roi_samples,
         )
     elif teacher is not None:
-        logits, aux = teacher.apply(teacher_variables, batch["image"], return_dense=True)
+        logits, aux = cpu_kernels(teacher.apply)(
+            teacher_variables, batch["image"], return_dense=True
+        )
         logits = logits.astype(jnp.float32) + 0.5 * aux.astype(jnp.float32).max(axis=1)
         cls = smooth_targets(jax.nn.softmax(logits, -1), opts.label_smoothing)
         dense = smooth_targets(jax.nn.softmax(aux.astype(jnp.float32), -1), opts.label_smoothing)
@@ -189,7 +192,7 @@ def train_step(
             if opts.mix_token
             else None
         )
-        (logits, aux), new_vars = model.apply(
+        (logits, aux), new_vars = cpu_kernels(model.apply)(
             {"params": params, "batch_stats": batch_stats},
             mb["image"],
             train=True,

@@ -1,40 +1,55 @@
-"""Matrix products for every layer: `dot_general` (for flax's `Dense`), `einsum`, and the
-`Dense` and `Conv` built on them.
+"""The CPU's kernels: what a function runs when it is lowered for XLA:CPU, in one place.
 
-On GPU and TPU, and for float32 on the CPU by default, they are exactly `lax.dot_general`
-/ `jnp.einsum`. On the CPU, products run with bfloat16 operands and float32 accumulation:
-- when the operands are bfloat16 (or float16): the result is cast back to their dtype;
-- when they are float32 and `jax_default_matmul_precision` is 'bfloat16' (what a TPU does
-  with float32 by default; `jax.default_matmul_precision("bfloat16")`, or
-  `--config.matmul_precision=bfloat16` in training): the operands are rounded to bfloat16
-  and the result stays float32, so everything between the products stays float32.
-Gradients follow the same rule (a custom VJP whose two gradient products are such
-products too; a float32 operand's gradient stays float32). The reason: XLA:CPU runs a
-bf16 x bf16 -> f32 product on its matrix-unit library (AMX where the CPU has it: about 5x
-the float32 rate on an AMX Xeon; AVX-512 BF16 on AMD Zen 4/5), but a bf16 -> bf16
-product on a generic path slower than float32.
+`cpu_kernels(fn)` wraps a function (a model's `apply`, a train step's forward) so that,
+where it is lowered for the CPU, its matrix products and convolutions follow the rules
+below and outlook attention's `impl="auto"` is 'planes'; lowered for a GPU or a TPU it
+is `fn` unchanged (`jax.lax.platform_dependent`: the branch is chosen by the platform
+being lowered for, never by the host that traces, so an export made on a CPU host for a
+TPU carries none of this). Models and operators are written with plain `nn.Dense`,
+`nn.Conv`, `jnp.einsum` and `jax.nn.dot_product_attention`; the CPU branch rewrites
+their products in the traced program.
+
+The product rules. XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit library
+(AMX where the CPU has it: about 5x the float32 rate on an AMX Xeon; AVX-512 BF16 on
+AMD Zen 4/5), but a bf16 -> bf16 product on a generic path slower than float32. So:
+- bfloat16 (or float16) operands: the product accumulates in float32 and is cast back
+  to their dtype (or to the product's requested output dtype);
+- float32 operands under `jax_default_matmul_precision` 'bfloat16' (what a TPU does
+  with float32 by default; `--config.matmul_precision=bfloat16` in training): the
+  operands are rounded to bfloat16 and the result stays float32;
+- float32 otherwise: XLA's own product.
+Operands are laid out row-major (batch, M, K) x (batch, K, N) first, the only form the
+matrix-unit library takes. Gradients follow the same rule (custom VJPs), and a float32
+operand's gradient stays float32. Convolutions: patch projections (stride = kernel) are
+products over rows of patches; other convolutions are XLA's, in float32, with their
+weight gradient as shifted products (`_shifted_weight_grad`). The measurements behind
+each rule are in docs/performance.md.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import source_info_util  # keeps op names through the rewrite (profiles)
+from jax.extend import core as jex
+
+from volo_jax.ops.patches import fold_planes, planes_unfold, planes_window_slices, to_planes
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _low_precision_on_cpu(dtype: Any) -> bool:
-    """Whether `dtype` is bfloat16 / float16 and the default backend is the CPU."""
-    return jnp.dtype(dtype) in _LOW_PRECISION and jax.default_backend() == "cpu"
+def _low_precision(dtype: Any) -> bool:
+    """Whether `dtype` is bfloat16 / float16."""
+    return jnp.dtype(dtype) in _LOW_PRECISION
 
 
 def _transpose_copy(x: jax.Array, perm: Sequence[int]) -> jax.Array:
@@ -47,10 +62,10 @@ def _transpose_copy(x: jax.Array, perm: Sequence[int]) -> jax.Array:
 def _operand_dtype(a: jax.Array, b: jax.Array, precision: Any) -> Any:
     """The dtype a product's operands are rounded to on the CPU (module docstring), or
     None to leave the product to XLA as it is."""
-    if jax.default_backend() != "cpu" or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+    if jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
         return None
     dtype = jnp.dtype(a.dtype)
-    if _low_precision_on_cpu(dtype):
+    if _low_precision(dtype):
         return dtype
     fast = str(jax.config.jax_default_matmul_precision).lower() in ("bfloat16", "fastest")
     if dtype == jnp.float32 and precision is None and fast:
@@ -164,20 +179,13 @@ def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
     return f"{sa},{sb}->{out}"
 
 
-def _low_precision_product(
-    spec: str, a: jax.Array, b: jax.Array, precision: Any, dtype: Any
-) -> jax.Array:
-    """The product with operands rounded to `dtype`, returned in the operands' dtype."""
-    return _product(spec, a, b, precision, dtype, a.dtype)
-
-
 def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
     """`jnp.einsum` of two operands with an explicit `->`, with the CPU precision rule of
     the module docstring."""
     dtype = _operand_dtype(a, b, precision)
     if dtype is None:
         return jnp.einsum(spec, a, b, precision=precision)
-    return _low_precision_product(_explicit_spec(spec, a, b), a, b, precision, dtype)
+    return _product(_explicit_spec(spec, a, b), a, b, precision, dtype, a.dtype)
 
 
 def dot_general(
@@ -188,9 +196,12 @@ def dot_general(
     preferred_element_type: Any = None,
     **kwargs: Any,
 ) -> jax.Array:
-    """`lax.dot_general` with `einsum`'s precision rule; pass as `nn.Dense(dot_general=...)`."""
+    """`lax.dot_general` with the product rule of the module docstring; the result has
+    `preferred_element_type` (default: the operands' dtype)."""
     dtype = _operand_dtype(lhs, rhs, precision)
-    if preferred_element_type is not None or kwargs or dtype is None:
+    if kwargs.get("out_sharding") is None:
+        kwargs.pop("out_sharding", None)
+    if kwargs or dtype is None:
         return lax.dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
         )
@@ -211,7 +222,8 @@ def dot_general(
                 subscripts[i] = next(letters)
                 free.append(subscripts[i])
     spec = f"{''.join(sa)},{''.join(sb)}->{''.join(batch + free)}"
-    return _low_precision_product(spec, lhs, rhs, precision, dtype)
+    out_dtype = lhs.dtype if preferred_element_type is None else preferred_element_type
+    return _product(spec, lhs, rhs, precision, dtype, out_dtype)
 
 
 _NHWC = lax.ConvDimensionNumbers(
@@ -351,8 +363,7 @@ def _cpu_rule(
     (`_conv_shifted_cpu`: any other kernel larger than 1 x 1); None for XLA's own. Both
     take 2-D NHWC / HWIO, undilated, ungrouped convolutions of one dtype."""
     if (
-        jax.default_backend() != "cpu"
-        or lhs.ndim != 4
+        lhs.ndim != 4
         or lhs.dtype != rhs.dtype
         or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         or feature_group_count != 1
@@ -409,7 +420,7 @@ def conv_general_dilated(
     rule = _cpu_rule(lhs, rhs, *args)
     if rule is not None and rule[0] == "patch":
         return _patch_conv(lhs, rhs, precision)
-    low = _low_precision_on_cpu(lhs.dtype) and lhs.dtype == rhs.dtype
+    low = _low_precision(lhs.dtype) and lhs.dtype == rhs.dtype
     x, w = (lhs.astype(jnp.float32), rhs.astype(jnp.float32)) if low else (lhs, rhs)
     if rule is not None and rule[0] == "shifted" and x.dtype == jnp.float32:
         grad_dtype = _operand_dtype(lhs, rhs, precision) or jnp.dtype(jnp.float32)
@@ -419,6 +430,222 @@ def conv_general_dilated(
     return out.astype(lhs.dtype)
 
 
-#: flax's Dense and Conv with these products: what every layer in the project uses.
-Dense = functools.partial(nn.Dense, dot_general=dot_general)
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+# ---------------------------------------------------------------------------------------------
+# Outlook attention on the CPU
+# ---------------------------------------------------------------------------------------------
+
+#: What outlook attention's `impl="auto"` runs in the CPU branch: the fastest forward and
+#: by far the fastest forward+backward on XLA:CPU, with the smallest memory plan
+#: (benchmarks/bench_ops.py; docs/performance.md).
+OUTLOOK_IMPLEMENTATION = "planes"
+
+
+def _window_products(attn: jax.Array, parts: list[jax.Array], transpose: bool) -> list[jax.Array]:
+    """out_i = sum_j attn[..., i, j] * parts[j] (or, transposed, sum over i of
+    attn[..., i, j] * parts[i]) for every offset, in float32.
+
+    Args:
+      attn: (B, h, w, heads, KK, KK).
+      parts: KK arrays (B, h, w, heads, hd).
+    Returns:
+      KK float32 arrays (B, h, w, heads, hd).
+    """
+    a = attn.astype(jnp.float32)
+    xs = [p.astype(jnp.float32) for p in parts]
+
+    def weight(i: int, j: int) -> jax.Array:  # (B, h, w, heads, 1), no transposed copy
+        return (a[..., j, i] if transpose else a[..., i, j])[..., None]
+
+    return [
+        functools.reduce(jnp.add, [weight(i, j) * x for j, x in enumerate(xs)])
+        for i in range(len(xs))
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def aggregate_planes(
+    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
+) -> jax.Array:
+    """Outlook aggregation (`outlook.outlook_aggregate`'s contract) on stride planes
+    (`patches.to_planes`): every window offset a unit-stride slice, the K^4
+    multiply-adds per window elementwise in float32, the fold a sum of unit-stride
+    placements; XLA:CPU fuses the product and the fold into one loop. Custom VJP: d_attn
+    is one batched matmul of the gathered windows of the cotangent and of v
+    (`planes_unfold`, one fused gather each), d_v the transposed products folded the same
+    way; no layout copies of the windows."""
+    return _aggregate_planes_fwd(v, attn, kernel_size, stride, padding)[0]
+
+
+def _aggregate_planes_fwd(
+    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    b, height, width, c = v.shape
+    heads = attn.shape[3]
+    geometry = (kernel_size, stride, padding)
+    planes = to_planes(v.reshape(b, height, width, heads, c // heads), *geometry)
+    parts = planes_window_slices(planes, (height, width), *geometry)
+    out = fold_planes(_window_products(attn, parts, False), (height, width), *geometry)
+    return out.reshape(v.shape).astype(v.dtype), (planes, attn)
+
+
+def _aggregate_planes_bwd(
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    residuals: tuple[jax.Array, jax.Array],
+    g: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    planes, attn = residuals  # planes of v (B, Hq, s, Wq, s, heads, hd)
+    b, height, width, _ = g.shape
+    heads = attn.shape[3]
+    geometry = (kernel_size, stride, padding)
+    size = (height, width)
+    g_planes = to_planes(g.astype(planes.dtype).reshape(b, height, width, heads, -1), *geometry)
+    g_windows = planes_unfold(g_planes, size, *geometry, axis=4)  # (B, h, w, heads, KK, hd)
+    v_windows = planes_unfold(planes, size, *geometry, axis=4)
+    # A custom VJP's backward is traced after `cpu_kernels` has rewritten the program, so
+    # its product picks the CPU rule itself ('planes' may be asked for on any platform).
+    spec = "bxynid,bxynjd->bxynij"
+    d_attn = lax.platform_dependent(
+        g_windows,
+        v_windows,
+        cpu=functools.partial(einsum, spec),
+        default=functools.partial(jnp.einsum, spec),
+    )
+    g_parts = [g_windows[:, :, :, :, k] for k in range(g_windows.shape[4])]
+    d_v = fold_planes(_window_products(attn, g_parts, True), size, *geometry)
+    return d_v.reshape(g.shape).astype(planes.dtype), d_attn.astype(attn.dtype)
+
+
+aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU branch
+# ---------------------------------------------------------------------------------------------
+
+_TRACING_FOR_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "volo_jax_tracing_for_cpu", default=False
+)
+
+
+def tracing_for_cpu() -> bool:
+    """Whether the code being traced is `cpu_kernels`' CPU branch (trace-time choices
+    such as outlook attention's `impl="auto"` read this, never the default backend)."""
+    return _TRACING_FOR_CPU.get()
+
+
+def _unset_precision(precision: Any) -> Any:
+    """None for a precision a trace records when none was asked for (DEFAULT, under
+    `jax.default_matmul_precision` too), which the rules read as 'unset'."""
+    values = precision if isinstance(precision, tuple) else (precision,)
+    return None if all(p in (None, lax.Precision.DEFAULT) for p in values) else precision
+
+
+def _cpu_dot_general(lhs, rhs, *, dimension_numbers, precision, preferred_element_type, **kw):
+    precision = _unset_precision(precision)
+    return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+
+def _cpu_conv(lhs, rhs, **params):
+    if params.get("preferred_element_type") not in (None, lhs.dtype):
+        return None
+    params = {**params, "precision": _unset_precision(params["precision"])}
+    return conv_general_dilated(
+        lhs,
+        rhs,
+        params["window_strides"],
+        params["padding"],
+        params["lhs_dilation"],
+        params["rhs_dilation"],
+        params["dimension_numbers"],
+        params["feature_group_count"],
+        params["batch_group_count"],
+        params["precision"],
+    )
+
+
+def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+    """Evaluates `jaxpr` on `args` (tracers of the enclosing trace), with this module's
+    products for its `dot_general`s and convolutions, inside nested jits and remat blocks
+    too; every other equation is bound as it is (custom derivatives, control flow)."""
+    env: dict[Any, Any] = {}
+
+    def read(var: Any) -> Any:
+        return var.val if isinstance(var, jex.Literal) else env[var]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+        with (
+            source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+            eqn.ctx.manager,
+        ):
+            outs = _rewrite(eqn, invals)
+            if outs is None:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(var, jex.DropVar):
+                env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _rewrite(eqn: jex.JaxprEqn, invals: list[Any]) -> Any:
+    """The CPU version of one equation, or None to bind it unchanged."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "dot_general":
+        return _cpu_dot_general(*invals, **params)
+    if name == "conv_general_dilated":
+        return _cpu_conv(*invals, **params)
+    if name in ("jit", "pjit", "closed_call", "core_call"):
+        inner = params.get("jaxpr", params.get("call_jaxpr"))
+        if isinstance(inner, jex.ClosedJaxpr):
+            return _evaluate(inner.jaxpr, inner.consts, *invals)
+        return None
+    if name in ("remat2", "checkpoint"):
+        body = functools.partial(_evaluate, params["jaxpr"], ())
+        remat = jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])
+        return remat(*invals)
+    return None
+
+
+def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` that, lowered for the CPU, runs this module's products and outlook choice,
+    and lowered for any other platform is `fn` itself.
+
+    Array arguments (leaves of the positional and keyword arguments that are arrays) are
+    traced; every other leaf (flags, names, `mutable=[...]`) is passed as it is. Use it
+    where a model is applied: `cpu_kernels(model.apply)(variables, images, train=True)`.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        traced = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+        operands = [x for x, t in zip(leaves, traced, strict=True) if t]
+
+        def call(*ops: Any) -> Any:
+            it = iter(ops)
+            full = [next(it) if t else x for x, t in zip(leaves, traced, strict=True)]
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            return fn(*a, **kw)
+
+        def on_cpu(*ops: Any) -> Any:
+            token = _TRACING_FOR_CPU.set(True)
+            try:
+                closed, shapes = jax.make_jaxpr(call, return_shape=True)(*ops)
+            finally:
+                _TRACING_FOR_CPU.reset(token)
+            with jax.named_scope("cpu_branch"):
+                outs = _evaluate(closed.jaxpr, closed.consts, *ops)
+            return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outs)
+
+        return lax.platform_dependent(*operands, cpu=on_cpu, default=call)
+
+    return run

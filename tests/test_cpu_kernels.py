@@ -1,5 +1,6 @@
-"""volo_jax.ops.matmul: the products every layer uses (float32 unchanged; low precision
-accumulated in float32 on the CPU, forward and backward)."""
+"""volo_jax.ops.cpu: the CPU's product rules (float32 unchanged; low precision accumulated
+in float32, forward and backward), and `cpu_kernels`, which applies them where a function
+is lowered for the CPU."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import functools
 import re
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from volo_jax.ops import matmul
+from volo_jax.ops import cpu
 
 SPECS = [
     "bhqd,bhkd->bhqk",  # attention logits (contract the minor dims)
@@ -38,14 +40,14 @@ def _operands(spec: str, seed: int = 0) -> tuple[jax.Array, jax.Array]:
 @pytest.mark.parametrize("spec", SPECS)
 def test_float32_is_jnp_einsum(spec):
     a, b = _operands(spec)
-    chex.assert_trees_all_equal(matmul.einsum(spec, a, b), jnp.einsum(spec, a, b))
+    chex.assert_trees_all_equal(cpu.einsum(spec, a, b), jnp.einsum(spec, a, b))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_bfloat16_products_and_gradients_accumulate_in_float32(spec):
     a, b = _operands(spec)
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    out = matmul.einsum(spec, a16, b16)
+    out = cpu.einsum(spec, a16, b16)
     assert out.dtype == jnp.bfloat16
     # The float32 product of the rounded operands, rounded once: what float32
     # accumulation gives (a bf16 accumulator would be off by many bf16 ulps).
@@ -57,7 +59,7 @@ def test_bfloat16_products_and_gradients_accumulate_in_float32(spec):
     def loss(fn, x, y):
         return jnp.sum(fn(spec, x, y).astype(jnp.float32) ** 2)
 
-    grads = jax.grad(lambda x, y: loss(matmul.einsum, x, y), (0, 1))(a16, b16)
+    grads = jax.grad(lambda x, y: loss(cpu.einsum, x, y), (0, 1))(a16, b16)
     ref = jax.grad(lambda x, y: loss(jnp.einsum, x, y), (0, 1))(
         a16.astype(jnp.float32), b16.astype(jnp.float32)
     )
@@ -72,12 +74,12 @@ def test_no_bfloat16_output_products_on_the_cpu():
     CPU's matrix-unit path), never a bf16-output dot."""
     if jax.default_backend() != "cpu":
         pytest.skip("the rule applies on the CPU")
-    layer = matmul.Dense(16, dtype=jnp.bfloat16)
+    layer = nn.Dense(16, dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 12))
     params = layer.init(jax.random.PRNGKey(0), x)
 
     def loss(p, x):
-        return jnp.sum(layer.apply(p, x).astype(jnp.float32))
+        return jnp.sum(cpu.cpu_kernels(layer.apply)(p, x).astype(jnp.float32))
 
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).as_text(dialect="hlo")
     dots = re.findall(r"= (\w+)\[[^\]]*\][^ ]* dot\(", hlo)
@@ -104,14 +106,17 @@ def test_low_precision_products_stay_low_precision_after_compilation(dtype):
     prevent (bf16 layers, and float32 layers under matmul precision 'bfloat16')."""
     if jax.default_backend() != "cpu":
         pytest.skip("the rule applies on the CPU")
-    layer = matmul.Dense(384, dtype=dtype)
+    layer = nn.Dense(384, dtype=dtype)
     x = jnp.ones((8, 196, 192))
     params = layer.init(jax.random.PRNGKey(0), x)
 
+    @cpu.cpu_kernels
+    def forward(p, x):
+        y = layer.apply(p, x).reshape(8, 196, 12, 32)
+        return jax.nn.dot_product_attention(y, y, y)
+
     def loss(p, x):
-        y = layer.apply(p, x).reshape(8, 196, 12, 32).transpose(0, 2, 1, 3)
-        logits = matmul.einsum("bhqd,bhkd->bhqk", y, y)
-        return jnp.sum(matmul.einsum("bhqk,bhkd->bhqd", logits, y).astype(jnp.float32))
+        return jnp.sum(forward(p, x).astype(jnp.float32))
 
     with jax.default_matmul_precision("bfloat16"):
         compiled = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
@@ -129,8 +134,8 @@ def test_dot_general_matches_lax():
         (y, (((2,), (2,)), ((0,), (0,)))),
     ]:
         ref = lax.dot_general(x, rhs, dims)
-        chex.assert_trees_all_equal(matmul.dot_general(x, rhs, dims), ref)
-        low = matmul.dot_general(x.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dims)
+        chex.assert_trees_all_equal(cpu.dot_general(x, rhs, dims), ref)
+        low = cpu.dot_general(x.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dims)
         assert low.dtype == jnp.bfloat16 and low.shape == ref.shape
         np.testing.assert_allclose(np.asarray(low, np.float32), ref, rtol=3e-2, atol=3e-2)
 
@@ -141,9 +146,9 @@ def test_conv_low_precision_runs_in_float32():
     args = ((1, 1), ((1, 1), (1, 1)))
     dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
     ref = lax.conv_general_dilated(x, k, *args, dimension_numbers=dn)
-    chex.assert_trees_all_equal(matmul.conv_general_dilated(x, k, *args, dimension_numbers=dn), ref)
+    chex.assert_trees_all_equal(cpu.conv_general_dilated(x, k, *args, dimension_numbers=dn), ref)
     x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    low = matmul.conv_general_dilated(x16, k16, *args, dimension_numbers=dn)
+    low = cpu.conv_general_dilated(x16, k16, *args, dimension_numbers=dn)
     assert low.dtype == jnp.bfloat16
     exact = lax.conv_general_dilated(
         x16.astype(jnp.float32), k16.astype(jnp.float32), *args, dimension_numbers=dn
@@ -188,13 +193,12 @@ def test_conv_weight_gradient_equals_lax(shape, kernel, strides, padding):
         return jax.grad(functools.partial(loss, conv), (0, 1))
 
     ref = grad(lax.conv_general_dilated)(x, k)
-    for g, r in zip(jax.jit(grad(matmul.conv_general_dilated))(x, k), ref, strict=True):
+    for g, r in zip(jax.jit(grad(cpu.conv_general_dilated))(x, k), ref, strict=True):
         scale = float(jnp.abs(r).max())
         np.testing.assert_allclose(g, r, rtol=0, atol=2e-6 * scale * np.sqrt(np.prod(shape[:3])))
     if jax.default_backend() == "cpu":  # one convolution fewer: the weight gradient's
         ours, xla = (
-            _conv_count(grad(c), x, k)
-            for c in (matmul.conv_general_dilated, lax.conv_general_dilated)
+            _conv_count(grad(c), x, k) for c in (cpu.conv_general_dilated, lax.conv_general_dilated)
         )
         assert ours == xla - 1, (ours, xla)
 
@@ -211,7 +215,7 @@ def test_conv_weight_gradient_follows_the_matmul_precision():
     def loss(conv, k):
         return jnp.sum(conv(x, k, (1, 1), "SAME", dimension_numbers=dn) ** 2)
 
-    grad = jax.grad(functools.partial(loss, matmul.conv_general_dilated))
+    grad = jax.grad(functools.partial(loss, cpu.conv_general_dilated))
     with jax.default_matmul_precision("bfloat16"):
         dk = jax.jit(grad)(k)
         dtypes = _compiled_dot_operand_dtypes(jax.jit(grad).lower(k).compile().as_text())
@@ -245,9 +249,9 @@ def test_patch_conv_equals_lax(shape, kernel, padding):
     def loss(conv, x, k):
         return jnp.sum(conv(x, k, kernel, padding, dimension_numbers=dn) * t)
 
-    out = matmul.conv_general_dilated(x, k, kernel, padding, dimension_numbers=dn)
+    out = cpu.conv_general_dilated(x, k, kernel, padding, dimension_numbers=dn)
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5 * float(jnp.abs(ref_out).max()))
-    grad = jax.grad(functools.partial(loss, matmul.conv_general_dilated), (0, 1))
+    grad = jax.grad(functools.partial(loss, cpu.conv_general_dilated), (0, 1))
     ref = jax.grad(functools.partial(loss, lax.conv_general_dilated), (0, 1))(x, k)
     for g, r in zip(jax.jit(grad)(x, k), ref, strict=True):
         np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(jnp.abs(r).max()))
@@ -273,7 +277,7 @@ def test_bad_spec(spec, message):
     if jax.default_backend() != "cpu":
         pytest.skip("low-precision specs are rewritten on the CPU only")
     with pytest.raises(ValueError, match=message):
-        matmul.einsum(spec, a, b)
+        cpu.einsum(spec, a, b)
 
 
 @pytest.mark.parametrize("spec", ["bnc,co->bno", "bhqd,bhkd->bhqk"])
@@ -285,9 +289,9 @@ def test_float32_under_bfloat16_matmul_precision(spec):
     a, b = _operands(spec)
     rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (a, b)]
     with jax.default_matmul_precision("bfloat16"):
-        out = matmul.einsum(spec, a, b)
-        grads = jax.grad(lambda x, y: jnp.sum(matmul.einsum(spec, x, y) ** 2), (0, 1))(a, b)
-        hlo = jax.jit(lambda x, y: matmul.einsum(spec, x, y)).lower(a, b).as_text("hlo")
+        out = cpu.einsum(spec, a, b)
+        grads = jax.grad(lambda x, y: jnp.sum(cpu.einsum(spec, x, y) ** 2), (0, 1))(a, b)
+        hlo = jax.jit(lambda x, y: cpu.einsum(spec, x, y)).lower(a, b).as_text("hlo")
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, jnp.einsum(spec, *rounded), rtol=1e-5, atol=1e-5)
     assert not np.array_equal(out, jnp.einsum(spec, a, b))  # the operands were rounded
@@ -298,7 +302,7 @@ def test_float32_under_bfloat16_matmul_precision(spec):
         assert g.dtype == jnp.float32
         assert float(jnp.abs(g - r).max()) <= 2e-2 * float(jnp.abs(r).max())
     # Without the setting, float32 products are untouched.
-    chex.assert_trees_all_equal(matmul.einsum(spec, a, b), jnp.einsum(spec, a, b))
+    chex.assert_trees_all_equal(cpu.einsum(spec, a, b), jnp.einsum(spec, a, b))
 
 
 @pytest.mark.parametrize("spec", ["bnc,co->bno", "bhqd,bhkd->bhqk"])
@@ -315,7 +319,7 @@ def test_float32_gradients_are_not_rounded_to_bfloat16(spec):
         return x.astype(jnp.bfloat16).astype(jnp.float32)
 
     with jax.default_matmul_precision("bfloat16"):
-        _, vjp = jax.vjp(lambda x, y: matmul.einsum(spec, x, y), a, b)
+        _, vjp = jax.vjp(lambda x, y: cpu.einsum(spec, x, y), a, b)
         da, db = vjp(g)
     inputs, out = spec.split("->")
     sa, sb = inputs.split(",")
