@@ -383,7 +383,8 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
 def _source_group(op_name: str) -> str:
     """'jit(step)/jvp(VOLO)/VOLO.forward_features/network_0_1/attn/v/dot_general' ->
     'network_0_*/attn/v' (transforms, block indices and the primitive dropped)."""
-    parts = [p for p in op_name.split("/") if p and "(" not in p and not p.startswith("VOLO")]
+    skip = ("VOLO", "cpu_branch")
+    parts = [p for p in op_name.split("/") if p and "(" not in p and not p.startswith(skip)]
     parts = [re.sub(r"^(network_\d+)_\d+$", r"\1_*", p) for p in parts[:-1] if "->" not in p]
     parts = [re.sub(r"^post_network_\d+$", "post_network_*", p) for p in parts]
     return "/".join(parts[:3]) or "(outside the model: loss, optimizer, layout)"
@@ -465,7 +466,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import cpu_kernels
+    from volo_jax.ops.cpu import cpu_kernels, for_platform
 
     synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
     precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
@@ -482,7 +483,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     logits = None
 
     if mode == "infer":
-        forward = jax.jit(lambda v, x: cpu_kernels(model.apply)(v, x))
+        forward = jax.jit(for_platform(cpu_kernels(model.apply), device.platform))
         xla, hlo = compile_stats(forward, variables, images)
         timing = time_calls(lambda: forward(variables, images), sync, cfg.reps, cfg.warmup, memory)
         logits = np.asarray(forward(variables, images), dtype=np.float32)
@@ -519,7 +520,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-        train_step = jax.jit(step, donate_argnums=(0, 1, 2))
+        train_step = jax.jit(for_platform(step, device.platform), donate_argnums=(0, 1, 2))
         params = variables["params"]
         state = {
             "params": params,

@@ -329,3 +329,21 @@ def test_float32_gradients_are_not_rounded_to_bfloat16(spec):
     for got, want in ((da, want_a), (db, want_b)):
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_for_platform_takes_one_branch_while_tracing(platform):
+    """Inside `for_platform`, `cpu_kernels` decides at trace time: one branch in the
+    program (no `case` over platforms), the CPU's rules only for 'cpu'."""
+    layer = nn.Dense(8, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 4))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    forward = cpu.cpu_kernels(layer.apply)
+    decided = jax.jit(cpu.for_platform(forward, platform)).trace(params, x).jaxpr
+    undecided = jax.jit(forward).trace(params, x).jaxpr
+    assert "platform_index" in str(undecided)
+    assert "platform_index" not in str(decided)
+    text = jax.export.export(jax.jit(cpu.for_platform(forward, platform)), platforms=[platform])(
+        params, x
+    ).mlir_module()
+    assert ("/cpu_branch/" in text) == (platform == "cpu")

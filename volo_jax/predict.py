@@ -16,7 +16,7 @@ import numpy as np
 from volo_jax.cli import run_cli
 from volo_jax.data.transforms import eval_transform, imagenet_class_names, load_image
 from volo_jax.models import create_model, pretrained_cfg
-from volo_jax.ops.cpu import cpu_kernels
+from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.weights import load_weights_into, read_metadata
 
 
@@ -53,7 +53,9 @@ def predict(
             for im in images
         ]
     )
-    logits = jax.jit(cpu_kernels(model.apply))(variables, batch)
+    device = jax.devices()[0]  # where the batch will run
+    forward = for_platform(cpu_kernels(model.apply), device.platform)
+    logits = jax.jit(forward)(variables, batch)
     return np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
 
 

@@ -28,10 +28,11 @@ each rule are in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -524,15 +525,28 @@ aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
 # The CPU branch
 # ---------------------------------------------------------------------------------------------
 
-_TRACING_FOR_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "volo_jax_tracing_for_cpu", default=False
+#: What the code being traced is traced for: None (not decided: `cpu_kernels` leaves the
+#: choice to the lowering), "other" (a GPU or TPU), "cpu", or "rewriting" (inside
+#: `cpu_kernels`' CPU rewrite).
+_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "volo_jax_traced_for", default=None
 )
 
 
+@contextlib.contextmanager
+def _traced_for(kind: str) -> Iterator[None]:
+    token = _TRACED_FOR.set(kind)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
+
+
 def tracing_for_cpu() -> bool:
-    """Whether the code being traced is `cpu_kernels`' CPU branch (trace-time choices
-    such as outlook attention's `impl="auto"` read this, never the default backend)."""
-    return _TRACING_FOR_CPU.get()
+    """Whether the code being traced is for the CPU (`cpu_kernels`' CPU branch, or inside
+    `for_platform(fn, "cpu")`). Trace-time choices such as outlook attention's
+    `impl="auto"` read this, never the default backend."""
+    return _TRACED_FOR.get() in ("cpu", "rewriting")
 
 
 def _unset_precision(precision: Any) -> Any:
@@ -621,7 +635,10 @@ def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     Array arguments (leaves of the positional and keyword arguments that are arrays) are
     traced; every other leaf (flags, names, `mutable=[...]`) is passed as it is. Use it
-    where a model is applied: `cpu_kernels(model.apply)(variables, images, train=True)`.
+    where a model is applied, before any differentiation (the rewrite keeps the custom
+    gradients of the rules): `cpu_kernels(model.apply)(variables, images, train=True)`.
+    Inside `for_platform` the branch is taken at trace time; otherwise both are traced
+    and `jax.lax.platform_dependent` keeps the one of the platform being lowered for.
     """
 
     @functools.wraps(fn)
@@ -637,15 +654,40 @@ def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*a, **kw)
 
         def on_cpu(*ops: Any) -> Any:
-            token = _TRACING_FOR_CPU.set(True)
-            try:
+            with _traced_for("rewriting"):
                 closed, shapes = jax.make_jaxpr(call, return_shape=True)(*ops)
-            finally:
-                _TRACING_FOR_CPU.reset(token)
             with jax.named_scope("cpu_branch"):
                 outs = _evaluate(closed.jaxpr, closed.consts, *ops)
             return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outs)
 
-        return lax.platform_dependent(*operands, cpu=on_cpu, default=call)
+        def elsewhere(*ops: Any) -> Any:
+            with _traced_for("other"):
+                return call(*ops)
+
+        decided = _TRACED_FOR.get()
+        if decided == "rewriting":  # already inside a CPU rewrite
+            return call(*operands)
+        if decided == "cpu":
+            return on_cpu(*operands)
+        if decided == "other":
+            return call(*operands)
+        return lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
+
+    return run
+
+
+def for_platform(fn: Callable[..., Any], platform: str) -> Callable[..., Any]:
+    """`fn` traced for `platform` alone ('cpu', 'gpu', 'cuda', 'rocm' or 'tpu'): every
+    `cpu_kernels` inside it takes that platform's branch while tracing, one trace instead
+    of one per branch (AD through `jax.lax.platform_dependent` retraces each branch, a
+    train step's trace took about 3x as long). For jit boundaries whose devices are known,
+    e.g. `for_platform(step, mesh.devices.flat[0].platform)`; such a function must be
+    lowered for that platform only."""
+    kind = "cpu" if platform == "cpu" else "other"
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _traced_for(kind):
+            return fn(*args, **kwargs)
 
     return run

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from volo_jax.models import create_model, pretrained_cfg
-from volo_jax.ops.cpu import cpu_kernels
+from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -64,8 +64,9 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = Non
     """The jitted `eval_step` of `model`: variables in `shardings` (a NamedSharding tree;
     None: as they come), the batch split over data x fsdp, the sums replicated."""
     in_shardings = None if shardings is None else (shardings, batch_sharding(mesh))
+    step = functools.partial(eval_step, model=model)
     return jax.jit(
-        functools.partial(eval_step, model=model),
+        for_platform(step, mesh.devices.flat[0].platform),
         in_shardings=in_shardings,
         out_shardings=replicated(mesh),
     )

@@ -30,7 +30,7 @@ from flax.training import train_state
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import mix_box_lam, sample_mix_box
-from volo_jax.ops.cpu import cpu_kernels
+from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -446,10 +446,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 
+    step = functools.partial(
+        train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
+    )
     step_fn = jax.jit(
-        functools.partial(
-            train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
-        ),
+        for_platform(step, mesh.devices.flat[0].platform),
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
