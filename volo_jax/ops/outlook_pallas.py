@@ -89,6 +89,14 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _divmod(a, b: int):
+    """divmod of a non-negative int or traced scalar (lax.div/rem: no sign handling,
+    which Mosaic lowers only on a TPU host)."""
+    if isinstance(a, int):
+        return divmod(a, b)
+    return jax.lax.div(a, b), jax.lax.rem(a, b)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -185,19 +193,19 @@ def tpu_vmem_bytes(plan: TpuPlan, backward: bool) -> int:
     it, c, wd = plan.itemsize, plan.channels, plan.width
     image = _tile_bytes((plan.v_rows, wd, c), it)
     logits = _tile_bytes((plan.kk, plan.l_rows, plan.w, plan.lanes), it)
-    halos = 0
-    if plan.bands > 1:
-        halos = 2 * _tile_bytes((plan.halo, wd, c), it)
-        halos += 2 * _tile_bytes((plan.kk, plan.logit_halo, plan.w, plan.lanes), it)
+    image_halos = logit_halos = 0
+    if plan.bands > 1:  # a block above and one below
+        image_halos = 2 * _tile_bytes((plan.halo, wd, c), it)
+        logit_halos = 2 * _tile_bytes((plan.kk, plan.logit_halo, plan.w, plan.lanes), it)
     f32_image = _tile_bytes((plan.image_rows, plan.image_width, c), 4)
     f32_logits = _tile_bytes((plan.kk, plan.window_rows, plan.w, plan.lanes), 4)
-    f32_logits += _tile_bytes((plan.kk, plan.w, plan.lanes), 4) * (2 if backward else 1)
-    if backward:  # in: v, g, logits (+ halos of v and g); out: dv, dlogits
-        blocks = 2 * (3 * image + 2 * logits + halos + (halos // 2 if halos else 0))
-        scratch = 3 * f32_image + f32_logits
-    else:  # in: v, logits; out: o
-        blocks = 2 * (2 * image + logits + halos)
-        scratch = 2 * f32_image + f32_logits
+    f32_weights = _tile_bytes((plan.kk, plan.w, plan.lanes), 4)
+    if backward:  # in: v, g, logits (and halos); out: dv, dlogits
+        blocks = 2 * (3 * image + 2 * logits + 2 * image_halos + logit_halos)
+        scratch = 3 * f32_image + f32_logits + 2 * f32_weights
+    else:  # in: v, logits (and halos); out: o
+        blocks = 2 * (2 * image + logits + image_halos + logit_halos)
+        scratch = 2 * f32_image + f32_logits + f32_weights
     return blocks + scratch
 
 
@@ -300,7 +308,7 @@ def _window_ref(plan: TpuPlan, u, k, span: bool = False):
     """Row and column indexer of offset k (static or traced) of window row u
     (band-relative) in a band image: a (w, C) stride-s sublane slice (with `span`, the
     contiguous columns that contain it)."""
-    kr, kc = k // plan.kernel, k % plan.kernel
+    kr, kc = _divmod(k, plan.kernel)
     s, p = plan.stride, plan.padding
     row = s * u + kr + (plan.halo - p)
     start = kc + (plan.col0 - p)
@@ -464,7 +472,9 @@ def _image_specs(plan: TpuPlan) -> list[pl.BlockSpec]:
             pl.BlockSpec((None, hv, wd, c), lambda b, t: (b, jnp.maximum(t * per - 1, 0), 0, 0))
         )
         specs.append(
-            pl.BlockSpec((None, hv, wd, c), lambda b, t: (b, jnp.minimum((t + 1) * per, last), 0, 0))
+            pl.BlockSpec(
+                (None, hv, wd, c), lambda b, t: (b, jnp.minimum((t + 1) * per, last), 0, 0)
+            )
         )
     return specs
 
@@ -536,19 +546,23 @@ def _tpu_call(plan: TpuPlan, batch: int, backward: bool, softmax: bool, interpre
     lsc = pltpu.VMEM((plan.kk, plan.window_rows, plan.w, plan.lanes), jnp.float32)
     weights = pltpu.VMEM((plan.kk, plan.w, plan.lanes), jnp.float32)
     scratch = [f32_image] * (images + 1) + [lsc] + [weights] * images
-    return functools.partial(
-        pl.pallas_call,
-        functools.partial(kernel, plan=plan, softmax=softmax, strided=interpret != "generic"),
-        grid=(batch, plan.bands),
-        in_specs=in_specs,
-        scratch_shapes=scratch,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_LIMIT
+    return (
+        functools.partial(
+            pl.pallas_call,
+            functools.partial(kernel, plan=plan, softmax=softmax, strided=interpret != "generic"),
+            grid=(batch, plan.bands),
+            in_specs=in_specs,
+            scratch_shapes=scratch,
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_LIMIT
+            ),
+            cost_estimate=_tpu_cost(plan, batch, backward),
+            interpret=_INTERPRETERS[interpret],
+            name="outlook_attention_bwd" if backward else "outlook_attention_fwd",
         ),
-        cost_estimate=_tpu_cost(plan, batch, backward),
-        interpret=_INTERPRETERS[interpret],
-        name="outlook_attention_bwd" if backward else "outlook_attention_fwd",
-    ), image_specs[0], _logit_specs(plan)[0]
+        image_specs[0],
+        _logit_specs(plan)[0],
+    )
 
 
 def _repeat_halos(plan: TpuPlan, x: jax.Array) -> list[jax.Array]:
@@ -562,12 +576,14 @@ def tpu_forward(v, logits, kernel, stride, padding, *, softmax=True, interpret=F
     plan = tpu_plan(v.shape, heads, kernel, stride, padding, dtype, rows)
     call, image_spec, _ = _tpu_call(plan, v.shape[0], False, softmax, interpret)
     lanes = _to_lanes(logits)
-    return call(
-        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), out_specs=image_spec
-    )(*_repeat_halos(plan, v), *_repeat_halos(plan, lanes))
+    return call(out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), out_specs=image_spec)(
+        *_repeat_halos(plan, v), *_repeat_halos(plan, lanes)
+    )
 
 
-def tpu_backward(v, logits, g, kernel, stride, padding, *, softmax=True, interpret=False, rows=None):
+def tpu_backward(
+    v, logits, g, kernel, stride, padding, *, softmax=True, interpret=False, rows=None
+):
     """The Mosaic backward: (d_v, d_logits)."""
     heads = logits.shape[3]
     dtype = jnp.promote_types(v.dtype, logits.dtype)
@@ -604,7 +620,7 @@ def _triton_gather_kernel(
     c = cb * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
     c_ok = c < channels
     cc = jnp.minimum(c, channels - 1)
-    n = cc // hd
+    n = jax.lax.div(cc, hd)
     xp = jax.lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
 
     def weight(idx_o, q):
@@ -615,12 +631,12 @@ def _triton_gather_kernel(
     for r in range(s):  # output columns X = s * xp + r
 
         def offset(o, acc, r=r):
-            ko, lo = o // k, o % k
+            ko, lo = _divmod(o, k)
             y_num = row + p - ko
-            y = jnp.maximum(y_num, 0) // s
-            x_num = r + p - lo + s * k  # kept positive: floor division of a traced scalar
-            x = xp + (x_num // s - k)
-            ok = (y_num >= 0) & (y_num % s == 0) & (y < h) & (x_num % s == 0)
+            y, y_rem = _divmod(jnp.maximum(y_num, 0), s)
+            x_div, x_rem = _divmod(r + p - lo + s * k, s)  # kept non-negative
+            x = xp + (x_div - k)
+            ok = (y_num >= 0) & (y_rem == 0) & (y < h) & (x_rem == 0)
             ok = ok & (x >= 0) & (x < w) & c_ok
             idx_o = (jnp.minimum(y, h - 1), jnp.clip(x, 0, w - 1), o)
             if softmax:  # online max and sum over q, then normalised weights below
@@ -643,8 +659,9 @@ def _triton_gather_kernel(
                 a = weight(idx_o, q)
                 if softmax:
                     a = (jnp.exp(a - top) * inv).astype(x_ref.dtype).astype(jnp.float32)
-                src_r = s * y + q // k - p
-                src_c = s * x + q % k - p
+                qr, qc = _divmod(q, k)
+                src_r = s * y + qr - p
+                src_c = s * x + qc - p
                 m = ok & (src_r >= 0) & (src_r < height) & (src_c >= 0) & (src_c < width)
                 src_idx = (
                     b,
@@ -680,7 +697,7 @@ def _triton_logits_kernel(
     xw_c = jnp.minimum(xw, w - 1)
 
     def window(ref, k_):
-        kr, kc = divmod(k_, k)
+        kr, kc = _divmod(k_, k)
         src_r, src_c = s * y + kr - p, s * x + kc - p
         m = ok & (src_r >= 0) & (src_r < height) & (src_c >= 0) & (src_c < width)
         idx = (b, jnp.clip(src_r, 0, height - 1), jnp.clip(src_c, 0, width - 1), c)
