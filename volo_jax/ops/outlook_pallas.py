@@ -272,6 +272,12 @@ def _softmax(logits: list[jax.Array]) -> list[jax.Array]:
     return [x * inv for x in e]
 
 
+def _softmax_vjp(p: list[jax.Array], dp: list[jax.Array]) -> list[jax.Array]:
+    """d_logits_j = P_j * (dP_j - sum_j' P_j' dP_j')."""
+    total = functools.reduce(jnp.add, [a * b for a, b in zip(p, dp, strict=True)])
+    return [a * (b - total) for a, b in zip(p, dp, strict=True)]
+
+
 def _fill_image(plan: TpuPlan, image_ref, main_ref, up_ref, down_ref, band) -> None:
     """Zero-bordered float32 copy of the band's rows and its halos."""
     c0, wd, hv = plan.col0, plan.width, plan.halo
@@ -445,8 +451,7 @@ def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> 
             _offsets(plan, input_offset, 0)
             dp = [dp_ref[j] for j in range(kk)]
             if softmax:
-                total = functools.reduce(jnp.add, [a * b for a, b in zip(p, dp)])
-                dp = [a * (b - total) for a, b in zip(p, dp)]
+                dp = _softmax_vjp(p, dp)
 
             @pl.when((u >= 0) & (u < plan.rows))
             def _():
@@ -710,8 +715,7 @@ def _triton_logits_kernel(
         dp = [jnp.sum(g_i * values[j], axis=1) for j in range(kk)]  # (tile,)
         if softmax:
             pr = _softmax([l_ref[b, y, xw_c, n, i, j].astype(jnp.float32) for j in range(kk)])
-            total = functools.reduce(jnp.add, [a * b_ for a, b_ in zip(pr, dp)])
-            dp = [a * (b_ - total) for a, b_ in zip(pr, dp)]
+            dp = _softmax_vjp(pr, dp)
         for j in range(kk):
             pltriton.store(d_ref.at[b, y, xw, n, i, j], dp[j].astype(d_ref.dtype), mask=xw < w)
         return carry
@@ -723,27 +727,32 @@ def _triton_params(num_warps: int = 4) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _triton_block(channels: int) -> int:
-    return min(TRITON_CHANNEL_BLOCK, _next_pow2(channels))
+def _triton_block(channels: int, tile: int) -> int:
+    """Channels per program: up to 64, and at most 1024 elements per (tile, block) tile
+    (8 per thread at 4 warps)."""
+    return min(TRITON_CHANNEL_BLOCK, _next_pow2(channels), max(16, 1024 // tile))
 
 
 def triton_tile_bytes(shape, heads: int, kernel: int, stride: int) -> int:
-    """Upper bound of the live float32 tiles of one Triton program (registers)."""
+    """Estimated live register bytes of one Triton program: the gather kernel holds
+    about 6 float32 tiles (accumulator, softmax max and sum, weight, source, mask) and
+    2 int64 pointer tiles of (tile, block); the d_logits kernel the K*K value windows,
+    the cotangent window and a product (float32) and 2 pointer tiles of (w, hd)."""
     _, _, width, channels = shape
     hd = channels // heads
-    gather = _next_pow2(-(-width // stride)) * _triton_block(channels) * 4
-    gather_live = (2 * kernel * kernel + 4) * gather  # weights, softmax, acc, source
+    tile = _next_pow2(-(-width // stride))
+    gather = tile * _triton_block(channels, tile) * (6 * 4 + 2 * 8)
     w = (width - 1) // stride + 1
-    logits_live = (2 * kernel * kernel + 2) * _next_pow2(w) * _next_pow2(hd) * 4
-    return max(gather_live, logits_live)
+    logits = _next_pow2(w) * _next_pow2(hd) * ((kernel * kernel + 2) * 4 + 2 * 8)
+    return max(gather, logits)
 
 
 def _gather_call(weights, x, out_dtype, geometry, *, softmax, transpose, interpret):
     b, height, width, channels = x.shape
     heads = weights.shape[3]
     k, s, _ = geometry
-    block = _triton_block(channels)
     tile = _next_pow2(-(-width // s))
+    block = _triton_block(channels, tile)
     kernel = functools.partial(
         _triton_gather_kernel,
         geometry=geometry,
