@@ -4,60 +4,68 @@ for GPU (Triton), forward and backward (custom VJP).
 
 Public entries:
 
-- `outlook_attention_pallas(v, logits, K, stride, padding)`: v (B, H, W, C), logits
-  (B, h, w, heads, K*K, K*K) (output offset i, input offset j, softmax over j) ->
-  (B, H, W, C); equal to `softmax(logits.astype(f32), -1).astype(v.dtype)` followed by
-  `outlook._aggregate_reference`. Gradients for v and for the logits.
-- `outlook_aggregate_pallas(v, attn, K, stride, padding)`: the same with the weights
-  given (no softmax), the contract of `outlook.outlook_aggregate`.
+- `outlook_attention_pallas(v, logits, kernel_size, stride, padding)`: v (B, H, W, C),
+  logits (B, h, w, heads, K*K, K*K) (output offset i, input offset j, softmax over j)
+  -> (B, H, W, C); equal to `softmax(logits.astype(f32), -1).astype(v.dtype)` followed
+  by `outlook._aggregate_reference`. Gradients for v and for the logits.
+- `outlook_aggregate_pallas(v, attn, kernel_size, stride, padding)`: the same kernels
+  with the weights given (no softmax): the contract of `outlook.outlook_aggregate`.
 
-The platform is chosen with `jax.lax.platform_dependent` when the code is lowered
-(never from `jax.default_backend()`): `tpu` runs the Mosaic kernel, `cuda` the Triton
-kernels, every other platform (the CPU) the Mosaic kernel in Pallas' TPU interpret
-mode, which is what the CPU tests check.
+The kernel is chosen with `jax.lax.platform_dependent` when the code is lowered, never
+from `jax.default_backend()`: 'tpu' runs the Mosaic kernels, 'cuda' the Triton kernels,
+every other platform (the CPU; also ROCm, untried) the Mosaic kernels in Pallas'
+generic interpret mode, which is what the CPU tests check.
 
 TPU (Mosaic)
-  Layout: v, the output and the cotangent stay NHWC with C = heads * hd (192, 256,
-  384) on the 128 lanes and W on the sublanes. The logits are viewed as
-  (B, K*K_j, h, w, K*K_i * heads): one transpose outside the kernel (XLA may fold it
-  into the logits projection) so that input offset j is a leading axis and the softmax
-  over j is elementwise over K*K arrays (w, K*K*heads); lane l = i * heads + n.
+  Layout: v, the output and the cotangent stay NHWC, C = heads * hd (192, 256, 384) on
+  the lanes and W on the sublanes. The logits are viewed as (B, K*K_j, h, w,
+  K*K_i * heads) (lane i * heads + n): one XLA transpose outside the kernel (and one
+  back for d_logits; the logits projection could emit this order directly), so that
+  the softmax over j is elementwise over K*K arrays of (w, K*K * heads).
   Grid: (B, bands), both 'parallel'. Band t owns the output rows [t*s*T, (t+1)*s*T)
-  (T window rows) and recomputes the few windows of its neighbours that reach into it
-  (VOLO: one window row), so every output row is written once, by one program; the
-  rows above/below that those windows read come in as small extra blocks of the same
-  array (halo blocks, clamped at the image edges and zeroed there).
-  In the kernel: the band and its halos are copied once into a zero-bordered float32
-  VMEM image; a loop over window rows reads each window offset j as a stride-s
-  sublane load (`pl.ds(start, w, stride=s)`), computes the softmax over j in float32,
-  broadcasts head n's weight to its hd channels with a one-hot (K*K*heads, C) product
-  on the MXU (exact: a one-hot matrix), multiplies and adds on the VPU in float32, and
-  adds the K*K outputs into a float32 VMEM fold accumulator with stride-s stores; the
-  band is cast and written once at the end. The backward kernel has the same grid and
-  recomputes the softmax: d_v is folded the same way (transposed weights), d_logits =
-  P * (dP - sum_j P dP) with dP (per head) a one-hot product reducing the hd channels
-  on the MXU; each window's d_logits is written by the band that owns the window.
-  VMEM per program: double-buffered blocks plus two or three f32 band images; the band
-  height T is the largest that keeps the backward footprint under 12 MiB
-  (`tpu_vmem_bytes`); vmem_limit_bytes is 32 MiB. VOLO D1-D5 at 224-512 use at most
-  ~11 MiB (tested).
+  (T window rows) and also computes the windows of its neighbours that reach into it
+  (VOLO: one window row more), so each output row is written once, by one program. The
+  image rows above and below that those windows read come in as small extra blocks of
+  the same array (halo blocks, index clamped at the image edges, zeroed there).
+  Kernel: the band and its halos are copied once into a zero-bordered float32 VMEM
+  image; a loop over window rows computes the softmax over j in float32 (P in a VMEM
+  scratch), then for each output offset i (rolled loops over i and j) reads each input
+  offset j as a stride-s sublane load (`pl.ds(start, w, stride=s)`), broadcasts head
+  n's weight P[.., n, i, j] to its hd channels with a one-hot (K*K*heads, C) product on
+  the MXU (exact: the one-hot matrix, bf16 or float32 at HIGHEST), multiplies and adds
+  in float32, and adds the (w, C) result into a float32 VMEM fold accumulator with a
+  stride-s store; the band is cast and written once at the end. The backward kernel
+  has the same grid, reads v, the cotangent and the logits, recomputes the softmax,
+  folds d_v the same way (transposed weights), reduces dP[.., n, i, j] over the head's
+  channels with a one-hot product on the MXU, applies the softmax VJP, and writes each
+  window's d_logits from the band that owns the window.
+  VMEM per program (double-buffered blocks, 2-3 float32 band images, logits and weight
+  scratch, tiles padded to (8, 128)): T is the largest band whose backward footprint
+  fits 12 MiB (`tpu_plan`, `tpu_vmem_bytes`); vmem_limit_bytes = 32 MiB. VOLO D1-D5,
+  batch any, bf16: 6.4-7.9 MiB forward, 9.5-11.9 MiB backward; one band per image for
+  C = 192/256 at 224, 2-7 bands (5-12 window rows each) otherwise (tested).
+  Cost: per window 81 * C VPU multiply-adds and 81 one-hot products of
+  (w, K*K*heads) x (K*K*heads, C) on the MXU; `pl.CostEstimate` counts both.
 
-GPU (Triton): Mosaic GPU cannot take these strided blocks and Triton needs power-of-two
-  tensors, so a separate, output-stationary formulation: one program per (image,
-  output row, 64-channel block), a (next_pow2(W / s), 64) register tile per output
-  column parity, gathering the windows that cover each output position (masked,
-  indices clamped), the softmax of each window row fused (float32), accumulated in
-  float32 registers and stored once. Backward: d_v is the same kernel on the
-  cotangent with the transposed weights (P computed once by XLA), d_logits one
-  program per (image, window row, head) on a (next_pow2(w), next_pow2(hd)) tile, the
-  softmax recomputed in the kernel. Only registers (no explicit shared memory): at
-  most ~25 KiB of live tiles per program (`triton_tile_bytes`).
+GPU (Triton): Mosaic GPU rejects these >5-D strided copies and Triton needs
+  power-of-two tensors, so a separate, output-stationary formulation that needs no
+  fold scratch: one program per (image, output row, channel block) holds a
+  (next_pow2(ceil(W / s)), block) float32 tile per output column parity in registers,
+  loops over the K*K offsets landing on the row (rolled), gathers the covering windows'
+  logits and values (indices clamped, masked), computes the softmax (an online max
+  and sum over j, float32) and accumulates, then stores the tile once (masked). block
+  is 64 channels, or fewer so a tile stays at 1024 elements. Backward: d_v is the same
+  kernel on the cotangent with the transposed weights (P = softmax computed once by
+  XLA); d_logits one program per (image, window row, head) on a (next_pow2(w),
+  next_pow2(hd)) tile, the softmax recomputed in the kernel. No shared memory is
+  requested; estimated live registers per program 40-60 KiB for D1-D5 at 224-512
+  (`triton_tile_bytes`, tested under 64 KiB).
 
-Status: lowered (`jax.export` for 'tpu' and 'cuda', forward and backward, VOLO D1 and
-D5 at 512 shapes) and checked in interpret mode from a CPU-only host. Neither kernel has
-been compiled by Mosaic / Triton's backends nor run on a TPU or a GPU: Mosaic's layout
-passes (strided loads, small matmuls) and Triton's register allocation are unverified,
-and so is the speed.
+Status: both kernels are lowered (`jax.export` for 'tpu' and 'cuda' from a CPU host,
+forward and gradient, VOLO-D1 at 224 and D5 at 512) and checked in interpret mode on
+the CPU. Neither has been compiled by Mosaic or Triton's backends nor run on a TPU or a
+GPU here: whether Mosaic's layout passes accept the stride-s sublane accesses and the
+small (w, 54)-(54, C) products, Triton's register use, and the speed are unverified.
 """
 
 from __future__ import annotations
