@@ -103,7 +103,7 @@ def test_aggregate_with_weights_given():
     ("shape", "rows"),
     [
         ((1, 12, 9, 2, 4, 3, 2, 0), 2),
-        pytest.param((1, 9, 7, 2, 4, 3, 1, 1), 3, marks=pytest.mark.slow),
+        pytest.param((1, 9, 7, 2, 4, 3, 1, 1), 4, marks=pytest.mark.slow),
     ],
     ids=["stride2-pad0-3bands", "stride1-3bands"],
 )
