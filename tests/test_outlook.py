@@ -52,7 +52,8 @@ def _cases():
     CPU, compile-heavy) on two shapes in the fast suite, the rest marked slow."""
     for impl in sorted(set(IMPLEMENTATIONS) - {"reference"}):
         for i, shape in enumerate(SHAPES):
-            marks = [pytest.mark.slow] if impl == "pallas" and i >= 2 else []
+            # The kernel's own tests (test_outlook_pallas.py) cover it in the fast suite.
+            marks = [pytest.mark.slow] if impl == "pallas" else []
             yield pytest.param(impl, shape, marks=marks, id=f"{impl}-{i}")
 
 
@@ -81,8 +82,16 @@ def test_unknown_implementation_is_a_clear_error():
         outlook_aggregate(v, attn, *geometry, impl="fast")
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
-@pytest.mark.parametrize("size", [(28, 28), (7, 9)])
+def _timm_cases():
+    """Every implementation at VOLO's 28 x 28 and an odd grid; the Pallas kernel (interpret
+    mode on the CPU, compile-heavy) on the odd grid in the fast suite."""
+    for impl in sorted(IMPLEMENTATIONS):
+        for size in [(28, 28), (7, 9)]:
+            marks = [pytest.mark.slow] if impl == "pallas" and size == (28, 28) else []
+            yield pytest.param(impl, size, marks=marks, id=f"{impl}-{size[0]}x{size[1]}")
+
+
+@pytest.mark.parametrize(("impl", "size"), list(_timm_cases()))
 def test_layer_matches_timm(impl, size):
     torch = pytest.importorskip("torch")
     from timm.models.volo import OutlookAttention as TimmOutlookAttention
@@ -101,7 +110,10 @@ def test_layer_matches_timm(impl, size):
     assert np.abs(np.asarray(layer.apply(variables, x)) - expected).max() <= 1e-5
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize(
+    "impl",
+    [pytest.param(i, marks=[pytest.mark.slow] if i == "pallas" else []) for i in IMPLEMENTATIONS],
+)
 def test_bfloat16_inputs_stay_bfloat16_and_close(impl):
     """bf16 values and weights: bf16 output and gradients, within bf16 rounding of the
     float32 reference."""

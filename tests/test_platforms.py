@@ -17,7 +17,7 @@ import pytest
 
 from configs.smoke import get_config
 from volo_jax.models import create_model
-from volo_jax.ops.cpu import cpu_kernels
+from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.training import train
 from volo_jax.training.config import model_overrides
 
@@ -83,3 +83,34 @@ def test_the_cpu_program_runs_the_cpu_kernels(case):
     text = _module_text(fn, args, "cpu")
     assert CPU_SCOPE in text
     assert _ops(text) != _ops(_module_text(fn, args, "tpu"))
+
+
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_train_step_with_the_pallas_kernel_lowers(platform):
+    """The whole train step with `outlook_impl="pallas"`, as the trainer builds it for
+    devices of `platform`, lowers with the compiled kernel (not the interpreter)."""
+    config = get_config()
+    config.dataset.num_classes = 10
+    config.model_overrides.outlook_impl = "pallas"
+    model = create_model(config.model, **model_overrides(config))
+    state = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=10))
+    size = model.img_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+    }
+    step = functools.partial(
+        train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
+    )
+    checks = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
+    exported = jax.export.export(
+        jax.jit(for_platform(step, platform)), platforms=[platform], disabled_checks=checks
+    )(state, batch, None)
+    text = exported.mlir_module()
+    # One outlooker block: the forward kernel, and the forward again plus the backward
+    # kernels in the gradient.
+    assert text.count(KERNEL_CALLS[platform]) >= 2
+    assert CPU_SCOPE not in text

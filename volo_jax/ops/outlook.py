@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from volo_jax.ops import cpu
-from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas
+from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas, outlook_attention_pallas
 from volo_jax.ops.patches import fold, fold_slices, unfold, window_slices
 
 Dtype = Any
@@ -143,8 +143,13 @@ class OutlookAttention(nn.Module):
         h, w = pooled.shape[1:3]
         logits = nn.Dense(k**4 * self.num_heads, name="attn", **dense)(pooled)
         logits = logits.reshape(b, h, w, self.num_heads, k * k, k * k) * scale
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
-        x = outlook_aggregate(v, attn, k, s, self.padding, self.impl)
+        impl = resolve_implementation(self.impl)
+        dropout = nn.Dropout(self.attn_drop, deterministic=not train)
+        if impl == "pallas" and (dropout.deterministic or self.attn_drop == 0.0):
+            # The kernel takes the logits: softmax, aggregation and fold in one pass.
+            x = outlook_attention_pallas(v, logits, k, s, self.padding)
+        else:
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            x = outlook_aggregate(v, dropout(attn), k, s, self.padding, impl)
         x = nn.Dense(self.dim, name="proj", **dense)(x)
         return nn.Dropout(self.proj_drop, deterministic=not train)(x)
