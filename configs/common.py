@@ -31,7 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             "remat": False,
             # The outlooker stage's token mixer (the paper's ablation), its keyword
             # arguments as JSON (e.g. '{"block_size": 2}' for halo on a small grid),
-            # and how outlook attention runs ('auto', 'reference', 'slices', 'pallas').
+            # and how outlook attention runs ('auto', 'reference', 'slices', 'planes', 'pallas').
             "token_mixer": "outlook",
             "token_mixer_kwargs": "",
             "outlook_impl": "auto",
