@@ -62,6 +62,9 @@ def tiny_config():
     # difference; eps = 1 keeps the update linear in the gradient, so comparing the
     # updated parameters compares the gradients.
     config.optim.eps = 1.0
+    # MixToken in 2 groups of 4: groups span devices on some meshes and not on others, and
+    # the pairing must not depend on which.
+    config.token_label.mix_group_size = 4
     return config
 
 
@@ -209,7 +212,50 @@ def check_checkpoint() -> dict:
     return {"spec_before": str(before.sharding.spec), "spec_after": str(fc1.sharding.spec)}
 
 
-CHECKS = {"steps": check_steps, "layout": check_layout, "checkpoint": check_checkpoint}
+def compiled_step_text(config, mesh, batch: int) -> str:
+    """The compiled HLO text of `config`'s train step on `mesh` for `batch` 32-px images."""
+    model = create_model(config.model, **model_overrides(config))
+    rules = preset_rules("auto")
+    with use_mesh(mesh):
+        state, shardings = train.create_sharded_train_state(config, model, 10, mesh, rules)
+        step = jax.jit(
+            functools.partial(
+                train.train_step,
+                model=model,
+                teacher=None,
+                opts=train.StepOptions.from_config(config),
+            ),
+            in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+            out_shardings=(shardings, replicated(mesh)),
+        )
+        images = jax.ShapeDtypeStruct((batch, 32, 32, 3), np.float32)
+        labels = jax.ShapeDtypeStruct((batch,), np.int32)
+        return step.lower(state, {"image": images, "label": labels}, None).compile().as_text()
+
+
+def check_mix_pairs_local() -> dict:
+    """On 8 devices (mesh 8x1x1, 16 images, 2 per device), MixToken groups that divide each
+    device's 2 images compile to a step without any collective-permute; groups of 4 or 16
+    images span devices and need one (the control), as does MixToken off need none."""
+    mesh = mesh_of((8, 1, 1))
+    permutes = {}
+    for name, group, mix in (("off", 2, False), ("2", 2, True), ("4", 4, True), ("16", 16, True)):
+        config = tiny_config()
+        config.batch_size = 16
+        config.token_label.mix_token = mix
+        config.token_label.mix_group_size = group
+        permutes[name] = compiled_step_text(config, mesh, 16).count("collective-permute(")
+    assert permutes["off"] == 0 and permutes["2"] == 0, permutes
+    assert permutes["4"] > 0 and permutes["16"] > 0, permutes
+    return permutes
+
+
+CHECKS = {
+    "steps": check_steps,
+    "layout": check_layout,
+    "checkpoint": check_checkpoint,
+    "mix_pairs_local": check_mix_pairs_local,
+}
 
 
 def main(names: list[str]) -> None:

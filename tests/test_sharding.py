@@ -156,7 +156,7 @@ def eight_devices() -> dict:
     return results
 
 
-@pytest.mark.parametrize("check", ["steps", "layout", "checkpoint"])
+@pytest.mark.parametrize("check", ["steps", "layout", "checkpoint", "mix_pairs_local"])
 def test_on_eight_devices(eight_devices, check):
     result = eight_devices.get(check)
     assert result is not None, f"check {check} did not run"
