@@ -68,6 +68,39 @@ def test_each_group_draws_its_own_box():
     assert sample_mix_box(jax.random.key(3), (14, 14)).shape == (4,)  # one box, one group
 
 
+def _official_box_statistics(side: int) -> tuple[float, float]:
+    """Exact mean mixed fraction and P(no mix) of the official MixToken box on a side x side
+    grid, from its definition (the `rand_bbox` of sail-sg/volo's MixToken, issue 15 item 4):
+    lam ~ Beta(1, 1), cut = int(side * sqrt(1 - lam)), centre uniform in [0, side), box
+    c - cut // 2 .. c + cut // 2 clipped to the grid."""
+    mean, no_mix = 0.0, 0.0
+    for cut in range(side + 1):
+        # P(cut) = P(cut <= side * sqrt(u) < cut + 1) for u = 1 - lam ~ U(0, 1).
+        p = min(((cut + 1) / side) ** 2, 1.0) - (cut / side) ** 2
+        centres = np.arange(side)
+        extent = np.clip(centres + cut // 2, 0, side) - np.clip(centres - cut // 2, 0, side)
+        mean += p * (extent.mean() / side) ** 2  # y and x independent given cut
+        no_mix += p * (1 - (1 - (extent == 0).mean()) ** 2)
+    return mean, no_mix
+
+
+def test_box_distribution_is_the_official_one():
+    """On the 14x14 grid (224 px) the official box mixes 27.0% of the tokens on average and
+    nothing 2.0% of the time; 20,000 draws (one per group) estimate both within about 5
+    standard errors. A box of exactly `cut` tokens per side would mix 29.7% and skip 0.5%."""
+    mean, no_mix = _official_box_statistics(14)
+    assert mean == pytest.approx(0.270, abs=1e-3) and no_mix == pytest.approx(0.0204, abs=1e-4)
+    boxes = np.asarray(sample_mix_box(jax.random.key(0), (14, 14), 1.0, 20_000))
+    fraction = 1.0 - np.asarray(mix_box_lam(jnp.asarray(boxes), (14, 14)))
+    assert abs(fraction.mean() - mean) < 0.01, (fraction.mean(), mean)
+    assert abs((fraction == 0).mean() - no_mix) < 0.005, ((fraction == 0).mean(), no_mix)
+    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    inside = np.concatenate(
+        [(boxes[:, 0] > 0) & (boxes[:, 2] < 14), (boxes[:, 1] > 0) & (boxes[:, 3] < 14)]
+    )
+    assert inside.sum() > 1000 and (sides[inside] % 2 == 0).all()  # unclipped sides are even
+
+
 def test_class_targets_mix_with_their_group_lam():
     labels = jnp.arange(6)
     targets = jax.nn.one_hot(labels, 6)

@@ -286,8 +286,11 @@ def sample_mix_box(
 ) -> jax.Array:
     """MixToken's random box on the (h, w) token grid, as the official `rand_bbox`.
 
-    lam ~ Beta(beta, beta); the box has sides int(side * sqrt(1 - lam)) around a
-    uniform centre, clipped to the grid. Returns int32 (y0, x0, y1, x1): one box (4,),
+    lam ~ Beta(beta, beta), cut = int(side * sqrt(1 - lam)) and a uniform centre c; the
+    box spans c - cut // 2 .. c + cut // 2 (half-open), clipped to the grid. As in the
+    official code its sides are even before clipping (2 * (cut // 2)) and there is no
+    box when cut <= 1: on 14x14, 27% of the tokens mixed on average, no mixing 2% of
+    the time. Returns int32 (y0, x0, y1, x1): one box (4,),
     or with `num_groups` one independent box per group of the batch, (num_groups, 4)
     (the official code draws one box per GPU).
     """
@@ -302,8 +305,8 @@ def sample_mix_box(
     cx = jax.random.randint(x_key, shape, 0, w)
     y0 = jnp.clip(cy - cut_h // 2, 0, h)
     x0 = jnp.clip(cx - cut_w // 2, 0, w)
-    y1 = jnp.clip(cy + (cut_h + 1) // 2, 0, h)
-    x1 = jnp.clip(cx + (cut_w + 1) // 2, 0, w)
+    y1 = jnp.clip(cy + cut_h // 2, 0, h)
+    x1 = jnp.clip(cx + cut_w // 2, 0, w)
     return jnp.stack([y0, x0, y1, x1], axis=-1).astype(jnp.int32)
 
 
