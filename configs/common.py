@@ -105,6 +105,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.token_label.dense_weight = 0.5
     config.token_label.mix_token = True
     config.token_label.mix_beta = 1.0
+    # MixToken pairs image b with the mirror image of its group of mix_group_size consecutive
+    # images of the (micro-)batch, each group drawing its own box, as the official code, which
+    # pairs within each GPU's 128 images; a (micro-)batch of at most this many images is one
+    # group. It must divide a larger (micro-)batch. When it also divides each device's share
+    # of the batch, mixing moves no data between devices.
+    config.token_label.mix_group_size = 128
     # Directory of precomputed score maps (<data_dir>/<class>/<image stem>.npy, float
     # [2, 5, H, W]: top-5 values and class indices per location, the official format).
     config.token_label.data_dir = config_dict.placeholder(str)

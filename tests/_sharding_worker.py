@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools
 import json
+import re
 import sys
 import tempfile
 import traceback
@@ -62,6 +63,9 @@ def tiny_config():
     # difference; eps = 1 keeps the update linear in the gradient, so comparing the
     # updated parameters compares the gradients.
     config.optim.eps = 1.0
+    # MixToken in 2 groups of 4: groups span devices on some meshes and not on others, and
+    # the pairing must not depend on which.
+    config.token_label.mix_group_size = 4
     return config
 
 
@@ -209,7 +213,50 @@ def check_checkpoint() -> dict:
     return {"spec_before": str(before.sharding.spec), "spec_after": str(fc1.sharding.spec)}
 
 
-CHECKS = {"steps": check_steps, "layout": check_layout, "checkpoint": check_checkpoint}
+def compiled_step_text(config, mesh, batch: int) -> str:
+    """The compiled HLO text of `config`'s train step on `mesh` for `batch` 32-px images."""
+    model = create_model(config.model, **model_overrides(config))
+    rules = preset_rules("auto")
+    with use_mesh(mesh):
+        state, shardings = train.create_sharded_train_state(config, model, 10, mesh, rules)
+        step = jax.jit(
+            functools.partial(
+                train.train_step,
+                model=model,
+                teacher=None,
+                opts=train.StepOptions.from_config(config),
+            ),
+            in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+            out_shardings=(shardings, replicated(mesh)),
+        )
+        images = jax.ShapeDtypeStruct((batch, 32, 32, 3), np.float32)
+        labels = jax.ShapeDtypeStruct((batch,), np.int32)
+        return step.lower(state, {"image": images, "label": labels}, None).compile().as_text()
+
+
+def check_mix_pairs_local() -> dict:
+    """On 8 devices (mesh 8x1x1, 16 images, 2 per device), MixToken groups of 2, which stay
+    on their device, compile to a step without any collective-permute; one group of the 16
+    images spans the devices and needs them (the control: the pairing of the whole batch,
+    x[::-1], that the groups replaced)."""
+    mesh = mesh_of((8, 1, 1))
+    permutes = {}
+    for group in (2, 16):
+        config = tiny_config()
+        config.batch_size = 16
+        config.token_label.mix_group_size = group
+        text = compiled_step_text(config, mesh, 16)
+        permutes[group] = len(re.findall(r" collective-permute(?:-start)?\(", text))
+    assert permutes[2] == 0 and permutes[16] > 0, permutes
+    return permutes
+
+
+CHECKS = {
+    "steps": check_steps,
+    "layout": check_layout,
+    "checkpoint": check_checkpoint,
+    "mix_pairs_local": check_mix_pairs_local,
+}
 
 
 def main(names: list[str]) -> None:

@@ -130,9 +130,9 @@ def test_rules_from_config_and_bad_preset():
         preset_rules("zero3")
 
 
-@pytest.fixture(scope="module")
-def eight_devices() -> dict:
-    """Runs tests/_sharding_worker.py on 8 CPU devices; {check: {'ok'|'error': ...}}."""
+def run_worker(*checks: str) -> dict:
+    """Runs tests/_sharding_worker.py's `checks` on 8 CPU devices in a subprocess;
+    {check: {'ok'|'error': ...}}."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -140,7 +140,7 @@ def eight_devices() -> dict:
         PYTHONPATH=ROOT,
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._sharding_worker"],
+        [sys.executable, "-m", "tests._sharding_worker", *checks],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -156,10 +156,22 @@ def eight_devices() -> dict:
     return results
 
 
+@pytest.fixture(scope="module")
+def eight_devices() -> dict:
+    """The train/eval steps, layout and checkpoint checks, run once for the module."""
+    return run_worker("steps", "layout", "checkpoint")
+
+
 @pytest.mark.parametrize("check", ["steps", "layout", "checkpoint"])
 def test_on_eight_devices(eight_devices, check):
     result = eight_devices.get(check)
     assert result is not None, f"check {check} did not run"
+    assert "error" not in result, result["error"]
+
+
+def test_mix_token_groups_on_their_device_compile_without_collective_permute():
+    """Its own subprocess (two train-step compiles), so that it has its own time limit."""
+    result = run_worker("mix_pairs_local")["mix_pairs_local"]
     assert "error" not in result, result["error"]
 
 

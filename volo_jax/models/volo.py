@@ -250,40 +250,95 @@ class ClassBlock(nn.Module):
         return jnp.concatenate([cls, x[:, 1:]], axis=1)
 
 
+#: MixToken's default group: the official code mixes within each GPU's batch of 128 images.
+MIX_GROUP_SIZE = 128
+
+
+def mix_token_groups(batch: int, group_size: int = MIX_GROUP_SIZE) -> int:
+    """How many MixToken groups a (micro-)batch of `batch` images forms: batch / group_size,
+    or one group of the whole batch when it holds at most `group_size` images. ValueError
+    when `group_size` does not divide a larger batch."""
+    if group_size < 1:
+        raise ValueError(f"MixToken group size must be >= 1, got {group_size}")
+    if batch <= group_size:
+        return 1
+    if batch % group_size:
+        raise ValueError(
+            f"MixToken group size {group_size} does not divide the (micro-)batch of {batch} "
+            "images: use a divisor of it (or at least the batch, for one group)"
+        )
+    return batch // group_size
+
+
 def mix_token_mask(height: int, width: int, box: jax.Array, scale: int = 1) -> jax.Array:
-    """Boolean (height, width) mask of the box (y0, x0, y1, x1), given on a grid
-    `scale` times coarser (half-open ranges, as Python slices)."""
+    """Boolean mask (..., height, width) of the box(es) (..., 4) = (y0, x0, y1, x1), given
+    on a grid `scale` times coarser (half-open ranges, as Python slices): a (height, width)
+    mask for one box (4,), (G, height, width) for the boxes (G, 4) of G groups."""
+    box = jnp.asarray(box) * scale
     rows = jnp.arange(height)[:, None]
     cols = jnp.arange(width)[None, :]
-    y0, x0, y1, x1 = (box * scale)[0], (box * scale)[1], (box * scale)[2], (box * scale)[3]
+    y0, x0, y1, x1 = (box[..., i, None, None] for i in range(4))
     return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
-def sample_mix_box(rng: jax.Array, grid: tuple[int, int], beta: float = 1.0) -> jax.Array:
+def sample_mix_box(
+    rng: jax.Array, grid: tuple[int, int], beta: float = 1.0, num_groups: int | None = None
+) -> jax.Array:
     """MixToken's random box on the (h, w) token grid, as the official `rand_bbox`.
 
-    lam ~ Beta(beta, beta); the box has sides int(side * sqrt(1 - lam)) around a
-    uniform centre, clipped to the grid. Returns int32 (y0, x0, y1, x1).
+    lam ~ Beta(beta, beta), cut = int(side * sqrt(1 - lam)) and a uniform centre c; the
+    box spans c - cut // 2 .. c + cut // 2 (half-open), clipped to the grid. As in the
+    official code its sides are even before clipping (2 * (cut // 2)) and there is no
+    box when cut <= 1: on 14x14, 27% of the tokens mixed on average, no mixing 2% of
+    the time. Returns int32 (y0, x0, y1, x1): one box (4,),
+    or with `num_groups` one independent box per group of the batch, (num_groups, 4)
+    (the official code draws one box per GPU).
     """
+    shape = () if num_groups is None else (num_groups,)
     lam_key, y_key, x_key = jax.random.split(rng, 3)
-    lam = jax.random.beta(lam_key, beta, beta)
+    lam = jax.random.beta(lam_key, beta, beta, shape)
     h, w = grid
     cut = jnp.sqrt(1.0 - lam)
     cut_h = (h * cut).astype(jnp.int32)
     cut_w = (w * cut).astype(jnp.int32)
-    cy = jax.random.randint(y_key, (), 0, h)
-    cx = jax.random.randint(x_key, (), 0, w)
+    cy = jax.random.randint(y_key, shape, 0, h)
+    cx = jax.random.randint(x_key, shape, 0, w)
     y0 = jnp.clip(cy - cut_h // 2, 0, h)
     x0 = jnp.clip(cx - cut_w // 2, 0, w)
-    y1 = jnp.clip(cy + (cut_h + 1) // 2, 0, h)
-    x1 = jnp.clip(cx + (cut_w + 1) // 2, 0, w)
-    return jnp.stack([y0, x0, y1, x1]).astype(jnp.int32)
+    y1 = jnp.clip(cy + cut_h // 2, 0, h)
+    x1 = jnp.clip(cx + cut_w // 2, 0, w)
+    return jnp.stack([y0, x0, y1, x1], axis=-1).astype(jnp.int32)
 
 
 def mix_box_lam(box: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Fraction of tokens NOT replaced by the box: 1 - area / (h * w)."""
-    area = (box[2] - box[0]) * (box[3] - box[1])
+    """Fraction of tokens NOT replaced by the box: 1 - area / (h * w); a scalar for one
+    box (4,), (G,) for the boxes (G, 4) of G groups."""
+    area = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])
     return 1.0 - area.astype(jnp.float32) / (grid[0] * grid[1])
+
+
+def mix_tokens(x: jax.Array, box: jax.Array, scale: int = 1) -> jax.Array:
+    """MixToken on a token map x (B, H, W, C), as the official code, which pairs within each
+    GPU's batch: the batch is split into G consecutive groups of B / G images, one per
+    box, and inside its group's box image b of a group takes the tokens of the group's
+    mirror image (index B / G - 1 - b within the group). `box`: one (4,) for the whole
+    batch (one group) or (G, 4), on a grid `scale` times coarser than (H, W). The mirror
+    pairing is its own inverse, so the same call un-mixes a map computed from mixed tokens.
+
+    Groups that lie within one device's shard of a batch-sharded x mix without moving data
+    between devices; a group that spans devices costs a collective-permute.
+    """
+    boxes = jnp.reshape(box, (-1, 4))
+    groups, batch = boxes.shape[0], x.shape[0]
+    if batch % groups:
+        raise ValueError(
+            f"MixToken: {groups} boxes (one per group) do not split the batch of {batch} "
+            "into equal groups"
+        )
+    mask = mix_token_mask(x.shape[1], x.shape[2], boxes, scale)  # (G, H, W)
+    grouped = x.reshape(groups, batch // groups, *x.shape[1:])
+    mixed = jnp.where(mask[:, None, :, :, None], grouped[:, ::-1], grouped)
+    return mixed.reshape(x.shape)
 
 
 class VOLO(nn.Module):
@@ -293,9 +348,12 @@ class VOLO(nn.Module):
     `head(cls) + 0.5 * max_tokens(aux_head(tokens))`, (B, num_classes); with
     `return_dense=True`, the pair (head(cls) (B, num_classes), aux logits
     (B, N, num_classes)) that token labeling trains on. `mix_box` (int32
-    (y0, x0, y1, x1) on the token grid, see `sample_mix_box`) applies MixToken:
-    the box of every image's stem output is replaced by that of the image at the
-    mirrored batch index, and the aux logits are un-mixed before they are returned.
+    (y0, x0, y1, x1) on the token grid, see `sample_mix_box`) applies MixToken, as
+    the official code, which pairs within each GPU's batch: with boxes (G, 4) the
+    batch is split into G consecutive groups (one box (4,): one group, the whole
+    batch), and the box of every image's stem output is replaced by that of the
+    group's mirror image (see `mix_tokens`); the aux logits are un-mixed before they
+    are returned.
     RNG streams: 'dropout' (dropout and stochastic depth) when training.
     `outlook_impl` picks how outlook attention runs ('auto': the backend's fastest,
     see `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same.
@@ -446,8 +504,7 @@ class VOLO(nn.Module):
             )
         x = self.patch_embed(x, train)
         if mix_box is not None:
-            mask = mix_token_mask(x.shape[1], x.shape[2], mix_box, self.pooling_scale)
-            x = jnp.where(mask[None, :, :, None], x[::-1], x)
+            x = mix_tokens(x, mix_box, self.pooling_scale)
         for idx, stage in enumerate(self.network):
             if idx == 2:  # after the outlooker stage and its downsample, as timm
                 x = self.pos_drop(x + self.pos_embed.astype(x.dtype), deterministic=not train)
@@ -482,9 +539,7 @@ class VOLO(nn.Module):
         if return_dense:
             if mix_box is not None:
                 grid = self.img_size // self.patch_size // self.pooling_scale
-                aux = aux.reshape(aux.shape[0], grid, grid, -1)
-                mask = mix_token_mask(grid, grid, mix_box)
-                aux = jnp.where(mask[None, :, :, None], aux[::-1], aux)
+                aux = mix_tokens(aux.reshape(aux.shape[0], grid, grid, -1), mix_box)
                 aux = aux.reshape(aux.shape[0], grid * grid, -1)
             return logits, aux
         return logits + 0.5 * aux.max(axis=1)

@@ -153,6 +153,21 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         "cls_weight and dense_weight must be >= 0 with a positive sum",
     )
     _require(tl.roi_samples >= 1, "token_label.roi_samples", "must be >= 1")
+    group = tl.mix_group_size
+    _require(
+        isinstance(group, int) and group >= 1,
+        "token_label.mix_group_size",
+        f"must be a positive number of images (official: 128), got {group!r}",
+    )
+    micro = config.batch_size // config.grad_accum_steps
+    _require(
+        not tl.mix_token or micro <= group or micro % group == 0,
+        "token_label.mix_group_size",
+        f"{group} does not divide the (micro-)batch of {micro} images (batch_size / "
+        f"grad_accum_steps = {config.batch_size} / {config.grad_accum_steps}): MixToken pairs "
+        "within groups of that many images; use a divisor of it (e.g. its share per device), "
+        "or at least the batch for one group",
+    )
     _require(
         bool(teacher.model) == bool(teacher.init_from),
         "teacher",

@@ -3,8 +3,8 @@
 loss = cls_weight * CE(class logits, class target)
      + dense_weight * CE(aux logits of every token, its dense target),
 with soft-target cross-entropy. MixToken mixes the class target by the fraction of
-tokens kept, lam = 1 - box_area / N; the dense targets are not mixed because the
-model un-mixes its aux logits.
+tokens kept, lam = 1 - box_area / N (one lam per group of the batch, each group with
+its own box); the dense targets are not mixed because the model un-mixes its aux logits.
 """
 
 from __future__ import annotations
@@ -31,9 +31,22 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def mix_class_targets(targets: jax.Array, lam: jax.Array) -> jax.Array:
-    """MixToken class target (B, K): lam * t + (1 - lam) * t of the mirrored batch index
-    (the model mixes image b with image B - 1 - b)."""
-    return lam * targets + (1.0 - lam) * targets[::-1]
+    """MixToken class target (B, K): lam * t + (1 - lam) * t of the group's mirror image.
+
+    As the model pairs (`volo_jax.models.volo.mix_tokens`): `lam` a scalar, one group (image
+    b mixes with image B - 1 - b); `lam` (G,), one per group of B / G consecutive images,
+    image b of group g mixing with the group's image B / G - 1 - b at that group's lam.
+    """
+    lam = jnp.reshape(lam, (-1,)).astype(targets.dtype)
+    groups, batch = lam.shape[0], targets.shape[0]
+    if batch % groups:
+        raise ValueError(
+            f"mix_class_targets: {groups} lams (one per group) do not split the batch of "
+            f"{batch} into equal groups"
+        )
+    grouped = targets.reshape(groups, batch // groups, *targets.shape[1:])
+    lam = lam[:, None, None]
+    return (lam * grouped + (1.0 - lam) * grouped[:, ::-1]).reshape(targets.shape)
 
 
 def ground_truth_mix(annotator: jax.Array, ground_truth: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
 One step (`train_step`, pure and jitted with the state donated): targets from the
 batch (smoothed labels, precomputed score maps, or an online teacher run in the same
-step), MixToken with a box drawn from the step's RNG, the token-labeling loss, AdamW,
+step), MixToken with one box per group of `token_label.mix_group_size` images drawn
+from the step's RNG, the token-labeling loss, AdamW,
 optional gradient accumulation over micro-batches and an EMA of the parameters.
 The state is created, stepped and checkpointed in the shardings that the config's mesh
 and sharding rules give it (`volo_jax.sharding`); batches are split over data x fsdp.
@@ -29,7 +30,7 @@ from flax.training import train_state
 
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
-from volo_jax.models.volo import mix_box_lam, sample_mix_box
+from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
 from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.sharding import (
     batch_sharding,
@@ -85,6 +86,7 @@ class StepOptions:
     dense_weight: float = 0.5
     mix_token: bool = True
     mix_beta: float = 1.0
+    mix_group_size: int = MIX_GROUP_SIZE
     ground_truth: bool = False
     roi_samples: int = 2
     grad_accum_steps: int = 1
@@ -101,6 +103,7 @@ class StepOptions:
             dense_weight=tl.dense_weight,
             mix_token=tl.mix_token,
             mix_beta=tl.mix_beta,
+            mix_group_size=tl.mix_group_size,
             ground_truth=tl.ground_truth,
             roi_samples=tl.roi_samples,
             grad_accum_steps=config.grad_accum_steps,
@@ -170,7 +173,9 @@ def train_step(
     """One optimizer step on a batch {'image' (B, H, W, 3), 'label' (B,), [score maps]}.
 
     The batch is split into `opts.grad_accum_steps` micro-batches whose gradients are
-    averaged; each draws its own MixToken box and dropout key from fold_in(rng, step).
+    averaged; each draws its own MixToken boxes (one per group of `opts.mix_group_size`
+    consecutive images, or one for a smaller micro-batch, as the official code, which pairs
+    within each GPU's batch) and dropout key from fold_in(rng, step).
     Returns the new state and {'loss', 'cls_loss', 'dense_loss', 'accuracy'} (batch means).
     """
     cls_target, dense_target = compute_targets(batch, opts, teacher, teacher_variables)
@@ -187,11 +192,11 @@ def train_step(
 
     def loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
         box_key, dropout_key = jax.random.split(key)
-        box = (
-            sample_mix_box(box_key, (opts.grid, opts.grid), opts.mix_beta)
-            if opts.mix_token
-            else None
-        )
+        grid = (opts.grid, opts.grid)
+        box = None
+        if opts.mix_token:  # (G, 4): one box per group of the micro-batch
+            groups = mix_token_groups(mb["image"].shape[0], opts.mix_group_size)
+            box = sample_mix_box(box_key, grid, opts.mix_beta, groups)
         (logits, aux), new_vars = cpu_kernels(model.apply)(
             {"params": params, "batch_stats": batch_stats},
             mb["image"],
@@ -201,11 +206,7 @@ def train_step(
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        cls = (
-            mb["cls"]
-            if box is None
-            else mix_class_targets(mb["cls"], mix_box_lam(box, (opts.grid, opts.grid)))
-        )
+        cls = mb["cls"] if box is None else mix_class_targets(mb["cls"], mix_box_lam(box, grid))
         loss, parts = token_label_loss(
             logits, aux, cls, mb["dense"], opts.cls_weight, opts.dense_weight
         )
