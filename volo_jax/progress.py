@@ -29,7 +29,8 @@ class Progress:
 
     On a terminal (`stream.isatty()`, or `bar=True`): a tqdm bar with rate and ETA, and
     `log` fields as its postfix. Otherwise: a line for every `log` call, and with `every`
-    a line whenever the position passes a multiple of `every`; `close` ends with a summary.
+    a line whenever the position passes a multiple of `every` short of the total; `close`
+    ends with a summary line.
     Nothing at all when `enabled` is False (processes other than 0).
     """
 
@@ -75,7 +76,11 @@ class Progress:
             self._first = self._window = (time.perf_counter(), self.position)
         if self._bar is not None:
             self._bar.update(n)
-        elif self.every and self.position // self.every > before // self.every:
+        elif (
+            self.every
+            and self.position < self.total  # the end is `close`'s summary
+            and self.position // self.every > before // self.every
+        ):
             self._line({})
 
     def log(self, fields: Mapping[str, str]) -> None:
