@@ -4,8 +4,7 @@ libraries' INFO records stay out of a run's output; warnings and errors still sh
 
 TensorFlow (used by the input pipeline, never by the model) reads TF_CPP_MIN_LOG_LEVEL
 once, when it is first imported, so `quiet_native_logs` must run before that import:
-first thing in an entry point. A value the user set is kept (TF_CPP_MIN_LOG_LEVEL=0 brings
-every line back).
+first thing in an entry point. A value set in the environment is kept.
 """
 
 from __future__ import annotations
