@@ -61,12 +61,13 @@ def test_nothing_when_disabled(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal: Linux")
-def test_a_bar_on_a_terminal():
+@pytest.mark.parametrize("columns", [100, 0])  # 0: a terminal of no size, as under `script`
+def test_a_bar_on_a_terminal(columns):
     import fcntl
     import termios
 
     main_fd, terminal_fd = os.openpty()
-    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
         with open(terminal_fd, "w", closefd=True) as terminal:
             assert terminal.isatty()

@@ -14,6 +14,7 @@ checkpoints included, which the remaining steps will also pay for).
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -58,13 +59,15 @@ class Progress:
         if self.is_bar:
             from tqdm import tqdm
 
+            # A terminal of no size (`script`, `docker run -t`) would get a bar of no width.
+            width = {"dynamic_ncols": True} if _columns(self.stream) else {"ncols": 100}
             self._bar = tqdm(
                 total=total,
                 initial=initial,
                 unit=unit,
                 desc=None if desc == unit else desc,
-                dynamic_ncols=True,
                 file=self.stream,
+                **width,
             )
 
     def update(self, n: int = 1) -> None:
@@ -141,6 +144,14 @@ def _rate(since: tuple[float, int] | None, position: int) -> float:
         return 0.0
     elapsed, done = time.perf_counter() - since[0], position - since[1]
     return done / elapsed if elapsed > 0 and done > 0 else 0.0
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width (0: unknown)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _isatty(stream: TextIO) -> bool:
