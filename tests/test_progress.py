@@ -61,17 +61,20 @@ def test_nothing_when_disabled(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal: Linux")
-@pytest.mark.parametrize("columns", [100, 0])  # 0: a terminal of no size, as under `script`
-def test_a_bar_on_a_terminal(columns):
+@pytest.mark.parametrize("size", [(24, 100), (0, 0)])  # (0, 0): no size, as under `script`
+def test_a_bar_on_a_terminal(size, monkeypatch):
     import fcntl
     import termios
 
     main_fd, terminal_fd = os.openpty()
-    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     try:
         with open(terminal_fd, "w", closefd=True) as terminal:
             assert terminal.isatty()
-            _eval_like(terminal)
+            # As the process's stderr: tqdm sizes its bar from the terminal only there.
+            monkeypatch.setattr(sys, "stderr", terminal)
+            _eval_like(None)
+            monkeypatch.undo()
         chunks = []
         while select.select([main_fd], [], [], 0.5)[0]:
             try:

@@ -60,7 +60,9 @@ class Progress:
             from tqdm import tqdm
 
             # A terminal of no size (`script`, `docker run -t`) would get a bar of no width.
-            width = {"dynamic_ncols": True} if _columns(self.stream) else {"ncols": 100}
+            width = (
+                {"dynamic_ncols": True} if _has_size(self.stream) else {"ncols": 100, "nrows": 24}
+            )
             self._bar = tqdm(
                 total=total,
                 initial=initial,
@@ -146,12 +148,13 @@ def _rate(since: tuple[float, int] | None, position: int) -> float:
     return done / elapsed if elapsed > 0 and done > 0 else 0.0
 
 
-def _columns(stream: TextIO) -> int:
-    """The terminal's width (0: unknown)."""
+def _has_size(stream: TextIO) -> bool:
+    """Whether the terminal reports its size (columns and lines)."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        size = os.get_terminal_size(stream.fileno())
     except (AttributeError, OSError, ValueError):
-        return 0
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 def _isatty(stream: TextIO) -> bool:
