@@ -11,18 +11,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from volo_jax.cli import restart_with_malloc_tunables, run_cli, synchronous_cpu_dispatch
+from volo_jax.logs import OwnInfoOnly, quiet_native_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and plots (training).")
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 flags.mark_flags_as_required(["config"])
-
-
-class _QuietLibraries(logging.logging.Filter):
-    """Drops INFO records of libraries that log every checkpoint operation (orbax)."""
-
-    def filter(self, record: logging.logging.LogRecord) -> bool:
-        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -46,7 +40,7 @@ def main(argv: list[str]) -> None:
     if config.mode != "eval" and not FLAGS.workdir:
         raise app.UsageError("--workdir is required for training")
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(OwnInfoOnly())
     from volo_jax.training import evaluate, train
 
     def run() -> None:
@@ -59,6 +53,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    quiet_native_logs()  # before anything imports TensorFlow
     restart_with_malloc_tunables()
     synchronous_cpu_dispatch()
     app.run(main, flags_parser=parse_flags)

@@ -19,4 +19,3 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 cd "$ROOT"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"

@@ -82,7 +82,9 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
     overrides = (
         "# Injected by tests/test_notebook.py\n"
         f"INSTALL = False\nWORK = {str(work)!r}\nWEIGHTS_SRC = {str(weights_src)!r}\n"
-        f"IMAGE = {str(image)!r}\nMAX_STEPS = 4\n" + STRICT_SHELL
+        f"IMAGE = {str(image)!r}\nMAX_STEPS = 4\n"
+        # The TensorBoard extension loads; its server is not started (it would outlive the test).
+        "TENSORBOARD = False\n" + STRICT_SHELL
     )
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
 
@@ -100,6 +102,8 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
 
     for cell in nb.cells:
         assert "Traceback" not in _text(cell), _text(cell)
+
+    assert "%tensorboard --logdir {WORK}/runs" in _cell(nb, "%load_ext tensorboard").source
 
     devices = _text(_cell(nb, '!python -c "import jax'))
     assert "cpu" in devices and f"id={DEVICES - 1})" in devices, devices

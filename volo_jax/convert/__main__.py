@@ -6,6 +6,7 @@ import argparse
 
 from volo_jax.cli import run_cli
 from volo_jax.convert.torch_checkpoint import WRAPPER_KEYS
+from volo_jax.logs import quiet_native_logs
 
 
 def main() -> int:
@@ -36,4 +37,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    quiet_native_logs()  # before anything imports TensorFlow
     run_cli(main)

@@ -26,8 +26,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
 
 import tensorflow as tf
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from volo_jax.models import create_model, pretrained_cfg
 from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -73,14 +74,30 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = Non
 
 
 def run_eval(
-    eval_fn: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any
+    eval_fn: Any,
+    variables: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh: Any,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
-    """Top-1, top-5 (fractions), mean loss and example count over all batches."""
+    """Top-1, top-5 (fractions), mean loss and example count over all batches; `progress`
+    advances by the examples of each batch as it completes (one batch stays in flight)."""
     totals = {name: 0.0 for name in SUMS}
-    pending = [eval_fn(variables, shard_batch(batch, mesh)) for batch in batches]
-    for sums in jax.device_get(pending):
+    pending: list[Any] = []
+
+    def collect(sums: Any) -> None:
+        sums = jax.device_get(sums)
         for name in SUMS:
             totals[name] += float(sums[name])
+        if progress is not None:
+            progress.update(int(sums["count"]))
+
+    for batch in batches:
+        pending.append(eval_fn(variables, shard_batch(batch, mesh)))
+        if len(pending) > 1:
+            collect(pending.pop(0))
+    for sums in pending:
+        collect(sums)
     count = max(totals["count"], 1.0)
     return {
         "top1": totals["top1"] / count,
@@ -158,9 +175,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
         config.dataset.eval_split,
         num_examples,
     )
-    with use_mesh(mesh), matmul_precision(config):
+    progress = Progress(
+        num_examples,
+        unit="img",
+        desc="eval",
+        every=config.log_every_steps * config.eval.batch_size,
+        enabled=jax.process_index() == 0,
+    )
+    with use_mesh(mesh), matmul_precision(config), progress:
         result = run_eval(
-            make_eval_fn(model, mesh, shardings), variables, ds.as_numpy_iterator(), mesh
+            make_eval_fn(model, mesh, shardings), variables, ds.as_numpy_iterator(), mesh, progress
         )
     print(
         f"{config.model} on {config.dataset.name}/{config.dataset.eval_split}: "

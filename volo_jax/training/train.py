@@ -32,6 +32,7 @@ from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
 from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -393,17 +394,18 @@ def create_train_input(config: ml_collections.ConfigDict, workdir: str) -> Any:
     )
 
 
-def _progress(start: int, total: int) -> Any:
-    """A tqdm bar with ETA on process 0 (disabled elsewhere)."""
-    from tqdm import tqdm
+def _progress(start: int, total: int) -> Progress:
+    """On process 0 (silent elsewhere): a bar on a terminal, otherwise a line at every
+    log step (see `volo_jax.progress`)."""
+    return Progress(total, initial=start, unit="step", enabled=jax.process_index() == 0)
 
-    return tqdm(
-        total=total,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
+
+def _progress_fields(means: dict[str, float]) -> dict[str, str]:
+    return {
+        "loss": f"{means['loss']:.4f}",
+        "lr": f"{means['lr']:.2e}",
+        "img/s": f"{means['images_per_sec']:.1f}",
+    }
 
 
 def _is_due(step: int, every: int, last: int) -> bool:
@@ -560,7 +562,7 @@ class _Loop:
                 now = time.perf_counter()
                 means = self._log_train(step, pending, (step - tick_step) / (now - tick))
                 pending, tick, tick_step = [], now, step
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+                bar.log(_progress_fields(means))
             is_eval = _is_due(step, self.eval_every, last_step)
             if is_eval:
                 eval_metrics = self.evaluate(state)
