@@ -187,8 +187,11 @@ def _record(name: str, framework: str, passes: str, fn: Callable[[], dict[str, A
 # --------------------------------------------------------------------------- JAX
 
 
-def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Every JAX row: forward and forward+backward, timed, with XLA's cost analysis."""
+def jax_rows(
+    cfg: OpsConfig, inputs: dict[str, np.ndarray], emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every JAX row: forward and forward+backward, timed, with XLA's cost analysis;
+    `emit` gets each row as soon as it is measured."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -370,16 +373,20 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
                 return row
 
             rows.append(_record(name, "jax", passes, measure))
-    for row in rows:
-        row["device"] = f"{device.platform}:{device.device_kind}"
+            rows[-1]["device"] = f"{device.platform}:{device.device_kind}"
+            if emit is not None:
+                emit(rows[-1])
     return rows
 
 
 # --------------------------------------------------------------------------- torch
 
 
-def torch_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Every torch row: timm's layer, the F.unfold/F.fold aggregate, the primitives."""
+def torch_rows(
+    cfg: OpsConfig, inputs: dict[str, np.ndarray], emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every torch row: timm's layer, the F.unfold/F.fold aggregate, the primitives;
+    `emit` gets each row as soon as it is measured."""
     import torch
     import torch.nn.functional as F
     from timm.models.volo import OutlookAttention
@@ -464,19 +471,31 @@ def torch_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, 
                 }
 
             rows.append(_record(name, "torch", passes, measure))
-    for row in rows:
-        row["device"] = f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu"
-        row["torch_threads"] = torch.get_num_threads()
+            rows[-1]["device"] = f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu"
+            rows[-1]["torch_threads"] = torch.get_num_threads()
+            if emit is not None:
+                emit(rows[-1])
     return rows
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run_framework(framework: str, cfg: OpsConfig) -> list[dict[str, Any]]:
+def run_framework(
+    framework: str, cfg: OpsConfig, emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
     """All rows of one framework, in this process."""
     inputs = make_inputs(cfg)
-    return (jax_rows if framework == "jax" else torch_rows)(cfg, inputs)
+    return (jax_rows if framework == "jax" else torch_rows)(cfg, inputs, emit)
+
+
+def _partial(out: Path) -> list[dict[str, Any]]:
+    """The rows a worker finished before it stopped (its progress file)."""
+    path = Path(f"{out}.partial")
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        return []
 
 
 def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict[str, Any]]:
@@ -504,21 +523,23 @@ def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict
             )
         except subprocess.TimeoutExpired:
             return [
+                *_partial(out),
                 {
                     "op": "*",
                     "framework": framework,
                     "status": "failed",
                     "reason": f"worker timed out after {timeout:.0f} s",
-                }
+                },
             ]
         if proc.returncode != 0 or not out.exists():
             return [
+                *_partial(out),
                 {
                     "op": "*",
                     "framework": framework,
                     "status": "failed",
                     "reason": f"worker exited with {proc.returncode}: {proc.stderr[-2000:]}",
-                }
+                },
             ]
         return json.loads(out.read_text())
 
@@ -633,7 +654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker_framework:
         cfg = OpsConfig(**json.loads(args.worker_config))
-        rows = run_framework(args.worker_framework, cfg)
+        done: list[dict[str, Any]] = []
+        partial = Path(f"{args.worker_out}.partial")
+
+        def emit(row: dict[str, Any]) -> None:  # progress, for a worker that times out
+            done.append(row)
+            partial.write_text(json.dumps(done))
+
+        rows = run_framework(args.worker_framework, cfg, emit)
         Path(args.worker_out).write_text(json.dumps(rows))
         return 0
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements in one prepared run, sized for 10 minutes on one GPU (the whole
 # script stops starting steps after $TOTAL seconds, 560 by default, and cuts the last
-# one short; each step has its own time limit and a failing step does not stop the next).
+# one short; each step has its own time limit, a failing step does not stop the next,
+# and stdout carries each step's exit status and the tail of its log).
 # Run from the repository root with a Python that has jax (CUDA), flax, optax, torch and
 # timm:
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_bars.sh            # on the GPU machine
-#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_bars.sh  # tiny shapes, any machine (CPU: a few minutes)
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_bars.sh  # tiny shapes, any machine
 #
 # Steps, most wanted first, each logging to $OUT/<step>.txt:
 #   1. ops_<impl>.json: outlook attention at VOLO-D1's outlooker shape (batch 128, 28x28x192,
@@ -17,7 +18,8 @@
 #      largest difference from a float32 reference (the Pallas kernel compiled, not
 #      interpreted);
 #   2. volo_train.json: the whole volo_d1_224 train step, JAX bf16 against timm AMP eager
-#      and torch.compile with AMP (and float32 torch.compile), batch 128;
+#      and torch.compile with the same autocast, batch 128 (BACKENDS=...,torch_compile
+#      adds float32 torch.compile);
 #   3. ops_torch.json: timm's OutlookAttention and the F.unfold / F.fold aggregate, bf16;
 #   4. volo_infer.json: inference, the same backends;
 #   5. impl_<impl>.json: the whole train step in bf16 with outlook planes and pallas
@@ -26,23 +28,28 @@
 set -u
 PY=${PY:-python3}
 OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d_%H%M)}
-TOTAL=${TOTAL:-560}
+SCALE=${SCALE:-1}  # multiplies every time limit (SMOKE=1: SCALE_SMOKE, default 3)
 BATCH=${BATCH:-128}
 REPS=${REPS:-10}
 MODEL=${MODEL:-volo_d1_224}
 OVERRIDES=${OVERRIDES:-'{}'}
-BACKENDS=${BACKENDS:-jax_bf16,torch_amp,torch_compile_amp,torch_compile}
+BACKENDS=${BACKENDS:-jax_bf16,torch_amp,torch_compile_amp}
 IMPLS=${IMPLS:-reference slices planes pallas}
-WORKER_LIMIT=${WORKER_LIMIT:-100}  # seconds per bench_volo worker (one backend, one mode)
 OPS_ARGS=(--batch "$BATCH" --dtype bfloat16 --reps 20 --warmup 3)
 if [[ ${SMOKE:-0} == 1 ]]; then
-    BATCH=2 REPS=1 OVERRIDES='{"layers": [1, 1, 1, 1], "img_size": 64}' BACKENDS=jax_bf16,torch_eager
-    WORKER_LIMIT=120
-    OPS_ARGS=(--batch 2 --size 8 --dtype bfloat16 --reps 1 --warmup 0)
+    BATCH=2 REPS=1 BACKENDS=jax_bf16,torch_eager
+    OVERRIDES='{"layers": [1, 1, 1, 1], "img_size": 64}'
+    SCALE=${SCALE_SMOKE:-3}
+    OPS_ARGS=(--batch 2 --size 8 --dim 12 --heads 2 --dtype bfloat16 --reps 1 --warmup 0)
 fi
+TOTAL=${TOTAL:-$((560 * SCALE))}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 started=$SECONDS
+
+s() {  # s SECONDS: a time limit, scaled
+    echo $(($1 * SCALE))
+}
 
 step() {  # step NAME SECONDS COMMAND...: COMMAND under a time limit (at most what is left)
     local name=$1 limit=$2 left=$((TOTAL - (SECONDS - started)))
@@ -73,31 +80,33 @@ print("flax", flax.__version__, "torch", torch.__version__, "timm", timm.__versi
 cat "$OUT/machine.txt"
 
 # 1. Every outlook implementation alone, one process each (peak memory per implementation).
+# A worker that runs out of time still reports the rows it finished.
 for impl in $IMPLS; do
-    step "ops_$impl" 50 "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks jax \
-        --impls "$impl" --only 'outlook_aggregate|OutlookAttention layer' --timeout 45 \
+    step "ops_$impl" "$(s 50)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks jax \
+        --impls "$impl" --only 'outlook_aggregate|OutlookAttention layer' --timeout "$(s 38)" \
         --json "$OUT/ops_$impl.json"
 done
 
 # 2. The train-step bars: JAX bf16 against timm AMP and torch.compile, same batch and weights.
-step volo_train 330 "$PY" -m benchmarks.bench_volo --model "$MODEL" --overrides "$OVERRIDES" \
-    --batch "$BATCH" --reps "$REPS" --warmup 3 --modes train --backends "$BACKENDS" \
-    --timeout "$WORKER_LIMIT" --json "$OUT/volo_train.json"
+#    One worker per backend, each at most 100 s (compile included).
+step volo_train "$(s 330)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    --overrides "$OVERRIDES" --batch "$BATCH" --reps "$REPS" --warmup 3 --modes train \
+    --backends "$BACKENDS" --timeout "$(s 100)" --json "$OUT/volo_train.json"
 
 # 3. timm's layer and the torch aggregate at the same shape.
-step ops_torch 45 "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks torch \
-    --only 'timm|F.unfold/fold' --timeout 40 --json "$OUT/ops_torch.json"
+step ops_torch "$(s 45)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks torch \
+    --only 'timm|F.unfold/fold' --timeout "$(s 35)" --json "$OUT/ops_torch.json"
 
 # 4. Inference, the same backends.
-step volo_infer 200 "$PY" -m benchmarks.bench_volo --model "$MODEL" --overrides "$OVERRIDES" \
-    --batch "$BATCH" --reps "$REPS" --warmup 3 --modes infer --backends "$BACKENDS" \
-    --timeout "$((WORKER_LIMIT * 2 / 3))" --json "$OUT/volo_infer.json"
+step volo_infer "$(s 210)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    --overrides "$OVERRIDES" --batch "$BATCH" --reps "$REPS" --warmup 3 --modes infer \
+    --backends "$BACKENDS" --timeout "$(s 65)" --json "$OUT/volo_infer.json"
 
 # 5. The whole train step with the other implementations (the default here is slices).
 for impl in planes pallas; do
-    step "impl_$impl" 70 "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    step "impl_$impl" "$(s 70)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
         --overrides "$(with_impl "$impl")" --batch "$BATCH" --reps "$REPS" --warmup 2 \
-        --modes train --backends jax_bf16 --timeout 65 --json "$OUT/impl_$impl.json"
+        --modes train --backends jax_bf16 --timeout "$(s 60)" --json "$OUT/impl_$impl.json"
 done
 
 echo "[gpu_bars] done in $((SECONDS - started))s; results in $OUT"

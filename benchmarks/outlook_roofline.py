@@ -338,7 +338,8 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r[platform]['bound_us']:.0f}" + (f" / {xla['bound_us']:.0f}" if xla else "")
             )
         lines.append(
-            f"| {r['impl']} | {r['pass']} | {r['formula_terms']} "
+            f"| {r['impl'] + (' (ideal fused)' if r['impl'] == 'pallas' else '')} "
+            f"| {r['pass']} | {r['formula_terms']} "
             f"| {r['formula_gflop']:.3f} | {r['formula_mb']:.0f} "
             f"| {r['formula_flop_per_byte']:.1f} | {f(r, 'xla_cpu_gflop', '.3f')} "
             f"| {f(r, 'xla_cpu_mb', '.0f')} | {f(r, 'xla_cpu_flop_per_byte', '.1f')} "
