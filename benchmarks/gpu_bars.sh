@@ -36,11 +36,14 @@ OVERRIDES=${OVERRIDES:-'{}'}
 BACKENDS=${BACKENDS:-jax_bf16,torch_amp,torch_compile_amp}
 IMPLS=${IMPLS:-reference slices planes pallas}
 OPS_ARGS=(--batch "$BATCH" --dtype bfloat16 --reps 20 --warmup 3)
-if [[ ${SMOKE:-0} == 1 ]]; then
+OPS_ONLY='outlook_aggregate|OutlookAttention layer'
+WHOLE_MODEL_IMPLS=${WHOLE_MODEL_IMPLS:-planes pallas}
+if [[ ${SMOKE:-0} == 1 ]]; then  # every step, fewer rows and workers
     BATCH=2 REPS=1 BACKENDS=jax_bf16,torch_eager
     OVERRIDES='{"layers": [1, 1, 1, 1], "img_size": 64}'
     SCALE=${SCALE_SMOKE:-3}
     OPS_ARGS=(--batch 2 --size 8 --dim 12 --heads 2 --dtype bfloat16 --reps 1 --warmup 0)
+    OPS_ONLY='softmax\+outlook_aggregate' WHOLE_MODEL_IMPLS=planes
 fi
 TOTAL=${TOTAL:-$((560 * SCALE))}
 mkdir -p "$OUT"
@@ -82,8 +85,8 @@ cat "$OUT/machine.txt"
 # 1. Every outlook implementation alone, one process each (peak memory per implementation).
 # A worker that runs out of time still reports the rows it finished.
 for impl in $IMPLS; do
-    step "ops_$impl" "$(s 50)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks jax \
-        --impls "$impl" --only 'outlook_aggregate|OutlookAttention layer' --timeout "$(s 38)" \
+    step "ops_$impl" "$(s 55)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks jax \
+        --impls "$impl" --only "$OPS_ONLY" --timeout "$(s 45)" \
         --json "$OUT/ops_$impl.json"
 done
 
@@ -103,7 +106,7 @@ step volo_infer "$(s 210)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
     --backends "$BACKENDS" --timeout "$(s 65)" --json "$OUT/volo_infer.json"
 
 # 5. The whole train step with the other implementations (the default here is slices).
-for impl in planes pallas; do
+for impl in $WHOLE_MODEL_IMPLS; do
     step "impl_$impl" "$(s 70)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
         --overrides "$(with_impl "$impl")" --batch "$BATCH" --reps "$REPS" --warmup 2 \
         --modes train --backends jax_bf16 --timeout "$(s 60)" --json "$OUT/impl_$impl.json"
