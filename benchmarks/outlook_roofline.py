@@ -12,11 +12,11 @@ Two counts per implementation:
     where the implementation is written to fuse (listed in `TERMS`);
   - XLA's cost analysis of the op compiled for this machine's CPU (`xla_counts`), for
     the XLA implementations (reference, slices, planes): XLA:CPU's fusion decisions,
-    which are not XLA:TPU's or XLA:GPU's. Traced by default the way an accelerator host
-    traces (`jax.default_backend` reported as 'gpu' while tracing, so no CPU product
-    rules or CPU-only choices enter the graph); `--trace-as cpu` counts the CPU trace.
-    The Pallas kernel is not counted by XLA: on a CPU host it runs in interpret mode
-    and its count would be the interpreter's loop.
+    which are not XLA:TPU's or XLA:GPU's. Each implementation is called by name and
+    traced as written (plain products: the CPU rules of `volo_jax.ops.cpu` apply only
+    under `cpu_kernels`, which is not used here). The Pallas kernel is not counted by
+    XLA: on a CPU host it runs in interpret mode and its count would be the
+    interpreter's loop.
 
 Times are lower bounds, max(FLOPs / peak, bytes / bandwidth), for the platforms of
 `PLATFORMS` (dense bf16 matrix peaks). Usage (from the repository root):
@@ -29,13 +29,12 @@ Times are lower bounds, max(FLOPs / peak, bytes / bandwidth), for the platforms 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,23 +182,7 @@ def formula_counts(shape: Shape) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-@contextlib.contextmanager
-def traced_as(platform: str) -> Iterator[None]:
-    """`jax.default_backend()` answers `platform` while tracing ('cpu': unchanged)."""
-    import jax
-
-    if platform == "cpu":
-        yield
-        return
-    original = jax.default_backend
-    jax.default_backend = lambda: platform
-    try:
-        yield
-    finally:
-        jax.default_backend = original
-
-
-def xla_counts(shape: Shape, impl: str, trace_as: str = "gpu") -> dict[str, dict[str, Any]]:
+def xla_counts(shape: Shape, impl: str) -> dict[str, dict[str, Any]]:
     """pass -> XLA:CPU's cost analysis of softmax + `outlook_aggregate(impl=impl)`,
     compiled (not run) for ShapeDtypeStructs of `shape`."""
     import jax
@@ -224,9 +207,7 @@ def xla_counts(shape: Shape, impl: str, trace_as: str = "gpu") -> dict[str, dict
     out = {}
     for name, fn, args in (("fwd", op, (v, logits)), ("fwd+bwd", fwd_bwd, (v, logits, v))):
         t0 = time.perf_counter()
-        with traced_as(trace_as):
-            lowered = jax.jit(fn).lower(*args)
-        compiled = lowered.compile()
+        compiled = jax.jit(fn).lower(*args).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         mem = compiled.memory_analysis()
@@ -246,14 +227,14 @@ def bound_us(flops: float, nbytes: float, platform: str) -> dict[str, float]:
     return {"compute_us": compute, "memory_us": memory, "bound_us": max(compute, memory)}
 
 
-def build(shape: Shape, xla: bool = True, trace_as: str = "gpu") -> dict[str, Any]:
+def build(shape: Shape, xla: bool = True) -> dict[str, Any]:
     """The report: sizes, formula counts, XLA:CPU counts, intensities and bounds."""
     import jax
 
     formula = formula_counts(shape)
     rows = []
     for impl in IMPLS:
-        counted = xla_counts(shape, impl, trace_as) if xla and impl in XLA_IMPLS else {}
+        counted = xla_counts(shape, impl) if xla and impl in XLA_IMPLS else {}
         for name in PASSES:
             f = formula[impl][name]
             row: dict[str, Any] = {
@@ -297,7 +278,7 @@ def build(shape: Shape, xla: bool = True, trace_as: str = "gpu") -> dict[str, An
             for impl, passes in TERMS.items()
         },
         "xla_counted_on": (
-            f"XLA:CPU cost analysis (jax {jax.__version__}), traced as a {trace_as} host"
+            f"XLA:CPU's cost analysis of the compiled op (jax {jax.__version__}, not run)"
             if xla
             else None
         ),
@@ -356,7 +337,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for field in ("batch", "size", "dim", "heads", "kernel", "stride", "padding", "itemsize"):
         p.add_argument(f"--{field}", type=int, default=getattr(d, field))
     p.add_argument("--no-xla", action="store_true", help="formula only, no XLA compiles")
-    p.add_argument("--trace-as", default="gpu", choices=("gpu", "tpu", "cpu"))
     p.add_argument("--json", default=None, help="write the report here")
     return p.parse_args(argv)
 
@@ -365,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Shape)}
     shape = Shape(**{k: v for k, v in vars(args).items() if k in fields})
-    report = build(shape, xla=not args.no_xla, trace_as=args.trace_as)
+    report = build(shape, xla=not args.no_xla)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
