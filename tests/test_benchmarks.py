@@ -133,3 +133,25 @@ def test_bench_ops_impls_and_logits_entries(monkeypatch):
     for r in rows:
         assert r["status"] == "ok", r.get("reason")
         assert r["max_abs_diff_vs_f32_reference"] < 1e-4
+
+
+def test_outlook_roofline_counts():
+    """The formula's counts at the VOLO-D1 shape, and XLA:CPU's for the XLA
+    implementations at a small one (the Pallas kernel has only the formula)."""
+    from benchmarks import outlook_roofline as roof
+
+    shape = roof.Shape()  # VOLO-D1 outlooker, batch 128, bf16
+    sizes = roof.tensor_sizes(shape)
+    counts = roof.formula_counts(shape)
+    assert counts["pallas"]["fwd"]["bytes"] == 2 * sizes["E"] + sizes["A"]
+    assert counts["pallas"]["fwd+bwd"]["bytes"] == 5 * sizes["E"] + 3 * sizes["A"]
+    assert counts["reference"]["fwd"]["flops"] == pytest.approx(0.885e9, rel=1e-3)
+    assert counts["planes"]["fwd"]["bytes"] < counts["slices"]["fwd"]["bytes"]
+    report = roof.build(roof.Shape(batch=1, size=8, dim=12, heads=2))
+    json.dumps(report)
+    for row in report["rows"]:
+        counted = "xla_cpu_gflop" in row
+        assert counted == (row["impl"] in roof.XLA_IMPLS)
+        assert not counted or (row["xla_cpu_gflop"] > 0 and row["xla_cpu_mb"] > 0)
+        assert row["TPU v5e"]["bound_us"] > 0 and row["H100 SXM"]["bound_us"] > 0
+    assert "pallas (ideal fused)" in roof.format_table(report)
