@@ -6,9 +6,9 @@ grid). Rows, each timed forward and forward+backward:
     in `volo_jax.ops.outlook.IMPLEMENTATIONS` where that dict exists, else the default
     (`--impls` to choose), from the attention weights; and `softmax+outlook_aggregate`,
     the same from the logits (what a fused kernel that takes the logits replaces): an
-    implementation or a public function of `outlook_pallas` whose second parameter is
-    named `logits` gets the logits, the others the float32 softmax cast to v's dtype, as
-    the layer does. These rows carry their largest difference from the float32
+    implementation or a public function of `outlook_pallas` called as `fn(v, logits,
+    kernel_size, stride, padding)` gets the logits, the others the float32 softmax cast
+    to v's dtype, as the layer does. These rows carry their largest difference from the float32
     `reference` (output and gradients);
   - our whole Flax `OutlookAttention` layer and timm's `OutlookAttention` (same weights);
   - the same aggregate in torch (`F.unfold`, `attn @ v`, `F.fold`);
@@ -116,13 +116,21 @@ def _selected(cfg: OpsConfig, name: str) -> bool:
     return not cfg.only or re.search(cfg.only, name) is not None
 
 
+#: The parameters of an aggregate entry that takes the logits (fused softmax).
+LOGITS_ENTRY = ("v", "logits", "kernel_size", "stride", "padding")
+
+
 def _takes_logits(fn: Callable) -> bool:
-    """True when `fn`'s second parameter is named 'logits' (a fused-softmax entry)."""
+    """True when `fn` is called as `fn(v, logits, kernel_size, stride, padding)`: those
+    five parameters first, any others with defaults (a fused-softmax entry; the kernels'
+    own launchers, with other parameters, are not)."""
     try:
-        params = list(inspect.signature(fn).parameters)
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return False
-    return len(params) > 1 and params[1] == "logits"
+    names = tuple(p.name for p in params[: len(LOGITS_ENTRY)])
+    rest = params[len(LOGITS_ENTRY) :]
+    return names == LOGITS_ENTRY and all(p.default is not p.empty for p in rest)
 
 
 def outlook_entries(impls: str = "") -> dict[str, Callable]:
