@@ -605,8 +605,9 @@ def run(
 
 
 def format_table(report: dict[str, Any]) -> str:
+    width = max([46] + [len(r["op"]) + 2 for r in report["rows"]])
     head = (
-        f"{'op':<46}{'pass':<9}{'ms':>9}{'min ms':>9}{'first s':>9}{'GFLOP':>8}"
+        f"{'op':<{width}}{'pass':<9}{'ms':>9}{'min ms':>9}{'first s':>9}{'GFLOP':>8}"
         f"{'GB acc':>8}{'mem MiB':>9}{'peak MiB':>10}{'max diff':>10}"
     )
     lines = [head, "-" * len(head)]
@@ -621,10 +622,10 @@ def format_table(report: dict[str, Any]) -> str:
         name = f"{r['op']} [{r['framework']}]" if r["op"] == "*" else r["op"]
         if r["status"] != "ok":
             reason = (r.get("reason") or "").splitlines()[0][:90] if r.get("reason") else ""
-            lines.append(f"{name:<46}{r.get('pass', ''):<9}  {r['status']}: {reason}")
+            lines.append(f"{name:<{width}}{r.get('pass', ''):<9}  {r['status']}: {reason}")
             continue
         lines.append(
-            f"{name:<46}{r['pass']:<9}{num(r, 'median_s', '9.2f', 1e3)}"
+            f"{name:<{width}}{r['pass']:<9}{num(r, 'median_s', '9.2f', 1e3)}"
             f"{num(r, 'min_s', '9.2f', 1e3)}{num(r, 'first_call_s', '9.2f')}"
             f"{num(r, 'xla_gflops', '8.3f')}{num(r, 'xla_gbytes_accessed', '8.3f')}"
             f"{num(r, 'mem_mb', '9.1f')}{num(r, 'peak_mb', '10.1f')}"
