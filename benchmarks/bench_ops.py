@@ -3,22 +3,33 @@
 Default shape: B=8, 28 x 28 x 192, 6 heads, K=3, stride 2, padding 1 (a 14 x 14 window
 grid). Rows, each timed forward and forward+backward:
   - JAX `outlook_aggregate` (unfold, per-window attention, fold), every implementation
-    in `volo_jax.ops.outlook.IMPLEMENTATIONS` where that dict exists, else the default;
+    in `volo_jax.ops.outlook.IMPLEMENTATIONS` where that dict exists, else the default
+    (`--impls` to choose), from the attention weights; and `softmax+outlook_aggregate`,
+    the same from the logits (what a fused kernel that takes the logits replaces): an
+    implementation or a public function of `outlook_pallas` called as `fn(v, logits,
+    kernel_size, stride, padding)` gets the logits, the others the float32 softmax cast
+    to v's dtype, as the layer does. These rows carry their largest difference from the float32
+    `reference` (output and gradients);
   - our whole Flax `OutlookAttention` layer and timm's `OutlookAttention` (same weights);
   - the same aggregate in torch (`F.unfold`, `attn @ v`, `F.fold`);
   - the unfold / fold primitives alone: ours (custom VJPs), the plain
     `lax.conv_general_dilated_patches` unfold with its automatic gradient, torch's.
-JAX rows carry XLA's cost analysis (flops, bytes accessed) and memory plan (temp +
-output). The JAX rows and the torch rows run in two fresh subprocesses, one after
-the other (`--in-process` to skip that). Usage (from the repository root):
+JAX rows carry XLA's cost analysis (flops, bytes accessed), memory plan (temp +
+output) and the device's allocator peak where the device reports one
+(`memory_stats()['peak_bytes_in_use']`: a process-lifetime peak, so run one
+implementation per process to attribute it), else the plan's argument + output + temp.
+The JAX rows and the torch rows run in two fresh subprocesses, one after the other
+(`--in-process` to skip that). Usage (from the repository root):
 
   python -m benchmarks.bench_ops --batch 8 --reps 10 --json ops.json
+  python -m benchmarks.bench_ops --frameworks jax --impls pallas --only outlook --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import re
 import subprocess
@@ -65,6 +76,7 @@ class OpsConfig:
     threads: int = 0
     seed: int = 0
     only: str = ""  # regular expression on row names
+    impls: str = ""  # comma-separated outlook implementations (empty: all)
     torch_compile: bool = False  # also time torch.compile'd timm layer and aggregate
 
 
@@ -87,6 +99,7 @@ def make_inputs(cfg: OpsConfig) -> dict[str, np.ndarray]:
     return {
         "v": normal(b, n, n, c),
         "attn": attn.astype(np.float32),
+        "logits": logits,
         "x": normal(b, n, n, c),
         "g": normal(b, n, n, c),  # cotangent of every (B, H, W, C) output
         "g_cols": normal(b, h, h, kk, c),  # cotangent of unfold's output
@@ -101,6 +114,68 @@ def make_inputs(cfg: OpsConfig) -> dict[str, np.ndarray]:
 
 def _selected(cfg: OpsConfig, name: str) -> bool:
     return not cfg.only or re.search(cfg.only, name) is not None
+
+
+#: The parameters of an aggregate entry that takes the logits (fused softmax).
+LOGITS_ENTRY = ("v", "logits", "kernel_size", "stride", "padding")
+
+
+def _takes_logits(fn: Callable) -> bool:
+    """True when `fn` is called as `fn(v, logits, kernel_size, stride, padding)`: those
+    five parameters first, any others with defaults (a fused-softmax entry; the kernels'
+    own launchers, with other parameters, are not)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    names = tuple(p.name for p in params[: len(LOGITS_ENTRY)])
+    rest = params[len(LOGITS_ENTRY) :]
+    return names == LOGITS_ENTRY and all(p.default is not p.empty for p in rest)
+
+
+def outlook_entries(impls: str = "") -> dict[str, Callable]:
+    """Name -> aggregate function: `outlook.IMPLEMENTATIONS` (or the default), plus any
+    public function of `outlook_pallas` that takes the logits and is not one of them
+    (named 'pallas:<function>'); `impls` (comma-separated, empty: all) keeps those whose
+    name, or the part before ':', it lists."""
+    from volo_jax.ops import outlook
+
+    found = getattr(outlook, "IMPLEMENTATIONS", None) or {"default": outlook.outlook_aggregate}
+    entries = dict(found)
+    try:
+        from volo_jax.ops import outlook_pallas
+    except ImportError:
+        outlook_pallas = None
+    if outlook_pallas is not None:
+        known = {id(fn) for fn in found.values()}
+        for name in sorted(vars(outlook_pallas)):
+            fn = getattr(outlook_pallas, name)
+            if (
+                not name.startswith("_")
+                and callable(fn)
+                and id(fn) not in known
+                and getattr(fn, "__module__", None) == outlook_pallas.__name__
+                and _takes_logits(fn)
+            ):
+                entries[f"pallas:{name}"] = fn
+    wanted = [x.strip() for x in impls.split(",") if x.strip()]
+    if wanted:
+        unknown = sorted(set(wanted) - {n.split(":")[0] for n in entries} - set(entries))
+        if unknown:
+            raise ValueError(f"unknown outlook implementations {unknown}; have {sorted(entries)}")
+        entries = {n: fn for n, fn in entries.items() if n in wanted or n.split(":")[0] in wanted}
+    return entries
+
+
+def device_memory(device: Any) -> dict[str, float] | None:
+    """The device allocator's statistics in MiB, or None where it keeps none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return {k: stats.get(k, 0) / 2**20 for k in ("peak_bytes_in_use", "bytes_in_use")}
 
 
 def _record(name: str, framework: str, passes: str, fn: Callable[[], dict[str, Any]]) -> dict:
@@ -120,8 +195,11 @@ def _record(name: str, framework: str, passes: str, fn: Callable[[], dict[str, A
 # --------------------------------------------------------------------------- JAX
 
 
-def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Every JAX row: forward and forward+backward, timed, with XLA's cost analysis."""
+def jax_rows(
+    cfg: OpsConfig, inputs: dict[str, np.ndarray], emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every JAX row: forward and forward+backward, timed, with XLA's cost analysis;
+    `emit` gets each row as soon as it is measured."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -136,7 +214,12 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
     device = jax.devices()[0]
     arr = {k: jax.device_put(jnp.asarray(v, dtype), device) for k, v in inputs.items()}
     k, s, p, n = cfg.kernel, cfg.stride, cfg.padding, cfg.size
-    impls = getattr(outlook, "IMPLEMENTATIONS", None) or {"default": outlook.outlook_aggregate}
+    entries = outlook_entries(cfg.impls)
+    all_impls = getattr(outlook, "IMPLEMENTATIONS", None) or {"default": outlook.outlook_aggregate}
+    impls = {name: fn for name, fn in all_impls.items() if name in entries}
+
+    def softmax(logits: jax.Array, like: jax.Array) -> jax.Array:  # as OutlookAttention
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(like.dtype)
 
     def patches_unfold(x: jax.Array) -> jax.Array:  # no custom VJP: XLA's own gradient
         out = lax.conv_general_dilated_patches(
@@ -169,14 +252,53 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
 
     # name -> (function, its arguments, cotangent of its output)
     cases: dict[str, tuple[Callable, tuple, jax.Array]] = {}
-    for impl, fn in impls.items():
-        cases[f"outlook_aggregate[{impl}]"] = (
-            lambda v, a, fn=fn: fn(v, a, k, s, p),
-            (arr["v"], arr["attn"]),
+    checked: dict[str, str] = {}  # row -> which float32 reference it is compared with
+    for impl, fn in entries.items():
+        logits_in = _takes_logits(fn)
+        if not logits_in:
+            cases[f"outlook_aggregate[{impl}]"] = (
+                lambda v, a, fn=fn: fn(v, a, k, s, p),
+                (arr["v"], arr["attn"]),
+                arr["g"],
+            )
+            checked[f"outlook_aggregate[{impl}]"] = "attn"
+        cases[f"softmax+outlook_aggregate[{impl}]"] = (
+            lambda v, lg, fn=fn, logits_in=logits_in: fn(
+                v, lg if logits_in else softmax(lg, v), k, s, p
+            ),
+            (arr["v"], arr["logits"]),
             arr["g"],
         )
-    layer_impls = list(impls) if "impl" in outlook.OutlookAttention.__dataclass_fields__ else []
-    for impl in layer_impls or [None]:
+        checked[f"softmax+outlook_aggregate[{impl}]"] = "logits"
+    references: dict[str, list[np.ndarray]] = {}
+
+    def reference(kind: str) -> list[np.ndarray]:
+        """(out, dv, d_weights or d_logits) of the float32 `reference` at full precision,
+        computed on the host CPU so that it leaves the device's memory peak alone."""
+        if kind not in references:
+            host = jax.devices("cpu")[0]
+
+            def f(v: jax.Array, a: jax.Array) -> jax.Array:
+                weights = softmax(a, v) if kind == "logits" else a
+                return outlook.outlook_aggregate(v, weights, k, s, p, impl="reference")
+
+            with jax.default_device(host), jax.default_matmul_precision("highest"):
+                v32, a32, g32 = (jax.device_put(inputs[key], host) for key in ("v", kind, "g"))
+                out, pullback = jax.vjp(jax.jit(f), v32, a32)
+                references[kind] = [np.asarray(x) for x in (out, *pullback(g32))]
+        return references[kind]
+
+    def max_diff(name: str, result: Any) -> float:
+        """Largest |result - float32 reference| over the output (and gradients)."""
+        leaves = jax.tree_util.tree_leaves(result)
+        return max(
+            float(np.max(np.abs(np.asarray(x).astype(np.float32) - r)))
+            for x, r in zip(leaves, reference(checked[name]), strict=False)
+        )
+
+    has_impl = "impl" in outlook.OutlookAttention.__dataclass_fields__
+    layer_impls = list(impls) if has_impl else []
+    for impl in layer_impls or ([None] if not cfg.impls else []):
         extra = {"impl": impl} if impl else {}
         layer = outlook.OutlookAttention(cfg.dim, cfg.heads, k, p, s, dtype=layer_dtype, **extra)
         cases[f"OutlookAttention layer (flax{f', {impl}' if impl else ''})"] = (
@@ -221,32 +343,64 @@ def jax_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, An
             ("fwd+bwd", backward, (*args, cot)),
         ):
 
-            def measure(jitted: Any = jitted, call_args: tuple = call_args) -> dict[str, Any]:
+            def measure(
+                jitted: Any = jitted, call_args: tuple = call_args, name: str = name
+            ) -> dict[str, Any]:
+                before = device_memory(device)
                 stats, _ = compile_stats(jitted, *call_args)
-                probe = MemoryProbe("jax_gpu" if device.platform == "gpu" else "rss", device)
+                probe = MemoryProbe("jax_gpu" if before is not None else "rss", device)
                 timing = time_calls(
                     lambda: jitted(*call_args), jax.block_until_ready, cfg.reps, cfg.warmup, probe
                 )
                 mem = stats.get("xla_memory_mb", {})
                 timing["first_call_s"] += stats["compile_s"]
-                return {
+                after = device_memory(device)
+                plan_peak = sum(mem.get(key, 0.0) for key in ("argument", "output", "temp"))
+                if after is not None and before is not None:
+                    peak = {
+                        "peak_mb": after["peak_bytes_in_use"],
+                        "peak_in_use_before_mb": before["bytes_in_use"],
+                        # False: an earlier row's peak was higher, so this row's own peak
+                        # is not known (at most peak_mb).
+                        "peak_raised_by_row": after["peak_bytes_in_use"]
+                        > before["peak_bytes_in_use"],
+                        "peak_method": "device allocator: memory_stats()['peak_bytes_in_use'] "
+                        "(process lifetime)",
+                    }
+                else:
+                    peak = {
+                        "peak_mb": plan_peak,
+                        "peak_method": "XLA memory plan: argument + output + temp buffers",
+                    }
+                row = {
                     **timing,
                     **stats,
+                    **peak,
+                    # Beside the allocator's peak, which may include compile-time scratch
+                    # (autotuning) and earlier rows: what the compiled call itself needs.
+                    "xla_plan_peak_mb": plan_peak,
                     "mem_mb": mem.get("temp", 0.0) + mem.get("output", 0.0),
                     "mem_method": "XLA memory plan: temp + output buffers",
                 }
+                if name in checked:
+                    row["max_abs_diff_vs_f32_reference"] = max_diff(name, jitted(*call_args))
+                return row
 
             rows.append(_record(name, "jax", passes, measure))
-    for row in rows:
-        row["device"] = f"{device.platform}:{device.device_kind}"
+            rows[-1]["device"] = f"{device.platform}:{device.device_kind}"
+            if emit is not None:
+                emit(rows[-1])
     return rows
 
 
 # --------------------------------------------------------------------------- torch
 
 
-def torch_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Every torch row: timm's layer, the F.unfold/F.fold aggregate, the primitives."""
+def torch_rows(
+    cfg: OpsConfig, inputs: dict[str, np.ndarray], emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every torch row: timm's layer, the F.unfold/F.fold aggregate, the primitives;
+    `emit` gets each row as soon as it is measured."""
     import torch
     import torch.nn.functional as F
     from timm.models.volo import OutlookAttention
@@ -321,8 +475,10 @@ def torch_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, 
                 probe = MemoryProbe("torch_cuda" if cuda else "rss")
                 timing = time_calls(call, sync, cfg.reps, cfg.warmup, probe)
                 mem = timing["memory"]
+                peak = {"peak_mb": mem["peak_mb"], "peak_method": mem["method"]} if cuda else {}
                 return {
                     **timing,
+                    **peak,
                     "mem_mb": mem["peak_mb"] if cuda else mem["steady_growth_mb"],
                     "mem_method": mem["method"]
                     if cuda
@@ -331,19 +487,31 @@ def torch_rows(cfg: OpsConfig, inputs: dict[str, np.ndarray]) -> list[dict[str, 
                 }
 
             rows.append(_record(name, "torch", passes, measure))
-    for row in rows:
-        row["device"] = f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu"
-        row["torch_threads"] = torch.get_num_threads()
+            rows[-1]["device"] = f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu"
+            rows[-1]["torch_threads"] = torch.get_num_threads()
+            if emit is not None:
+                emit(rows[-1])
     return rows
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run_framework(framework: str, cfg: OpsConfig) -> list[dict[str, Any]]:
+def run_framework(
+    framework: str, cfg: OpsConfig, emit: Callable[[dict], Any] | None = None
+) -> list[dict[str, Any]]:
     """All rows of one framework, in this process."""
     inputs = make_inputs(cfg)
-    return (jax_rows if framework == "jax" else torch_rows)(cfg, inputs)
+    return (jax_rows if framework == "jax" else torch_rows)(cfg, inputs, emit)
+
+
+def _partial(out: Path) -> list[dict[str, Any]]:
+    """The rows a worker finished before it stopped (its progress file)."""
+    path = Path(f"{out}.partial")
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        return []
 
 
 def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict[str, Any]]:
@@ -371,21 +539,23 @@ def _run_subprocess(framework: str, cfg: OpsConfig, timeout: float) -> list[dict
             )
         except subprocess.TimeoutExpired:
             return [
+                *_partial(out),
                 {
                     "op": "*",
                     "framework": framework,
                     "status": "failed",
                     "reason": f"worker timed out after {timeout:.0f} s",
-                }
+                },
             ]
         if proc.returncode != 0 or not out.exists():
             return [
+                *_partial(out),
                 {
                     "op": "*",
                     "framework": framework,
                     "status": "failed",
                     "reason": f"worker exited with {proc.returncode}: {proc.stderr[-2000:]}",
-                }
+                },
             ]
         return json.loads(out.read_text())
 
@@ -420,9 +590,13 @@ def run(
             else "one process"
         ),
         "memory_note": (
-            "JAX: XLA's memory plan (temp + output buffers of the compiled op). torch: "
+            "mem MiB: JAX: XLA's memory plan (temp + output buffers of the compiled op). torch: "
             "CUDA max_memory_allocated, or on CPU the peak-RSS growth during the timed calls "
-            "over the RSS after warm-up (approximate: allocators keep and reuse freed memory)."
+            "over the RSS after warm-up (approximate: allocators keep and reuse freed memory). "
+            "peak MiB (JAX): the device allocator's peak_bytes_in_use where the device keeps "
+            "one (process lifetime: inputs of every row included; rows that did not raise it "
+            "are marked peak_raised_by_row=false), else the plan's argument + output + temp. "
+            "max diff: largest |output or gradient - float32 reference|."
         ),
         "machine": machine_info(),
         "loadavg_end": loadavg(),
@@ -431,9 +605,10 @@ def run(
 
 
 def format_table(report: dict[str, Any]) -> str:
+    width = max([46] + [len(r["op"]) + 2 for r in report["rows"]])
     head = (
-        f"{'op':<46}{'pass':<9}{'ms':>9}{'min ms':>9}{'first s':>9}{'GFLOP':>8}"
-        f"{'GB acc':>8}{'mem MiB':>9}"
+        f"{'op':<{width}}{'pass':<9}{'ms':>9}{'min ms':>9}{'first s':>9}{'GFLOP':>8}"
+        f"{'GB acc':>8}{'mem MiB':>9}{'peak MiB':>10}{'max diff':>10}"
     )
     lines = [head, "-" * len(head)]
 
@@ -447,13 +622,14 @@ def format_table(report: dict[str, Any]) -> str:
         name = f"{r['op']} [{r['framework']}]" if r["op"] == "*" else r["op"]
         if r["status"] != "ok":
             reason = (r.get("reason") or "").splitlines()[0][:90] if r.get("reason") else ""
-            lines.append(f"{name:<46}{r.get('pass', ''):<9}  {r['status']}: {reason}")
+            lines.append(f"{name:<{width}}{r.get('pass', ''):<9}  {r['status']}: {reason}")
             continue
         lines.append(
-            f"{name:<46}{r['pass']:<9}{num(r, 'median_s', '9.2f', 1e3)}"
+            f"{name:<{width}}{r['pass']:<9}{num(r, 'median_s', '9.2f', 1e3)}"
             f"{num(r, 'min_s', '9.2f', 1e3)}{num(r, 'first_call_s', '9.2f')}"
             f"{num(r, 'xla_gflops', '8.3f')}{num(r, 'xla_gbytes_accessed', '8.3f')}"
-            f"{num(r, 'mem_mb', '9.1f')}"
+            f"{num(r, 'mem_mb', '9.1f')}{num(r, 'peak_mb', '10.1f')}"
+            f"{num(r, 'max_abs_diff_vs_f32_reference', '10.1e')}"
         )
     lines.append(report["memory_note"])
     return "\n".join(lines)
@@ -475,6 +651,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all)")
     p.add_argument("--only", default="", help="regular expression on op names")
     p.add_argument(
+        "--impls",
+        default=d.impls,
+        help="comma-separated outlook implementations, e.g. 'pallas' (default: all)",
+    )
+    p.add_argument(
         "--torch-compile", action="store_true", help="add torch.compile'd timm rows (slow start)"
     )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
@@ -490,7 +671,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker_framework:
         cfg = OpsConfig(**json.loads(args.worker_config))
-        rows = run_framework(args.worker_framework, cfg)
+        done: list[dict[str, Any]] = []
+        partial = Path(f"{args.worker_out}.partial")
+
+        def emit(row: dict[str, Any]) -> None:  # progress, for a worker that times out
+            done.append(row)
+            partial.write_text(json.dumps(done))
+
+        rows = run_framework(args.worker_framework, cfg, emit)
         Path(args.worker_out).write_text(json.dumps(rows))
         return 0
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]

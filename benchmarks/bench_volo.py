@@ -43,7 +43,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make volo_jax importable
 #: jax_bf16mm: a float32 model whose products take bf16 operands
 #: (jax_default_matmul_precision='bfloat16', config.matmul_precision in training).
 JAX_BACKENDS = ("jax_fp32", "jax_bf16", "jax_bf16mm")
-TORCH_BACKENDS = ("torch_eager", "torch_amp", "torch_compile")
+#: torch_compile: float32 (TF32 only with --torch-tf32); torch_compile_amp: the same
+#: autocast as torch_amp around the compiled model, the like-for-like rival of jax_bf16.
+TORCH_BACKENDS = ("torch_eager", "torch_amp", "torch_compile", "torch_compile_amp")
 BACKENDS = JAX_BACKENDS + TORCH_BACKENDS
 MODES = ("infer", "train")
 #: Fields of our VOLO that timm's constructor does not take.
@@ -569,7 +571,8 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
 
 
 def run_torch(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -> tuple:
-    """Times `mode` for torch_eager / torch_amp / torch_compile. Returns (result, logits)."""
+    """Times `mode` for a torch backend (eager or torch.compile, float32 or AMP autocast).
+    Returns (result, logits)."""
     import torch
     import torch.nn.functional as F
 
@@ -577,7 +580,8 @@ def run_torch(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     amp_dtype = None
-    if backend == "torch_amp":
+    compiled = backend.startswith("torch_compile")
+    if backend in ("torch_amp", "torch_compile_amp"):
         if cuda:
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif cfg.cpu_amp:
@@ -610,7 +614,7 @@ def run_torch(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray])
     try:
         if mode == "infer":
             model.eval()
-            forward = torch.compile(model) if backend == "torch_compile" else model
+            forward = torch.compile(model) if compiled else model
 
             def call() -> Any:
                 with torch.inference_mode(), autocast():
@@ -641,7 +645,7 @@ def run_torch(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray])
                 aux = model.aux_head(feats[:, 1:])
                 return soft_ce(cls, ct) + AUX_WEIGHT * soft_ce(aux, dt)
 
-            loss_call = torch.compile(loss_fn) if backend == "torch_compile" else loss_fn
+            loss_call = torch.compile(loss_fn) if compiled else loss_fn
 
             def call() -> Any:
                 with autocast():
@@ -655,7 +659,7 @@ def run_torch(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray])
             timing = time_calls(call, sync, cfg.reps, cfg.warmup, memory)
             timing["final_loss"] = float(call().detach())
     except Exception as err:
-        if backend == "torch_compile":
+        if compiled:
             raise UnavailableError(f"torch.compile failed: {type(err).__name__}: {err}") from err
         raise
     timing.update(
@@ -748,7 +752,7 @@ def _run_subprocess(
         )
     except subprocess.TimeoutExpired:
         reason = f"worker timed out after {timeout:.0f} s"
-        status = "skipped" if backend == "torch_compile" else "failed"
+        status = "skipped" if backend.startswith("torch_compile") else "failed"
         return {"backend": backend, "mode": mode, "status": status, "reason": reason}, None
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout)[-2000:]
@@ -954,7 +958,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cpu-amp",
         action="store_true",
-        help="run torch_amp on CPU too (bfloat16 autocast; fast where the CPU has AMX)",
+        help="run torch_amp and torch_compile_amp on CPU too (bfloat16 autocast; fast where "
+        "the CPU has AMX)",
     )
     p.add_argument(
         "--no-malloc-tunables",

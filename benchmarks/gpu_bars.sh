@@ -1,41 +1,77 @@
 #!/usr/bin/env bash
-# Issue #5's GPU bars in one prepared run, sized for a lent GPU's short lease (about
-# 9 minutes in all; each step has its own time limit and a failing step does not stop
-# the next). Run from the repository root with a Python that has jax (CUDA), flax,
-# optax, torch and timm:
+# The GPU measurements in one prepared run, sized for 10 minutes on one GPU (the whole
+# script stops starting steps after $TOTAL seconds, 560 by default, and cuts the last
+# one short; each step has its own time limit, a failing step does not stop the next,
+# and stdout carries each step's exit status and the tail of its log).
+# Run from the repository root with a Python that has jax (CUDA), flax, optax, torch and
+# timm:
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_bars.sh          # on the GPU machine
-#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_bars.sh  # a tiny model, any machine
+#   OUT=/tmp/gpu bash benchmarks/gpu_bars.sh            # on the GPU machine
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_bars.sh  # tiny shapes, any machine
 #
-# Writes into $OUT: machine.txt, volo.json / volo.txt (JAX fp32 and bf16 against timm
-# eager, AMP and torch.compile, inference and train step), impl_<name>.json (the whole
-# model with each outlook implementation, bf16), outlook_tests.txt (the implementations,
-# the Pallas kernel compiled, against the reference) and ops.json (bench_ops).
+# Steps, most wanted first, each logging to $OUT/<step>.txt:
+#   1. ops_<impl>.json: outlook attention at VOLO-D1's outlooker shape (batch 128, 28x28x192,
+#      6 heads, K=3, s=2, bf16), one fresh process per implementation (reference, slices,
+#      planes, pallas): the aggregate from the weights, softmax + aggregate from the
+#      logits, and the Flax layer, forward and forward+backward, with the device's
+#      peak_bytes_in_use (per process, so per implementation), XLA's memory plan and the
+#      largest difference from a float32 reference (the Pallas kernel compiled, not
+#      interpreted);
+#   2. volo_train.json: the whole volo_d1_224 train step, JAX bf16 against timm AMP eager
+#      and torch.compile with the same autocast, batch 128 (BACKENDS=...,torch_compile
+#      adds float32 torch.compile);
+#   3. ops_torch.json: timm's OutlookAttention and the F.unfold / F.fold aggregate, bf16;
+#   4. volo_infer.json: inference, the same backends;
+#   5. impl_<impl>.json: the whole train step in bf16 with outlook planes and pallas
+#      (the GPU default is slices), if time remains.
+# machine.txt records the GPU, the driver and the library versions.
 set -u
 PY=${PY:-python3}
 OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d_%H%M)}
-BATCH=${BATCH:-64}
+SCALE=${SCALE:-1}  # multiplies every time limit (SMOKE=1: SCALE_SMOKE, default 3)
+BATCH=${BATCH:-128}
 REPS=${REPS:-10}
 MODEL=${MODEL:-volo_d1_224}
 OVERRIDES=${OVERRIDES:-'{}'}
-BACKENDS=${BACKENDS:-jax_bf16,jax_fp32,torch_amp,torch_eager,torch_compile}
-OPS_ARGS=(--batch "$BATCH")
-if [[ ${SMOKE:-0} == 1 ]]; then
-    BATCH=2 REPS=1 OVERRIDES='{"layers": [1, 1, 1, 1]}' BACKENDS=jax_bf16,torch_eager
-    OPS_ARGS=(--batch 2 --size 8 --reps 1 --warmup 0)
+BACKENDS=${BACKENDS:-jax_bf16,torch_amp,torch_compile_amp}
+IMPLS=${IMPLS:-reference slices planes pallas}
+OPS_ARGS=(--batch "$BATCH" --dtype bfloat16 --reps 20 --warmup 3)
+OPS_ONLY='outlook_aggregate|OutlookAttention layer'
+WHOLE_MODEL_IMPLS=${WHOLE_MODEL_IMPLS:-planes pallas}
+if [[ ${SMOKE:-0} == 1 ]]; then  # every step, fewer rows and workers
+    BATCH=2 REPS=1 BACKENDS=jax_bf16,torch_eager
+    OVERRIDES='{"layers": [1, 1, 1, 1], "img_size": 64}'
+    SCALE=${SCALE_SMOKE:-3}
+    OPS_ARGS=(--batch 2 --size 8 --dim 12 --heads 2 --dtype bfloat16 --reps 1 --warmup 0)
+    OPS_ONLY='softmax\+outlook_aggregate' WHOLE_MODEL_IMPLS=planes
 fi
+TOTAL=${TOTAL:-$((560 * SCALE))}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 started=$SECONDS
 
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs to $OUT/NAME.txt
-    local name=$1 limit=$2
+s() {  # s SECONDS: a time limit, scaled
+    echo $(($1 * SCALE))
+}
+
+step() {  # step NAME SECONDS COMMAND...: COMMAND under a time limit (at most what is left)
+    local name=$1 limit=$2 left=$((TOTAL - (SECONDS - started)))
     shift 2
+    if ((left < 20)); then
+        echo "[gpu_bars] $name: skipped, ${left}s left of ${TOTAL}s"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "[gpu_bars] $name (limit ${limit}s, $((SECONDS - started))s so far)"
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
-    echo "[gpu_bars] $name: exit $rc"
-    tail -n 25 "$OUT/$name.txt"
+    echo "[gpu_bars] $name: exit $rc$( ((rc == 124)) && echo ' (time limit)')"
+    tail -n 20 "$OUT/$name.txt"
+}
+
+with_impl() {  # OVERRIDES with outlook_impl set
+    "$PY" -c 'import json, sys; d = json.loads(sys.argv[1]); d["outlook_impl"] = sys.argv[2]
+print(json.dumps(d))' "$OVERRIDES" "$1"
 }
 
 {
@@ -46,24 +82,35 @@ print("flax", flax.__version__, "torch", torch.__version__, "timm", timm.__versi
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
-# 1. The bars: JAX against timm, same batch and weights, one process per backend.
-step volo 330 "$PY" -m benchmarks.bench_volo --model "$MODEL" --overrides "$OVERRIDES" \
-    --batch "$BATCH" --reps "$REPS" --warmup 3 --modes infer,train --backends "$BACKENDS" \
-    --timeout 150 --json "$OUT/volo.json"
-
-# 2. Which outlook implementation is fastest here (the whole model, bf16).
-for impl in planes pallas; do
-    step "impl_$impl" 60 "$PY" -m benchmarks.bench_volo --model "$MODEL" \
-        --overrides "$("$PY" -c "import json,sys; d=json.loads(sys.argv[1]); d['outlook_impl']='$impl'; print(json.dumps(d))" "$OVERRIDES")" \
-        --batch "$BATCH" --reps "$REPS" --warmup 2 --modes infer,train --backends jax_bf16 \
-        --timeout 55 --json "$OUT/impl_$impl.json"
+# 1. Every outlook implementation alone, one process each (peak memory per implementation).
+# A worker that runs out of time still reports the rows it finished.
+for impl in $IMPLS; do
+    step "ops_$impl" "$(s 55)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks jax \
+        --impls "$impl" --only "$OPS_ONLY" --timeout "$(s 45)" \
+        --json "$OUT/ops_$impl.json"
 done
 
-# 3. Every implementation (the Pallas kernel compiled, not interpreted) against the
-#    unfold + scatter-add reference, forward and gradients.
-step outlook_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_outlook.py
+# 2. The train-step bars: JAX bf16 against timm AMP and torch.compile, same batch and weights.
+#    One worker per backend, each at most 140 s (compile included: torch.compile's is the
+#    longest); the log has each worker's result as it ends, should the step run out.
+step volo_train "$(s 330)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    --overrides "$OVERRIDES" --batch "$BATCH" --reps "$REPS" --warmup 3 --modes train \
+    --backends "$BACKENDS" --timeout "$(s 140)" --json "$OUT/volo_train.json"
 
-# 4. Outlook attention alone, every implementation and timm's.
-step ops 60 "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --json "$OUT/ops.json"
+# 3. timm's layer and the torch aggregate at the same shape.
+step ops_torch "$(s 45)" "$PY" -m benchmarks.bench_ops "${OPS_ARGS[@]}" --frameworks torch \
+    --only 'timm|F.unfold/fold' --timeout "$(s 35)" --json "$OUT/ops_torch.json"
+
+# 4. Inference, the same backends.
+step volo_infer "$(s 210)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    --overrides "$OVERRIDES" --batch "$BATCH" --reps "$REPS" --warmup 3 --modes infer \
+    --backends "$BACKENDS" --timeout "$(s 65)" --json "$OUT/volo_infer.json"
+
+# 5. The whole train step with the other implementations (the default here is slices).
+for impl in $WHOLE_MODEL_IMPLS; do
+    step "impl_$impl" "$(s 80)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+        --overrides "$(with_impl "$impl")" --batch "$BATCH" --reps "$REPS" --warmup 2 \
+        --modes train --backends jax_bf16 --timeout "$(s 60)" --json "$OUT/impl_$impl.json"
+done
 
 echo "[gpu_bars] done in $((SECONDS - started))s; results in $OUT"

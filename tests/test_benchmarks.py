@@ -3,8 +3,11 @@ repetition, in this process; checks the report fields, not the timings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("timm")
@@ -63,6 +66,7 @@ def test_bench_ops_report_fields():
     assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
     assert {r["op"] for r in rows} == {
         "outlook_aggregate[reference]",
+        "softmax+outlook_aggregate[reference]",
         "OutlookAttention layer (timm)",
         "unfold (torch F.unfold)",
         "fold (ours)",
@@ -87,3 +91,74 @@ def test_workers_of_both_frameworks_start_alike(monkeypatch):
     assert str(bench_volo.REPO_ROOT) in on["PYTHONPATH"].split(":")
     assert bench_volo.parse_args(["--no-malloc-tunables"]).malloc_tunables is False
     assert bench_volo.parse_args([]).malloc_tunables is True
+
+
+def test_bench_ops_impls_and_logits_entries(monkeypatch):
+    """--impls keeps the named implementations; a public outlook_pallas function whose
+    second parameter is `logits` is benchmarked from the logits, the others from the
+    softmax; every such row carries its difference from the float32 reference and a
+    peak memory figure."""
+    from volo_jax.ops import outlook, outlook_pallas
+
+    def fused_logits(v, logits, kernel_size, stride, padding):  # softmax inside, as a kernel
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return outlook.outlook_aggregate(v, weights, kernel_size, stride, padding, "planes")
+
+    fused_logits.__module__ = outlook_pallas.__name__
+    monkeypatch.setattr(outlook_pallas, "fused_logits", fused_logits, raising=False)
+    assert bench_ops._takes_logits(fused_logits)
+    assert not bench_ops._takes_logits(outlook.IMPLEMENTATIONS["planes"])
+
+    def launcher(v, logits, kernel, stride, padding, *, softmax=True):  # not an entry
+        return v
+
+    assert not bench_ops._takes_logits(launcher)
+    pallas_entries = set(bench_ops.outlook_entries("pallas"))
+    assert {"pallas", "pallas:fused_logits"} <= pallas_entries
+    assert all(n == "pallas" or n.startswith("pallas:") for n in pallas_entries)
+    assert set(bench_ops.outlook_entries("planes")) == {"planes"}
+    with pytest.raises(ValueError, match="unknown outlook implementations"):
+        bench_ops.outlook_entries("nope")
+
+    cfg = bench_ops.OpsConfig(
+        batch=1, size=6, dim=8, heads=2, reps=1, warmup=0, only="aggregate", impls="planes"
+    )
+    rows = bench_ops.jax_rows(cfg, bench_ops.make_inputs(cfg))
+    assert {(r["op"], r["pass"]) for r in rows} == {
+        (op, p)
+        for op in ("outlook_aggregate[planes]", "softmax+outlook_aggregate[planes]")
+        for p in ("fwd", "fwd+bwd")
+    }
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["max_abs_diff_vs_f32_reference"] < 1e-4 and r["peak_mb"] > 0
+        assert r["peak_method"]
+    # The logits entry gets the logits as they are (a second softmax would not match).
+    cfg = dataclasses.replace(cfg, impls="pallas", only="fused_logits")
+    rows = bench_ops.jax_rows(cfg, bench_ops.make_inputs(cfg))
+    assert {r["op"] for r in rows} == {"softmax+outlook_aggregate[pallas:fused_logits]"}
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["max_abs_diff_vs_f32_reference"] < 1e-4
+
+
+def test_outlook_roofline_counts():
+    """The formula's counts at the VOLO-D1 shape, and XLA:CPU's for the XLA
+    implementations at a small one (the Pallas kernel has only the formula)."""
+    from benchmarks import outlook_roofline as roof
+
+    shape = roof.Shape()  # VOLO-D1 outlooker, batch 128, bf16
+    sizes = roof.tensor_sizes(shape)
+    counts = roof.formula_counts(shape)
+    assert counts["pallas"]["fwd"]["bytes"] == 2 * sizes["E"] + sizes["A"]
+    assert counts["pallas"]["fwd+bwd"]["bytes"] == 5 * sizes["E"] + 3 * sizes["A"]
+    assert counts["reference"]["fwd"]["flops"] == pytest.approx(0.885e9, rel=1e-3)
+    assert counts["planes"]["fwd"]["bytes"] < counts["slices"]["fwd"]["bytes"]
+    report = roof.build(roof.Shape(batch=1, size=8, dim=12, heads=2))
+    json.dumps(report)
+    for row in report["rows"]:
+        counted = "xla_cpu_gflop" in row
+        assert counted == (row["impl"] in roof.XLA_IMPLS)
+        assert not counted or (row["xla_cpu_gflop"] > 0 and row["xla_cpu_mb"] > 0)
+        assert row["TPU v5e"]["bound_us"] > 0 and row["H100 SXM"]["bound_us"] > 0
+    assert "pallas (ideal fused)" in roof.format_table(report)
