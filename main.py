@@ -19,10 +19,13 @@ flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(logging.logging.Filter):
-    """Drops INFO records of libraries that log every checkpoint operation (orbax)."""
+    """Drops INFO records of libraries that log every checkpoint operation (orbax) or
+    every gs:// file opened (gcsfs)."""
 
     def filter(self, record: logging.logging.LogRecord) -> bool:
-        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+        return record.levelno >= logging.logging.WARNING or not any(
+            name in record.pathname for name in ("/orbax/", "/gcsfs/")
+        )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
