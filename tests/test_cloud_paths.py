@@ -162,3 +162,34 @@ def test_train_resume_predict_and_eval_on_gs(gcs, tmp_path):
     assert "top-1" in evaluated.stdout and "(360 images)" in evaluated.stdout
     assert not any(p.name.startswith("gs:") for p in cwd.rglob("*"))
     assert not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+def test_broken_checkpoint_on_gs_is_moved_aside(gcs):
+    """On the bucket: the latest checkpoint with a data object deleted is skipped for the
+    one before and moved to checkpoints_broken/ (cloud storage has no rename of folders:
+    it is copied and deleted)."""
+    import jax.numpy as jnp
+
+    from volo_jax.training.checkpointing import Checkpointer
+
+    directory = f"gs://{BUCKET}/broken/checkpoints"
+    state = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.asarray(0, jnp.int32)}
+    ckpt = Checkpointer(directory, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {**state, "step": jnp.asarray(step, jnp.int32)})
+    ckpt.close()
+    import fsspec
+
+    gcsfs = fsspec.filesystem("gs")
+    objects = gcsfs.find(f"{directory}/2")
+    data = [name for name in objects if "/d/" in name]  # OCDBT's data files
+    assert data, objects
+    gcsfs.rm(data)
+
+    ckpt = Checkpointer(directory, keep=3)
+    restored, step = ckpt.restore_latest(state)
+    ckpt.close()
+    assert step == 1 and int(restored["step"]) == 1
+    np.testing.assert_array_equal(restored["w"], np.arange(12.0).reshape(3, 4))
+    assert as_path(f"gs://{BUCKET}/broken/checkpoints_broken/2").is_dir()
+    assert sorted(p.name for p in as_path(directory).iterdir() if p.name.isdigit()) == ["1"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,22 +204,19 @@ def _damage(checkpoint) -> list[str]:
     return [str(largest), str(other)]
 
 
+def _copy_checkpoints(straight, workdir, steps: list[int]) -> None:
+    """The uninterrupted run's checkpoints of `steps` copied into a fresh workdir."""
+    for step in steps:
+        shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+
+
 def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path):
-    """A run to step 20, its checkpoint of step 20 damaged (a truncated and a deleted
-    file): the next start names it in a warning, moves it aside, resumes from step 10 and
-    ends exactly as the uninterrupted run; a third start does not try it again."""
+    """The checkpoints of steps 10, 20, 30, step 30's damaged (a truncated and a deleted
+    file), and a run to step 30: it names the broken one in a warning, moves it aside,
+    resumes from step 20 and ends exactly as the uninterrupted run."""
     workdir = tmp_path / "broken"
-    first = subprocess.run(
-        _command(workdir, runs["data"], max_steps=20),
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert _checkpoint_steps(workdir) == [10, 20]
-    _damage(workdir / "checkpoints" / "20")
+    _copy_checkpoints(runs["straight"], workdir, [10, 20, 30])
+    _damage(workdir / "checkpoints" / "30")
 
     resumed = subprocess.run(
         _command(workdir, runs["data"]),
@@ -229,11 +227,11 @@ def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path
         timeout=180,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"cannot restore the training checkpoint {workdir}/checkpoints/20" in resumed.stderr
-    assert "restored step 10 instead" in resumed.stderr
-    assert "resuming from step 10 " in resumed.stderr
-    assert os.path.isdir(workdir / "checkpoints_broken" / "20")
-    assert _checkpoint_steps(workdir) == [10, 20, 30]  # step 20 saved again, intact
+    assert f"cannot restore the training checkpoint {workdir}/checkpoints/30" in resumed.stderr
+    assert "restored step 20 instead" in resumed.stderr
+    assert "resuming from step 20 " in resumed.stderr
+    assert os.path.isdir(workdir / "checkpoints_broken" / "30")
+    assert _checkpoint_steps(workdir) == [10, 20, 30]  # step 30 saved again, intact
     _same_final_state(workdir, runs["straight"])
 
 
@@ -265,22 +263,17 @@ def test_only_cpu_arrays_are_copied_before_an_async_save():
 
 
 def test_non_finite_loss_stops_before_saving(runs, tmp_path):
-    """10 good steps, then the same run resumed with an absurd learning rate: the loss
-    turns non-finite; the error names its step and the last good checkpoint, exit status
-    2, and nothing after it is saved (no checkpoint of step 20, no final weights)."""
+    """The checkpoint of step 10, resumed with an absurd learning rate: the loss turns
+    non-finite; the error names its step and the last good checkpoint, exit status 2, and
+    nothing after it is saved (no later checkpoint, no final weights)."""
     workdir = tmp_path / "diverged"
-    common = ["--config.log_every_steps=10", "--config.checkpoint_every_steps=10"]
-    good = subprocess.run(
-        [*_command(workdir, runs["data"], max_steps=10), *common],
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert good.returncode == 0, good.stderr[-3000:]
+    _copy_checkpoints(runs["straight"], workdir, [10])
     diverged = subprocess.run(
-        [*_command(workdir, runs["data"]), *common, "--config.optim.base_lr=1e32"],
+        [
+            *_command(workdir, runs["data"]),
+            "--config.log_every_steps=2",
+            "--config.optim.base_lr=1e32",
+        ],
         cwd=REPO,
         env=runs["env"],
         capture_output=True,

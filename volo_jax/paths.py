@@ -58,12 +58,21 @@ def join(directory: PathLike, *names: str) -> str:
     return os.fspath(as_path(directory).joinpath(*names))
 
 
+def makedirs(path: PathLike) -> epath.Path:
+    """Creates a local directory and its parents; a no-op for a URL (cloud storage has no
+    directories, and gcsfs would create a missing bucket). Returns the path."""
+    target = as_path(path)
+    if not is_remote(target):
+        target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def read_bytes(path: PathLike) -> bytes:
     return as_path(path).read_bytes()
 
 
 def write_text(path: PathLike, text: str) -> None:
-    """Writes (replaces) a text file; its directory is created if missing."""
+    """Writes (replaces) a text file; a local directory is created if missing."""
     target = as_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(target.parent)
     target.write_text(text)

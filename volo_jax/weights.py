@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from volo_jax.errors import CheckpointError
-from volo_jax.paths import as_path
+from volo_jax.paths import as_path, makedirs
 
 METADATA_FILE = "model.json"
 VARIABLES_DIR = "variables"
@@ -33,8 +33,7 @@ def save_weights(
     **metadata: Any,
 ) -> None:
     """Writes `variables` and what built them to `directory` (replacing its content)."""
-    directory = as_path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = makedirs(directory)
     host = jax.tree_util.tree_map(np.asarray, variables)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / VARIABLES_DIR, host, force=True)

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from volo_jax.errors import CheckpointError
-from volo_jax.paths import as_path
+from volo_jax.paths import as_path, makedirs
 
 State = TypeVar("State")
 BEST_METRIC = "top1"
@@ -114,16 +114,10 @@ class Checkpointer:
             try:
                 state = self.restore(step, target)
             except CheckpointError as err:
-                logging.warning("%s", err)
                 failed.append((step, err))
                 continue
             for bad, err in failed:
-                logging.warning(
-                    "the checkpoint of step %d is broken (%s); restored step %d instead",
-                    bad,
-                    err.__cause__ or err,
-                    step,
-                )
+                logging.warning("%s; restored step %d instead", err, step)
                 self._move_aside(bad)
             return state, step
         if failed:
@@ -140,7 +134,11 @@ class Checkpointer:
         if jax.process_index() == 0:
             source = self.path / str(step)
             target = self.path.parent / (self.path.name + BROKEN_SUFFIX) / str(step)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(target.parent)
+            # Also makes the folder exist on cloud storage, where rename requires it.
+            (target.parent / "README.txt").write_text(
+                "Training checkpoints that failed to restore, moved here by volo_jax.\n"
+            )
             if target.exists():
                 target.rmtree()
             source.rename(target)

@@ -30,7 +30,7 @@ from flax.training import train_state
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import mix_box_lam, sample_mix_box
-from volo_jax.paths import as_path, join
+from volo_jax.paths import join, makedirs, write_text
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -423,10 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     maybe_initialize_distributed(config.get("distributed") or None)
     validate_config(config)
-    workdir = os.fspath(as_path(workdir))
-    as_path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = os.fspath(makedirs(workdir))
     if jax.process_index() == 0:
-        as_path(join(workdir, "config.json")).write_text(config.to_json_best_effort(indent=2))
+        write_text(join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     mesh = create_mesh(config.get("mesh"))
     rules = rules_from_config(config)
     train_data = create_train_input(config, workdir)
