@@ -18,7 +18,7 @@ import pytest
 
 from volo_jax.errors import CheckpointError, TrainingDivergedError
 from volo_jax.training.checkpointing import Checkpointer, needs_snapshot
-from volo_jax.training.preemption import check_finite
+from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.weights import load_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
     return {"env": env, "data": data, "straight": root / "straight"}
@@ -131,7 +131,7 @@ def test_killed_run_resumes_exactly(runs, tmp_path):
         if "step 20: checkpoint saved" in line:
             killed.send_signal(signal.SIGKILL)
             break
-    killed.wait(timeout=120)
+    killed.wait(timeout=600)
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "weights")  # it did not finish
 
@@ -141,7 +141,7 @@ def test_killed_run_resumes_exactly(runs, tmp_path):
         env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stderr
@@ -168,7 +168,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
             run.send_signal(signal.SIGTERM)
             break
     output.extend(run.stdout)
-    run.wait(timeout=120)
+    run.wait(timeout=600)
     text = "".join(output)
     assert run.returncode == 0, text[-3000:]
     match = re.search(r"preempted: stopped at step (\d+)", text)
@@ -184,7 +184,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
         env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {stopped} " in resumed.stderr
@@ -224,7 +224,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path
         env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"cannot restore the training checkpoint {workdir}/checkpoints/30" in resumed.stderr
@@ -278,7 +278,7 @@ def test_non_finite_loss_stops_before_saving(runs, tmp_path):
         env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert diverged.returncode == 2, diverged.stderr[-3000:]
     match = re.search(r"error: the training loss is (nan|inf|-inf) at step (\d+)", diverged.stderr)
@@ -296,3 +296,16 @@ def test_check_finite_names_the_first_bad_step():
         check_finite(20, [1.0, float("nan"), float("inf")], params, lambda: "step 10 in x")
     with pytest.raises(TrainingDivergedError, match="parameters after step 20 are not finite"):
         check_finite(20, [1.0, 2.0], {"w": jnp.array([1.0, jnp.inf])}, lambda: "none")
+
+
+def test_preemption_watch_turns_sigterm_into_a_flag(tmp_path):
+    """Inside the watch SIGTERM sets the flag instead of ending the process; outside it
+    the previous handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    with PreemptionWatch(ckpt) as watch:
+        assert not watch.reached(1)  # one process: no preemption service to ask
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.reached(2)
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -33,17 +33,21 @@ class PreemptionWatch:
     def __init__(self, checkpointer: Any) -> None:
         self._checkpointer = checkpointer
         self._signalled: int | None = None
+        self._installed = False
         self._previous: Any = None
 
     def __enter__(self) -> PreemptionWatch:
         if _single_process() and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is closest.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signalled = signum
@@ -56,9 +60,7 @@ class PreemptionWatch:
 
 
 def _single_process() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.client is None
+    return jax.process_count() == 1
 
 
 @jax.jit
