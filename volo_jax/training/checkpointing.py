@@ -129,8 +129,8 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> None:
-        """Moves the checkpoint of `step` to <directory>_broken/<step> (process 0, then
-        all processes reload the list of steps)."""
+        """Moves the checkpoint of `step` to <directory>_broken/<step> (<step>-2, ... if
+        taken) on process 0; then all processes reload the list of steps."""
         if jax.process_index() == 0:
             source = self.path / str(step)
             target = self.path.parent / (self.path.name + BROKEN_SUFFIX) / str(step)
@@ -139,8 +139,10 @@ class Checkpointer:
             (target.parent / "README.txt").write_text(
                 "Training checkpoints that failed to restore, moved here by volo_jax.\n"
             )
-            if target.exists():
-                target.rmtree()
+            copies = 1
+            while target.exists():  # broken before: keep that one too
+                copies += 1
+                target = target.parent / f"{step}-{copies}"
             source.rename(target)
             logging.warning("moved the broken checkpoint %s to %s", source, target)
         if jax.process_count() > 1:
