@@ -1,8 +1,12 @@
-"""Checkpoints: retention, corruption, and an exact resume after SIGKILL."""
+"""Checkpoints: retention, corruption, an exact resume after SIGKILL and after SIGTERM
+(a preemption notice), and a broken latest checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from volo_jax.errors import CheckpointError
-from volo_jax.training.checkpointing import Checkpointer
+from volo_jax.errors import CheckpointError, TrainingDivergedError
+from volo_jax.training.checkpointing import Checkpointer, needs_snapshot
+from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.weights import load_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,33 +61,68 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     ckpt.close()
 
 
-def _command(workdir, data_dir) -> list[str]:
+def _command(workdir, data_dir, max_steps: int = 30) -> list[str]:
     return [
         sys.executable,
         "main.py",
         "--config=configs/smoke.py",
         f"--workdir={workdir}",
         f"--config.dataset.data_dir={data_dir}",
-        "--config.max_steps=30",
+        f"--config.max_steps={max_steps}",
         "--config.eval_every_steps=1000",
         "--config.ema_decay=0.999",
     ]
 
 
-def test_killed_run_resumes_exactly(tmp_path):
-    """SIGKILL after the checkpoint of step 20, resume, and compare with a run that was
-    never interrupted: the final parameters must be identical."""
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A shared data folder and compilation cache, and the uninterrupted 30-step run that
+    the interrupted ones are compared with (its workdir)."""
+    root = tmp_path_factory.mktemp("runs")
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    data = tmp_path / "data"
-    killed = subprocess.Popen(
-        _command(tmp_path / "killed", data),
+    data = root / "data"
+    straight = subprocess.run(
+        _command(root / "straight", data),
         cwd=REPO,
         env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return {"env": env, "data": data, "straight": root / "straight"}
+
+
+def _same_final_state(workdir, straight) -> None:
+    """The final weights (EMA) and the final eval are those of the uninterrupted run."""
+    a, meta = load_weights(workdir / "weights")
+    b, _ = load_weights(straight / "weights")
+    assert meta["source"].endswith("step 30")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    assert _final_eval(workdir) == _final_eval(straight)
+
+
+def _final_eval(workdir) -> dict:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval/top1" in r][-1]
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+
+
+def test_killed_run_resumes_exactly(runs, tmp_path):
+    """SIGKILL after the checkpoint of step 20, resume, and compare with a run that was
+    never interrupted: the final parameters must be identical."""
+    killed = subprocess.Popen(
+        _command(tmp_path / "killed", runs["data"]),
+        cwd=REPO,
+        env=runs["env"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -91,31 +131,181 @@ def test_killed_run_resumes_exactly(tmp_path):
         if "step 20: checkpoint saved" in line:
             killed.send_signal(signal.SIGKILL)
             break
-    killed.wait(timeout=120)
+    killed.wait(timeout=600)
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "weights")  # it did not finish
 
     resumed = subprocess.run(
-        _command(tmp_path / "killed", data),
+        _command(tmp_path / "killed", runs["data"]),
         cwd=REPO,
-        env=env,
+        env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stderr
-    straight = subprocess.run(
-        _command(tmp_path / "straight", data),
+    _same_final_state(tmp_path / "killed", runs["straight"])
+
+
+def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
+    """SIGTERM (a preemption notice) just after the periodic checkpoint of step 10: the
+    run saves the step it reached (between two periodic ones), exits 0, and the same
+    command resumes from there to the uninterrupted run's final state."""
+    workdir = tmp_path / "preempted"
+    run = subprocess.Popen(
+        _command(workdir, runs["data"]),
         cwd=REPO,
-        env=env,
+        env=runs["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if "step 10: checkpoint saved" in line:
+            run.send_signal(signal.SIGTERM)
+            break
+    output.extend(run.stdout)
+    run.wait(timeout=600)
+    text = "".join(output)
+    assert run.returncode == 0, text[-3000:]
+    match = re.search(r"preempted: stopped at step (\d+)", text)
+    assert match, text[-3000:]
+    stopped = int(match.group(1))
+    assert 10 < stopped < 20, text[-3000:]  # not a periodic checkpoint (every 10 steps)
+    assert _checkpoint_steps(workdir)[-1] == stopped
+    assert not os.path.exists(workdir / "weights")  # it did not finish
+
+    resumed = subprocess.run(
+        _command(workdir, runs["data"]),
+        cwd=REPO,
+        env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {stopped} " in resumed.stderr
+    _same_final_state(workdir, runs["straight"])
 
-    a, meta = load_weights(tmp_path / "killed" / "weights")
-    b, _ = load_weights(tmp_path / "straight" / "weights")
-    assert meta["source"].endswith("step 30")
-    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+def _damage(checkpoint) -> list[str]:
+    """Truncates the largest data file of a checkpoint and deletes another; returns
+    their paths."""
+    files = sorted(
+        (p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith("_")),
+        key=lambda p: p.stat().st_size,
+    )
+    largest, other = files[-1], files[-2]
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    other.unlink()
+    return [str(largest), str(other)]
+
+
+def _copy_checkpoints(straight, workdir, steps: list[int]) -> None:
+    """The uninterrupted run's checkpoints of `steps` copied into a fresh workdir."""
+    for step in steps:
+        shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+
+
+def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path):
+    """The checkpoints of steps 10, 20, 30, step 30's damaged (a truncated and a deleted
+    file), and a run to step 30: it names the broken one in a warning, moves it aside,
+    resumes from step 20 and ends exactly as the uninterrupted run."""
+    workdir = tmp_path / "broken"
+    _copy_checkpoints(runs["straight"], workdir, [10, 20, 30])
+    _damage(workdir / "checkpoints" / "30")
+
+    resumed = subprocess.run(
+        _command(workdir, runs["data"]),
+        cwd=REPO,
+        env=runs["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"cannot restore the training checkpoint {workdir}/checkpoints/30" in resumed.stderr
+    assert "restored step 20 instead" in resumed.stderr
+    assert "resuming from step 20 " in resumed.stderr
+    assert os.path.isdir(workdir / "checkpoints_broken" / "30")
+    assert _checkpoint_steps(workdir) == [10, 20, 30]  # step 30 saved again, intact
+    _same_final_state(workdir, runs["straight"])
+
+
+def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
+    """When no checkpoint restores (here: a state of another structure), the error says
+    so and every checkpoint stays where it is."""
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, small_state(step))
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, keep=3)
+    other = {"v": jnp.zeros((5,))}
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* restores \(steps \[2, 1\]\)"):
+        ckpt.restore_latest(other)
+    ckpt.close()
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["1", "2"]
+
+
+def test_only_cpu_arrays_are_copied_before_an_async_save():
+    """Checkpointer.save copies an array only where the host transfer would alias the
+    buffer the next (donating) step overwrites: on CPU devices."""
+    cpu = jax.devices("cpu")[0]
+    assert needs_snapshot(jax.device_put(jnp.ones(3), cpu))
+    assert not needs_snapshot(np.ones(3))
+    assert not needs_snapshot(3)
+    accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+    for device in accelerators:  # only where this machine has one
+        assert not needs_snapshot(jax.device_put(jnp.ones(3), device))
+
+
+def test_non_finite_loss_stops_before_saving(runs, tmp_path):
+    """The checkpoint of step 10, resumed with an absurd learning rate: the loss turns
+    non-finite; the error names its step and the last good checkpoint, exit status 2, and
+    nothing after it is saved (no later checkpoint, no final weights)."""
+    workdir = tmp_path / "diverged"
+    _copy_checkpoints(runs["straight"], workdir, [10])
+    diverged = subprocess.run(
+        [
+            *_command(workdir, runs["data"]),
+            "--config.log_every_steps=2",
+            "--config.optim.base_lr=1e32",
+        ],
+        cwd=REPO,
+        env=runs["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert diverged.returncode == 2, diverged.stderr[-3000:]
+    match = re.search(r"error: the training loss is (nan|inf|-inf) at step (\d+)", diverged.stderr)
+    assert match, diverged.stderr[-3000:]
+    assert 10 < int(match.group(2)) <= 20
+    assert f"The last good checkpoint is step 10 in {workdir}/checkpoints" in diverged.stderr
+    assert _checkpoint_steps(workdir) == [10]
+    assert not os.path.exists(workdir / "weights")
+
+
+def test_check_finite_names_the_first_bad_step():
+    params = {"w": jnp.ones(3)}
+    check_finite(20, [1.0, 2.0], params, lambda: "none")  # all finite: no error
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 19.*is step 10 in x"):
+        check_finite(20, [1.0, float("nan"), float("inf")], params, lambda: "step 10 in x")
+    with pytest.raises(TrainingDivergedError, match="parameters after step 20 are not finite"):
+        check_finite(20, [1.0, 2.0], {"w": jnp.array([1.0, jnp.inf])}, lambda: "none")
+
+
+def test_preemption_watch_turns_sigterm_into_a_flag(tmp_path):
+    """Inside the watch SIGTERM sets the flag instead of ending the process; outside it
+    the previous handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    with PreemptionWatch(ckpt) as watch:
+        assert not watch.reached(1)  # one process: no preemption service to ask
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.reached(2)
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -26,3 +26,7 @@ class ImageReadError(VoloJaxError):
 
 class ConfigError(VoloJaxError):
     """A config value that is unknown, out of range or inconsistent."""
+
+
+class TrainingDivergedError(VoloJaxError):
+    """A non-finite loss or non-finite parameters during training."""

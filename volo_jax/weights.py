@@ -5,7 +5,7 @@ Layout of DIR:
   model.json   {"model": registered name, "overrides": {...}, "source": ...}
 
 `--weights DIR` (predict) and `--config.init_from=DIR` (eval, train) both load it
-with `load_weights`.
+with `load_weights`. DIR may be local or gs:// (`volo_jax.paths`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from volo_jax.errors import CheckpointError
+from volo_jax.paths import as_path, makedirs
 
 METADATA_FILE = "model.json"
 VARIABLES_DIR = "variables"
@@ -32,33 +33,30 @@ def save_weights(
     **metadata: Any,
 ) -> None:
     """Writes `variables` and what built them to `directory` (replacing its content)."""
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
+    directory = makedirs(directory)
     host = jax.tree_util.tree_map(np.asarray, variables)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, VARIABLES_DIR), host, force=True)
+    checkpointer.save(directory / VARIABLES_DIR, host, force=True)
     checkpointer.wait_until_finished()
     if jax.process_index() != 0:  # every process joins orbax's save; one writes the rest
         return
     meta = {"model": model_name, "overrides": overrides or {}, **metadata}
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """The model.json of a weights directory."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isdir(directory):
+    directory = as_path(directory)
+    path = directory / METADATA_FILE
+    if not directory.is_dir():
         raise CheckpointError(f"weights directory not found: {directory}")
-    if not os.path.isfile(path):
+    if not path.is_file():
         raise CheckpointError(
             f"{directory} is not a volo-jax weights directory (no {METADATA_FILE}); make one "
             "with: python -m volo_jax.convert --model NAME --src FILE --dst DIR"
         )
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is unreadable or corrupt: {err}") from err
 
@@ -80,7 +78,7 @@ def load_weights(
             f"{directory} holds weights for {meta['model']}, not {expected_model}; use "
             f"--model {meta['model']} or convert a {expected_model} checkpoint"
         )
-    path = os.path.join(os.path.abspath(os.fspath(directory)), VARIABLES_DIR)
+    path = as_path(directory) / VARIABLES_DIR
     try:
         variables = ocp.StandardCheckpointer().restore(path)
     except Exception as err:  # orbax raises many types for a damaged directory

@@ -18,6 +18,7 @@ given the seed and the step, so that a resumed run sees the data an uninterrupte
 """
 
 import functools
+import io
 import logging
 import math
 import os
@@ -493,9 +494,12 @@ def _tfds_train_records(
 
 
 def _load_token_label(path: bytes) -> np.ndarray:
-    """A [2, 5, H, W] score map file -> float32. Runs in tf.numpy_function."""
+    """A [2, 5, H, W] score map file (local or gs://) -> float32. Runs in
+    tf.numpy_function."""
+    from volo_jax.paths import read_bytes
+
     try:
-        return np.load(path.decode()).astype(np.float32)
+        return np.load(io.BytesIO(read_bytes(path.decode()))).astype(np.float32)
     except (OSError, ValueError) as e:
         raise DatasetError(f"Cannot read the token-label map {path.decode()}: {e}") from e
 

@@ -4,10 +4,17 @@ Layout: WORKDIR/checkpoints/<step>/ (an orbax `CheckpointManager` directory). A
 checkpoint holds the whole `TrainState` (step, params, batch_stats, optimizer state,
 EMA params, RNG); the data position is a function of (seed, step), so resuming from
 the latest step continues the run exactly.
+
+The directory may be local or gs:// (`volo_jax.paths`). A checkpoint that cannot be
+restored (a truncated or deleted file) is named in a warning, moved aside to
+WORKDIR/checkpoints_broken/<step>, and the newest intact one is restored instead
+(`Checkpointer.restore_latest`); orbax itself never lists a checkpoint whose write did
+not finish.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, TypeVar
 
@@ -17,9 +24,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from volo_jax.errors import CheckpointError
+from volo_jax.paths import as_path, makedirs
 
 State = TypeVar("State")
 BEST_METRIC = "top1"
+BROKEN_SUFFIX = "_broken"
 
 
 def _best_metric(metrics: dict[str, Any]) -> float:
@@ -48,8 +57,9 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=True,
         )
-        self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.path = as_path(directory)
+        self.directory = os.fspath(self.path)
+        self._manager = ocp.CheckpointManager(self.path, options=options)
 
     @property
     def latest_step(self) -> int | None:
@@ -60,30 +70,109 @@ class Checkpointer:
         return self._manager.best_step()
 
     def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
-        """Starts saving a copy of `state` at `step` (returns before the write completes).
+        """Starts saving `state` at `step` (returns before the write completes; the
+        caller may donate `state` to its next step right away).
 
-        The copy matters: the caller donates `state`'s buffers to its next step while
-        orbax is still reading them (on the CPU, host "transfers" alias device memory).
+        Before `save` returns, orbax has copied every array to host memory (it waits for
+        the device-to-host transfers and writes from those host copies in the
+        background). On an accelerator that host copy is separate memory, so `state`
+        is saved as it is. On the CPU the "transfer" is a view of the same buffer, which
+        the next step, donated `state`, overwrites while the write still runs: there the
+        arrays are copied first (`needs_snapshot`), which costs one more state in memory
+        until the write finishes: `python -m benchmarks.checkpoint_memory` on the 2-core
+        CPU machine, a state of volo_d1's size (parameters and two AdamW moments, 304 MiB),
+        peak RSS +307 MiB with the copy, +1 MiB without (the "host copy" is the buffer
+        itself). On an accelerator the copy would hold a second state in its memory for
+        nothing, so there the state is handed to orbax as it is.
         """
         if step in self._manager.all_steps():
             return
-        snapshot = jax.tree_util.tree_map(jnp.copy, state)
+        snapshot = jax.tree_util.tree_map(lambda x: jnp.copy(x) if needs_snapshot(x) else x, state)
         self._manager.save(step, args=ocp.args.StandardSave(snapshot), metrics=metrics)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step on which all processes agreed to save after one of them got a
+        preemption notice (JAX's preemption service, set up by jax.distributed); always
+        False in a single process."""
+        return self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        """Blocks until every started save is written."""
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, target: State) -> tuple[State, int] | None:
+        """The newest checkpoint that restores, as (state, step); None without any.
+
+        A checkpoint that fails to restore while an older one restores is broken (a
+        truncated or deleted file): it is named in a warning and moved aside to
+        <directory>_broken/<step>, so that the next start does not try it again and a
+        later save of that step is not skipped. When none restores (damaged, or made
+        with another model or config) nothing is moved and the error says so.
+        """
+        failed: list[tuple[int, CheckpointError]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, target)
+            except CheckpointError as err:
+                failed.append((step, err))
+                continue
+            for bad, err in failed:
+                logging.warning("%s; restored step %d instead", err, step)
+                self._move_aside(bad)
+            return state, step
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores (steps "
+                f"{[step for step, _ in failed]}): they are damaged or were made with another "
+                "model or config; use the config they were made with, or a new --workdir"
+            ) from failed[0][1]
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Moves the checkpoint of `step` to <directory>_broken/<step> (<step>-2, ... if
+        taken) on process 0; then all processes reload the list of steps."""
+        if jax.process_index() == 0:
+            source = self.path / str(step)
+            target = self.path.parent / (self.path.name + BROKEN_SUFFIX) / str(step)
+            makedirs(target.parent)
+            # Also makes the folder exist on cloud storage, where rename requires it.
+            (target.parent / "README.txt").write_text(
+                "Training checkpoints that failed to restore, moved here by volo_jax.\n"
+            )
+            copies = 1
+            while target.exists():  # broken before: keep that one too
+                copies += 1
+                target = target.parent / f"{step}-{copies}"
+            source.rename(target)
+            logging.warning("moved the broken checkpoint %s to %s", source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"volo_jax: checkpoint {step} moved aside")
+        self._manager.reload()
 
     def restore(self, step: int, target: State) -> State:
         """The state saved at `step`, with the structure, dtypes and shardings of `target`."""
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as err:  # orbax raises many types for damaged or foreign data
-            path = os.path.join(self.directory, str(step))
+            path = self.path / str(step)
             raise CheckpointError(
                 f"cannot restore the training checkpoint {path}: {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}. It is damaged or was made "
-                "with another model/config; delete it to fall back to an older step, or "
-                "use a new --workdir."
+                f"{str(err).splitlines()[0] if str(err) else ''}"
             ) from err
 
     def close(self) -> None:
         """Waits for pending saves, then releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def needs_snapshot(x: Any) -> bool:
+    """Whether `Checkpointer.save` copies the array `x` before handing it to orbax: a
+    jax.Array on CPU devices (whose host transfer aliases the buffer that the next,
+    donating step overwrites). Decided by where `x` lives, not by jax.default_backend():
+    a CPU-resident array in a TPU process is copied, a TPU array is not."""
+    if not isinstance(x, jax.Array):
+        return False
+    return any(device.platform == "cpu" for device in x.sharding.device_set)

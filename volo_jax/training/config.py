@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,13 @@ PATCH_GRID = 16  # image pixels per token side (patch 8 x pooling 2)
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}: {message}")
+
+
+def _is_dir(path: str) -> bool:
+    """A local or gs:// directory exists (`volo_jax.paths`)."""
+    from volo_jax.paths import as_path
+
+    return as_path(path).is_dir()
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -57,7 +63,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.init_from:
         _require(
-            os.path.isdir(config.init_from),
+            _is_dir(config.init_from),
             "init_from",
             f"weights directory not found: {config.init_from}",
         )
@@ -180,7 +186,7 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
     )
     if tl.data_dir:
         _require(
-            os.path.isdir(tl.data_dir),
+            _is_dir(tl.data_dir),
             "token_label.data_dir",
             f"directory not found: {tl.data_dir}",
         )
@@ -190,7 +196,7 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         except UnknownModelError as err:
             raise ConfigError(f"config.teacher.model: {err}") from None
         _require(
-            os.path.isdir(teacher.init_from),
+            _is_dir(teacher.init_from),
             "teacher.init_from",
             f"weights directory not found: {teacher.init_from}",
         )

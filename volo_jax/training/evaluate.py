@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from volo_jax.errors import ConfigError
 from volo_jax.models import create_model, pretrained_cfg
 from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.progress import Progress
@@ -122,13 +123,23 @@ def eval_preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def dataset_location(config: ml_collections.ConfigDict, workdir: str | None) -> str:
     """The config's dataset name or folder; the built-in digits are written as a folder
-    under dataset.data_dir (default WORKDIR/data, or ~/.cache/volo_jax without a workdir)."""
+    under dataset.data_dir (default WORKDIR/data, or ~/.cache/volo_jax without a local
+    workdir: a gs:// workdir keeps them on the local disk)."""
     name = config.dataset.name
     if name != DIGITS:
         return name
     from volo_jax.data.digits import prepare_digits_folder
+    from volo_jax.paths import is_remote
 
-    default = os.path.join(workdir, "data") if workdir else os.path.expanduser("~/.cache/volo_jax")
+    if config.dataset.data_dir and is_remote(config.dataset.data_dir):
+        raise ConfigError(
+            f"dataset.data_dir={config.dataset.data_dir}: the built-in digits are written to "
+            "a local folder; give a local path or leave it unset"
+        )
+    local_workdir = workdir and not is_remote(workdir)
+    default = (
+        os.path.join(workdir, "data") if local_workdir else os.path.expanduser("~/.cache/volo_jax")
+    )
     folder = os.path.join(config.dataset.data_dir or default, DIGITS)
     if jax.process_count() > 1:  # process 0 writes it, the others wait and read it
         from jax.experimental import multihost_utils

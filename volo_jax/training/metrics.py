@@ -1,29 +1,82 @@
 """Where metrics go: TensorBoard event files, a JSON-lines history, the console, and
-a PNG of the loss and accuracy curves drawn from the history at the end of a run."""
+a PNG of the loss and accuracy curves drawn from the history at the end of a run.
+
+The workdir may be local or gs:// (`volo_jax.paths`). Cloud storage cannot append to an
+object: there the history and the event file are rewritten whole on each write (both stay
+small: a few hundred bytes per logged step).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
 
 import jax
 
+from volo_jax.paths import as_path, is_remote
+
 HISTORY_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+
+
+class _WholeObjectFile:
+    """A binary file on cloud storage for tensorboardX's RecordWriter: what was written
+    is kept in memory and uploaded whole on every flush (cloud objects cannot be
+    appended to)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = as_path(path)
+        self._buffer = io.BytesIO()
+        self._flushed = -1
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        if self._buffer.tell() != self._flushed:
+            self._path.write_bytes(self._buffer.getvalue())
+            self._flushed = self._buffer.tell()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathWriterFactory:
+    """tensorboardX's writer factory for gs:// through `volo_jax.paths` (instead of its
+    own google-cloud-storage client)."""
+
+    def open(self, path: str) -> _WholeObjectFile:
+        return _WholeObjectFile(path)
+
+    def directory_check(self, path: str) -> None:  # cloud storage has no directories
+        pass
+
+
+def _register_tensorboard_backend() -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory("gs", _EpathWriterFactory())
 
 
 class MetricWriter:
     """Writes scalars of process 0 under `workdir` (no-op on other processes)."""
 
-    def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: str | os.PathLike) -> None:
+        self.workdir = as_path(workdir)
         self._active = jax.process_index() == 0
         self._tb = None
+        self._history = self.workdir / HISTORY_FILE
+        self._lines: list[str] | None = None  # the whole history, on cloud storage
         if self._active:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            _register_tensorboard_backend()
+            self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+            if is_remote(self.workdir):
+                text = self._history.read_text() if self._history.exists() else ""
+                self._lines = text.splitlines(keepends=True)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Records `scalars` (e.g. {'train/loss': 2.3}) at `step`."""
@@ -32,31 +85,34 @@ class MetricWriter:
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
         self._tb.flush()
-        with open(os.path.join(self.workdir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
-            f.write("\n")
+        line = json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        if self._lines is None:
+            with self._history.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self._history.write_text("".join(self._lines))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def read_history(workdir: str) -> dict[str, list[tuple[int, float]]]:
+def read_history(workdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from the history; after a resume, the values
     logged last for a step win."""
-    path = os.path.join(workdir, HISTORY_FILE)
+    path = as_path(workdir) / HISTORY_FILE
     latest: dict[str, dict[int, float]] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line)
-                step = record.pop("step")
-                for name, value in record.items():
-                    latest.setdefault(name, {})[step] = value
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            step = record.pop("step")
+            for name, value in record.items():
+                latest.setdefault(name, {})[step] = value
     return {name: sorted(values.items()) for name, values in latest.items()}
 
 
-def plot_curves(workdir: str) -> str:
+def plot_curves(workdir: str | os.PathLike) -> str:
     """Draws training loss and eval accuracy against the step; returns the PNG path."""
     import matplotlib
 
@@ -79,7 +135,9 @@ def plot_curves(workdir: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, PLOT_FILE)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    path = as_path(workdir) / PLOT_FILE
+    path.write_bytes(png.getvalue())
+    return os.fspath(path)

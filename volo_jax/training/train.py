@@ -32,6 +32,7 @@ from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
 from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.paths import join, makedirs, write_text
 from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
@@ -57,6 +58,7 @@ from volo_jax.training.losses import (
 )
 from volo_jax.training.metrics import MetricWriter, plot_curves
 from volo_jax.training.optim import create_learning_rate_fn, create_optimizer
+from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.training.token_labels import targets_from_score_maps
 from volo_jax.weights import load_weights_into, read_metadata, save_weights
 
@@ -417,14 +419,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     leaves checkpoints, TensorBoard events, metrics.jsonl, curves.png and the final
     weights (weights/, a weights directory) in `workdir`.
 
-    Returns the last eval metrics ({'top1', 'top5', 'loss', 'count'}).
+    `workdir` may be local or gs:// (`volo_jax.paths`). On SIGTERM (or JAX's multi-host
+    preemption notice) it saves a checkpoint at the step reached and returns early
+    (no final weights); the same call resumes from there. A non-finite loss or parameter
+    raises `TrainingDivergedError` before anything non-finite is saved.
+
+    Returns the last eval metrics ({'top1', 'top5', 'loss', 'count'}; {} when stopped
+    before the first eval).
     """
     maybe_initialize_distributed(config.get("distributed") or None)
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = os.fspath(makedirs(workdir))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_text(join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     mesh = create_mesh(config.get("mesh"))
     rules = rules_from_config(config)
     train_data = create_train_input(config, workdir)
@@ -434,13 +441,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_step = min(total_steps, config.max_steps or total_steps)
 
     model = create_model(config.model, **model_overrides(config))
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+    ckpt = Checkpointer(join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+    restored = None
     if ckpt.latest_step is not None:
         # Restored straight into this run's shardings: the mesh may differ from the saver's.
-        logging.info("resuming from step %d of %s", ckpt.latest_step, ckpt.directory)
         abstract, _ = abstract_train_state(config, model, steps_per_epoch)
         shardings = state_shardings(abstract, mesh, rules)
-        state = ckpt.restore(ckpt.latest_step, with_shardings(abstract, shardings))
+        restored = ckpt.restore_latest(with_shardings(abstract, shardings))
+    if restored is not None:
+        state, restored_step = restored
+        logging.info("resuming from step %d of %s", restored_step, ckpt.directory)
     else:
         state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh, rules)
     teacher, teacher_variables = load_teacher(config)
@@ -486,12 +496,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
     try:
-        with use_mesh(mesh), matmul_precision(config):
+        with use_mesh(mesh), matmul_precision(config), PreemptionWatch(ckpt) as preemption:
+            loop.preemption = preemption
             state, eval_metrics = loop.run(state, train_data.batches(start), start, last_step)
     finally:
         ckpt.close()
         loop.writer.close()
-    export_weights(config, state, os.path.join(workdir, WEIGHTS_DIR))
+    if loop.stopped_at is not None:
+        logging.warning(
+            "preempted: stopped at step %d with its checkpoint written to %s; run the same "
+            "command to resume",
+            loop.stopped_at,
+            ckpt.directory,
+        )
+        return eval_metrics
+    export_weights(config, state, join(workdir, WEIGHTS_DIR))
     if jax.process_index() == 0:
         logging.info("curves written to %s", plot_curves(workdir))
     return eval_metrics
@@ -533,6 +552,8 @@ class _Loop:
     log_every: int
     eval_every: int
     checkpoint_every: int
+    preemption: PreemptionWatch | None = None
+    stopped_at: int | None = None  # the step a preemption notice stopped the run at
 
     def run(
         self,
@@ -564,6 +585,12 @@ class _Loop:
                 pending, tick, tick_step = [], now, step
                 bar.log(_progress_fields(means))
             is_eval = _is_due(step, self.eval_every, last_step)
+            preempted = (
+                self.preemption is not None and self.preemption.reached(step) and step < last_step
+            )
+            is_save = preempted or _is_due(step, self.checkpoint_every, last_step)
+            if is_eval or is_save:  # nothing non-finite is evaluated or saved
+                self._check_finite(step, state, pending)
             if is_eval:
                 eval_metrics = self.evaluate(state)
                 self.writer.write(
@@ -573,20 +600,37 @@ class _Loop:
                     f"step {step}: eval top-1 {100 * eval_metrics['top1']:.2f}% top-5 "
                     f"{100 * eval_metrics['top5']:.2f}% loss {eval_metrics['loss']:.4f}"
                 )
-            if is_eval or _is_due(step, self.checkpoint_every, last_step):
+            if is_eval or is_save:
                 self.ckpt.save(step, state, {"top1": eval_metrics["top1"]} if is_eval else None)
                 say(f"step {step}: checkpoint saved to {self.ckpt.directory}")
+            if preempted:
+                self.ckpt.wait()
+                self.stopped_at = step
+                break
         bar.close()
         return state, eval_metrics
 
     def _log_train(self, step: int, pending: list[Metrics], steps_per_sec: float) -> dict:
         """Writes the means of the pending step metrics, images/s and the lr."""
         fetched = jax.device_get(pending)
+        self._check_finite(step, None, fetched)
         means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         means["images_per_sec"] = self.batch_size * steps_per_sec
         means["lr"] = float(self.lr_fn(step - 1))  # the lr of this step's update
         self.writer.write(step, {f"train/{k}": v for k, v in means.items()})
         return means
+
+    def _check_finite(self, step: int, state: TrainState | None, metrics: list) -> None:
+        """Raises TrainingDivergedError if a loss in `metrics` (those of the steps up to
+        `step`, fetched here if not yet) or, with `state`, a parameter is not finite."""
+        losses = [float(m["loss"]) for m in jax.device_get(metrics)]
+        params = None if state is None else (state.params, state.ema_params)
+
+        def last_good() -> str:
+            latest = self.ckpt.latest_step
+            return "none" if latest is None else f"step {latest} in {self.ckpt.directory}"
+
+        check_finite(step, losses, params, last_good)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """Top-1/top-5/loss of the params (and of their EMA, as ema_top1, when kept)."""
