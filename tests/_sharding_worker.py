@@ -24,6 +24,7 @@ import numpy as np
 
 from configs.default import get_config
 from volo_jax.models import create_model
+from volo_jax.ops.cpu import for_platform
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -103,11 +104,14 @@ def sharded_run(config, mesh, rules, start=None):
                 start.replace(tx=abstract.tx, apply_fn=abstract.apply_fn), shardings
             )
         step = jax.jit(
-            functools.partial(
-                train.train_step,
-                model=model,
-                teacher=None,
-                opts=train.StepOptions.from_config(config),
+            for_platform(
+                functools.partial(
+                    train.train_step,
+                    model=model,
+                    teacher=None,
+                    opts=train.StepOptions.from_config(config),
+                ),
+                mesh.devices.flat[0].platform,  # as the trainer builds it
             ),
             in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
             out_shardings=(shardings, replicated(mesh)),
@@ -220,11 +224,14 @@ def compiled_step_text(config, mesh, batch: int) -> str:
     with use_mesh(mesh):
         state, shardings = train.create_sharded_train_state(config, model, 10, mesh, rules)
         step = jax.jit(
-            functools.partial(
-                train.train_step,
-                model=model,
-                teacher=None,
-                opts=train.StepOptions.from_config(config),
+            for_platform(
+                functools.partial(
+                    train.train_step,
+                    model=model,
+                    teacher=None,
+                    opts=train.StepOptions.from_config(config),
+                ),
+                mesh.devices.flat[0].platform,  # as the trainer builds it
             ),
             in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
             out_shardings=(shardings, replicated(mesh)),

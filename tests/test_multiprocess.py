@@ -31,8 +31,9 @@ from volo_jax.sharding.mesh import distributed_settings, maybe_initialize_distri
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
 # Absolute slack for the parameters: the biases of the convolutions before a BatchNorm
-# have a zero gradient and move only by rounding noise (|b| ~ 1e-5).
-ATOL = 1e-7
+# have a zero gradient and move only by rounding noise (|b| ~ 1e-5; AdamW turns that noise
+# into lr-sized steps, and the processes' reductions round differently: up to ~1.1e-7 seen).
+ATOL = 2e-7
 TIMEOUT_S = 400
 
 

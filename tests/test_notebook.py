@@ -72,6 +72,9 @@ def _cell(nb, snippet: str):
     return cell
 
 
+# About 6 minutes on the 2-core CI machine (a kernel, a conversion, training on 8 CPU
+# devices): run it with -m slow.
+@pytest.mark.slow
 def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
     weights_src, image = _inputs(tmp_path)
     work = tmp_path / "work"

@@ -12,6 +12,7 @@ import pytest
 
 from configs.smoke import get_config
 from volo_jax.models import create_model
+from volo_jax.ops.cpu import for_platform
 from volo_jax.training import train
 from volo_jax.training.config import matmul_precision, model_overrides
 from volo_jax.training.losses import smooth_targets
@@ -36,14 +37,10 @@ def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
 def make_step(config, teacher=None):
     model = create_model(config.model, **model_overrides(config))
     state = train.create_train_state(config, model, steps_per_epoch=10)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            teacher=teacher,
-            opts=train.StepOptions.from_config(config),
-        )
+    step = functools.partial(
+        train.train_step, model=model, teacher=teacher, opts=train.StepOptions.from_config(config)
     )
+    step = jax.jit(for_platform(step, jax.devices()[0].platform))  # as the trainer builds it
     return model, state, step
 
 
