@@ -306,7 +306,7 @@ def jax_rows(
             (params, arr["x"]),
             arr["g"],
         )
-    # The other token mixers (issue #6) at the same (B, H, W, C), stride 1, their
+    # The other token mixers at the same (B, H, W, C), stride 1, their
     # parameters freshly initialised: the operators VOLO's outlook attention is compared with.
     for mixer_name, factory in TOKEN_MIXERS.items():
         if mixer_name == "outlook":

@@ -46,9 +46,11 @@ def _forward_case():
     return cpu_kernels(model.apply), (variables, images)
 
 
-def _train_step_case():
+def _train_step_case(outlook_impl: str = "auto"):
+    """The smoke config's train step and abstract (state, batch, teacher) arguments."""
     config = get_config()
     config.dataset.num_classes = 10
+    config.model_overrides.outlook_impl = outlook_impl
     model = create_model(config.model, **model_overrides(config))
     state = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=10))
     size = model.img_size
@@ -92,23 +94,11 @@ KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 def test_train_step_with_the_pallas_kernel_lowers(platform):
     """The whole train step with `outlook_impl="pallas"`, as the trainer builds it for
     devices of `platform`, lowers with the compiled kernel (not the interpreter)."""
-    config = get_config()
-    config.dataset.num_classes = 10
-    config.model_overrides.outlook_impl = "pallas"
-    model = create_model(config.model, **model_overrides(config))
-    state = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=10))
-    size = model.img_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32),
-        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
-    }
-    step = functools.partial(
-        train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
-    )
+    step, args = _train_step_case("pallas")
     checks = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
     exported = jax.export.export(
         jax.jit(for_platform(step, platform)), platforms=[platform], disabled_checks=checks
-    )(state, batch, None)
+    )(*args)
     text = exported.mlir_module()
     # One outlooker block: the forward kernel, and the forward again plus the backward
     # kernels in the gradient.
