@@ -7,6 +7,13 @@ python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from
 
 import sys
 
+from volo_jax.extras import MissingExtraError, require_extra
+
+try:  # one line naming the extra, not an ImportError from deep inside
+    require_extra("train", "training and evaluation (main.py)")
+except MissingExtraError as missing:
+    sys.exit(f"error: {missing}")
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

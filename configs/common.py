@@ -42,8 +42,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # float32 model but gives its products bf16 operands, as TPUs do by default; on a CPU
     # with AMX it is the fastest setting (docs/performance.md).
     config.matmul_precision = config_dict.placeholder(str)
-    # A weights directory (python -m volo_jax.convert ...) to start from, and regexes of
-    # parameter paths not to load from it (e.g. "^params/(head|aux_head)/" for new classes).
+    # Weights to start from (a .safetensors file or a weights directory, as volo-jax-convert
+    # writes them), and regexes of parameter paths not to load from them (e.g.
+    # "^params/(head|aux_head)/" for new classes).
     config.init_from = config_dict.placeholder(str)
     config.init_skip = ()
     config.requires_init = False  # fine-tuning configs set it: init_from is then required
@@ -117,7 +118,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Mix the annotator's class target with the label (no effect without an annotator).
     config.token_label.ground_truth = False
     config.token_label.roi_samples = 2  # ROI-align sampling points per bin and axis
-    # Online teacher instead: a registered model and its weights directory.
+    # Online teacher instead: a registered model and its weights (file or directory).
     config.teacher = ml_collections.ConfigDict()
     config.teacher.model = config_dict.placeholder(str)
     config.teacher.init_from = config_dict.placeholder(str)

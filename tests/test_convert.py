@@ -110,15 +110,16 @@ def test_skip_leaves_out_the_classifier(tiny):
     assert "network_0_0" in variables["params"]
 
 
-def test_cli_writes_a_weights_directory_that_loads_at_another_resolution(tmp_path, tiny):
-    _, _, _ = tiny
+def test_cli_writes_a_safetensors_file_that_loads_at_another_resolution(tmp_path):
     import timm
+
+    from volo_jax.data import imagenet_class_names
 
     torch_model = timm.create_model("volo_d1_224")
     timm_pairs.randomize_(torch_model)
     src = tmp_path / "d1_224_84.2.pth.tar"
     torch.save(torch_model.state_dict(), src)
-    dst = tmp_path / "weights"
+    dst = tmp_path / "weights" / "volo_d1_224.safetensors"
     done = subprocess.run(
         [
             sys.executable,
@@ -137,8 +138,10 @@ def test_cli_writes_a_weights_directory_that_loads_at_another_resolution(tmp_pat
     )
     assert done.returncode == 0, done.stderr
     assert "26,632,040 parameters" in done.stdout
+    assert dst.is_file() and not (tmp_path / "weights" / "volo_d1_224").exists()
     variables, meta = load_weights(dst)
-    assert meta["model"] == NAME
+    assert meta["model"] == NAME and meta["overrides"] == {}
+    assert meta["source"] == src.name and meta["class_names"] == imagenet_class_names()
     np.testing.assert_array_equal(
         variables["params"]["cls_token"], torch_model.cls_token.detach().numpy()
     )
@@ -146,6 +149,42 @@ def test_cli_writes_a_weights_directory_that_loads_at_another_resolution(tmp_pat
     assert at_384["params"]["pos_embed"].shape == (1, 24, 24, 384)
     with pytest.raises(CheckpointError, match="holds weights for volo_d1_224"):
         load_weights(dst, expected_model="volo_d2_224")
+
+
+@pytest.mark.parametrize("dst_name", ["tiny.safetensors", "tiny_dir"])
+def test_converted_weights_give_timms_logits(tmp_path, tiny, dst_name):
+    from safetensors.torch import save_file
+
+    from volo_jax.convert import convert_checkpoint
+
+    overrides, torch_model, _ = tiny
+    src = tmp_path / "model.safetensors"  # timm's own format, read without torch
+    save_file(torch_model.state_dict(), src)
+    names = [f"kind {i}" for i in range(overrides["num_classes"])]
+    dst = tmp_path / dst_name
+    convert_checkpoint(NAME, src, dst, class_names=names, **overrides)
+    model = timm_pairs.jax_volo(NAME, **overrides)
+    variables = load_weights_into(dst, model, NAME)
+    images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    expected, _ = timm_pairs.timm_logits(torch_model, images)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images)), expected, atol=1e-4)
+    assert load_weights(dst)[1]["class_names"] == names
+
+
+def test_class_names_must_match_the_model_and_weights_are_no_source(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    from volo_jax.convert import convert_checkpoint
+
+    overrides, torch_model, _ = tiny
+    src = tmp_path / "model.safetensors"
+    save_file(torch_model.state_dict(), src)
+    with pytest.raises(CheckpointError, match="3 class names for volo_d1_224, which has 17"):
+        convert_checkpoint(NAME, src, tmp_path / "x.safetensors", class_names="abc", **overrides)
+    converted = tmp_path / "w.safetensors"
+    convert_checkpoint(NAME, src, converted, **overrides)
+    with pytest.raises(CheckpointError, match="is volo-jax weights already"):
+        read_state_dict(converted)
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
@@ -189,7 +228,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_weights_directory_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="weights directory not found"):
         load_weights(tmp_path / "missing")
     with pytest.raises(CheckpointError, match=r"python -m volo_jax\.convert"):
         load_weights(tmp_path)

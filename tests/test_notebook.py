@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-# The test's inputs (timm weights, a sample image) and the notebook runner; all are in
-# requirements-test.txt.
+# The test's inputs (timm weights, a sample image) and the notebook runner; all are in the
+# test extra.
 pytest.importorskip("timm", reason="needs timm (and torch) to make the .safetensors weights")
 pytest.importorskip("safetensors")
 pytest.importorskip("skimage", reason="needs scikit-image for the sample image")
@@ -113,7 +113,7 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
 
     convert = _text(_cell(nb, "-m volo_jax.convert"))
     assert "wrote volo_d1_224 (26,632,040 parameters)" in convert, convert
-    assert (work / "weights" / "volo_d1_224").is_dir()
+    assert (work / "weights" / "volo_d1_224.safetensors").is_file()
 
     predicted = _text(_cell(nb, "-m volo_jax.predict"))
     top = [ln for ln in predicted.splitlines() if re.fullmatch(r"\s*\d+\.\d\d%  \S.*", ln)]

@@ -21,7 +21,8 @@ NAME = "volo_d1_224"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A shrunk timm volo_d1_224 with 1000 classes, converted to a weights dir."""
+    """A shrunk timm volo_d1_224 with 1000 classes, converted to a weights directory
+    (returned) and to root/volo_d1_224.safetensors."""
     root = tmp_path_factory.mktemp("predict")
     overrides = dict(timm_pairs.shrunk_overrides(NAME, factor=8), num_classes=1000)
     torch_model = timm_pairs.timm_volo(NAME, **overrides)
@@ -29,6 +30,7 @@ def converted(tmp_path_factory):
     from volo_jax.convert import convert_checkpoint
 
     convert_checkpoint(NAME, root / "model.pth.tar", root / "weights", **overrides)
+    convert_checkpoint(NAME, root / "model.pth.tar", root / "volo_d1_224.safetensors", **overrides)
     images = []
     for i, photo in enumerate([skimage_data.chelsea(), skimage_data.coffee()]):
         path = root / f"photo{i}.png"
@@ -37,8 +39,11 @@ def converted(tmp_path_factory):
     return torch_model, root / "weights", images
 
 
-def test_probabilities_match_timms_transform_and_model(converted):
+@pytest.mark.parametrize("form", ["directory", "file"])
+def test_probabilities_match_timms_transform_and_model(converted, form):
     torch_model, weights, images = converted
+    if form == "file":
+        weights = weights.parent / "volo_d1_224.safetensors"
     from timm.data import create_transform
 
     transform = create_transform(
@@ -70,6 +75,7 @@ def test_cli_prints_top5_imagenet_names(converted):
     from volo_jax.data import imagenet_class_names
 
     _, weights, images = converted
+    weights = weights.parent / "volo_d1_224.safetensors"
     done = _run_predict("--model", NAME, "--weights", str(weights), *map(str, images))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -87,6 +93,14 @@ def test_cli_errors_are_one_clear_line(converted, tmp_path):
     cases = [
         (["--weights", str(weights), str(bad)], "Cannot read image"),
         (["--weights", str(tmp_path / "none"), str(images[0])], "weights directory not found"),
+        (
+            ["--weights", str(tmp_path / "none.safetensors"), str(images[0])],
+            "weights file not found",
+        ),
+        (
+            ["--weights", str(weights.parent / "model.pth.tar"), str(images[0])],
+            "neither a .safetensors weights file nor a weights directory",
+        ),
         (
             ["--weights", str(weights), "--model", "volo_d2_224", str(images[0])],
             "holds weights for volo_d1_224",

@@ -71,6 +71,15 @@ def synchronous_cpu_dispatch() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+def prog_name(module: str) -> str:
+    """The command as it was called, for usage lines: the console script's name
+    ('volo-jax-predict'), or 'python -m MODULE' when run as a module (argv[0] a .py)."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not script or script.endswith(".py") or script == "-c":
+        return f"python -m {module}"
+    return script
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Runs `main`, turning a `VoloJaxError` into 'error: ...' and exit status 2."""
     try:

@@ -5,7 +5,7 @@ Every directory and file that training, evaluation, `predict` and `convert` read
 curves.png, TensorBoard events) goes through `as_path`, so `--workdir=gs://bucket/run`
 works like a local folder and no local `gs:` folder is ever made.
 
-gs:// is served by gcsfs (fsspec), a dependency of the training install. etils would
+gs:// is served by gcsfs (fsspec), in the `gcs` and `train` extras. etils would
 otherwise pick TensorFlow's gfile whenever TensorFlow is importable; importing this module
 sets EPATH_USE_TF=0 unless the environment already sets it, so gcsfs serves gs:// in every
 process of a run (TensorFlow's own GCS support varies by build and Python version).
@@ -22,6 +22,7 @@ os.environ.setdefault("EPATH_USE_TF", "0")
 from etils import epath
 
 from volo_jax.errors import ConfigError
+from volo_jax.extras import require_extra
 
 Path = epath.Path
 PathLike = str | os.PathLike
@@ -41,9 +42,12 @@ def as_path(path: PathLike) -> epath.Path:
 
     Raises:
       ConfigError: a URL with a single slash after its scheme ('gs:/bucket/run').
+      MissingExtraError: a gs:// URL without gcsfs installed.
     """
     text = os.fspath(path)
     if is_remote(text):
+        if text.lower().startswith("gs://"):
+            require_extra("gcs", f"the gs:// path {text}")
         return epath.Path(text)
     if _MANGLED_URL.match(text):
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""Classify images: python -m volo_jax.predict --model volo_d1_224 --weights DIR IMAGE...
+"""Classify images: volo-jax-predict --weights volo_d1_224.safetensors IMAGE...
+(or python -m volo_jax.predict ...)
 
 Prints, per image, the top-5 classes with their probabilities (softmax of the
 model's eval logits), after timm's eval preprocessing for the model. The images go
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from volo_jax.cli import run_cli
+from volo_jax.cli import prog_name, run_cli
 from volo_jax.data.transforms import eval_transform, imagenet_class_names, load_image
 from volo_jax.logs import quiet_native_logs
 from volo_jax.models import create_model, pretrained_cfg
@@ -27,8 +28,8 @@ from volo_jax.weights import load_weights_into, read_metadata
 
 
 def load_classifier(weights: str, model_name: str | None = None) -> tuple[Any, dict, str]:
-    """(model, variables, model name) for a weights directory; `model_name` may pick
-    another resolution of the same variant (the position embedding is resized)."""
+    """(model, variables, model name) for a weights file or directory; `model_name` may
+    pick another resolution of the same variant (the position embedding is resized)."""
     meta = read_metadata(weights)
     name = model_name or meta["model"]
     pretrained_cfg(name)  # an unknown name fails with the list of known ones
@@ -96,10 +97,14 @@ def predict(
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m volo_jax.predict", description="Top-5 classes of images."
+        prog=prog_name("volo_jax.predict"), description="Top-5 classes of images."
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--weights", required=True, help="weights directory (convert's --dst)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="a .safetensors weights file or a weights directory (what convert writes)",
+    )
     parser.add_argument("--model", default=None, help="model name (default: the weights')")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     parser.add_argument(
@@ -131,6 +136,11 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `volo-jax-predict` command."""
     quiet_native_logs()  # before anything imports TensorFlow
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from volo_jax.errors import CheckpointError
+from volo_jax.extras import import_extra
 
 #: Wrapper keys of training checkpoints, in the order they are looked for.
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
@@ -62,6 +63,21 @@ def unwrap_state_dict(obj: Any, key: str | None = None) -> dict[str, Any]:
     return state
 
 
+def _reject_volo_jax_weights(path: str) -> None:
+    """A volo-jax weights file is not a PyTorch state dict: say so, instead of listing
+    every tensor as unexpected."""
+    from volo_jax.weights import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return  # a state dict (or unreadable: load_file's error says why)
+    raise CheckpointError(
+        f"{path} is volo-jax weights already (model {meta['model']}), not a PyTorch state "
+        "dict: pass it to --weights / --config.init_from as it is"
+    )
+
+
 def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
     """Reads a `.pth.tar`, `.pth`, `.bin` or `.safetensors` file into NumPy arrays.
 
@@ -72,6 +88,7 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        _reject_volo_jax_weights(path)
         from safetensors.numpy import load_file
 
         try:
@@ -79,12 +96,12 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         except Exception as err:  # safetensors raises several types for bad files
             raise CheckpointError(f"{path} is not a readable .safetensors file: {err}") from err
     else:
-        try:
-            import torch
-        except ImportError as err:
-            raise CheckpointError(
-                f"reading {path} needs PyTorch (pip install torch); .safetensors files do not"
-            ) from err
+        torch = import_extra(
+            "torch",
+            "torch",
+            f"reading {os.path.basename(path)}",
+            note="; timm's .safetensors files convert without it",
+        )
         try:
             # Training checkpoints (timm's CheckpointSaver) also pickle their argparse args.
             with torch.serialization.safe_globals([argparse.Namespace]):

@@ -20,15 +20,17 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from volo_jax.errors import ConfigError
 from volo_jax.sharding.mesh import FSDP_AXIS, MODEL_AXIS, axis_size
+
+if TYPE_CHECKING:  # a training dependency; the shardings themselves need only JAX
+    import ml_collections
 
 LogicalAxes = tuple[str | None, ...]
 Rules = Mapping[str, tuple[str, ...]]

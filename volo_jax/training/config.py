@@ -32,6 +32,19 @@ def _is_dir(path: str) -> bool:
     return as_path(path).is_dir()
 
 
+def _weights_exist(path: str) -> bool:
+    """A .safetensors weights file or a weights directory exists (`volo_jax.weights`)."""
+    from volo_jax.weights import weights_exist
+
+    return weights_exist(path)
+
+
+def _weights_not_found(path: str) -> str:
+    from volo_jax.weights import is_weights_file
+
+    return f"weights {'file' if is_weights_file(path) else 'directory'} not found: {path}"
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, naming the field, for a value that is unknown, out of range
     or inconsistent with another."""
@@ -58,14 +71,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _require(
             bool(config.init_from),
             "init_from",
-            f"a weights directory is required (mode={config.mode!r}"
+            f"weights are required, a .safetensors file or a weights directory "
+            f"(mode={config.mode!r}"
             f"{', fine-tuning config' if config.requires_init else ''})",
         )
     if config.init_from:
         _require(
-            _is_dir(config.init_from),
-            "init_from",
-            f"weights directory not found: {config.init_from}",
+            _weights_exist(config.init_from), "init_from", _weights_not_found(config.init_from)
         )
     from volo_jax.sharding.mesh import distributed_settings
 
@@ -196,9 +208,9 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         except UnknownModelError as err:
             raise ConfigError(f"config.teacher.model: {err}") from None
         _require(
-            _is_dir(teacher.init_from),
+            _weights_exist(teacher.init_from),
             "teacher.init_from",
-            f"weights directory not found: {teacher.init_from}",
+            _weights_not_found(teacher.init_from),
         )
 
 

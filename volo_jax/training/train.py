@@ -343,7 +343,7 @@ def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
     """The online teacher and its weights: config.teacher.model with the architecture
-    overrides its weights directory records, at the student's resolution (the position
+    overrides its weights record, at the student's resolution (the position
     embedding is resized) and compute dtype."""
     if not config.teacher.model:
         return None, None

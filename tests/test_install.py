@@ -1,0 +1,240 @@
+"""What the core install (`pip install volo-jax`, no extras) runs on: its entry points import
+no TensorFlow, PyTorch or other extra; a command that needs an extra names it; the console
+scripts; the Colab install's requirements."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from volo_jax.extras import EXTRA_MODULES
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "volo_d1_224"
+
+#: Top-level modules that only the extras bring (the core must not import them).
+EXTRA_ONLY = sorted({module for modules in EXTRA_MODULES.values() for module, _ in modules})
+#: The core's modules: every command and library entry point of `pip install volo-jax`.
+CORE_MODULES = (
+    "volo_jax",
+    "volo_jax.cli",
+    "volo_jax.convert",
+    "volo_jax.convert.__main__",
+    "volo_jax.data",
+    "volo_jax.data.transforms",
+    "volo_jax.errors",
+    "volo_jax.extras",
+    "volo_jax.logs",
+    "volo_jax.models",
+    "volo_jax.ops",
+    "volo_jax.ops.cpu",
+    "volo_jax.paths",
+    "volo_jax.predict",
+    "volo_jax.progress",
+    "volo_jax.sharding",
+    "volo_jax.weights",
+)
+
+#: Run in a child process: `BLOCK` makes those modules unimportable (as in an install
+#: without them), `AUDIT` prints the extras' modules that were imported, at exit.
+_PRELUDE = """
+import atexit, sys
+BLOCK = {block!r}
+for name in BLOCK:
+    sys.modules[name] = None  # import raises ImportError, as if not installed
+EXTRA_ONLY = {extra_only!r}
+
+def _audit():
+    seen = sorted(m for m in sys.modules if m.split(".")[0] in EXTRA_ONLY and sys.modules[m])
+    print("IMPORTED", seen, flush=True)
+
+atexit.register(_audit)
+"""
+
+
+def run_python(code: str, block: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    prelude = _PRELUDE.format(block=block, extra_only=EXTRA_ONLY)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def imported_extras(done: subprocess.CompletedProcess) -> list[str]:
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("IMPORTED ")]
+    return eval(line.removeprefix("IMPORTED "))  # a list literal printed by _audit
+
+
+def test_core_entry_points_import_no_extra():
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in CORE_MODULES)
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    # tensorflow, tensorflow_datasets, torch, sklearn, matplotlib, gcsfs, absl, optax, ...
+    assert imported_extras(done) == []
+
+
+def test_the_audit_sees_an_extra_imported():
+    # The check above can fail: importing the training code does import TensorFlow.
+    done = run_python("import volo_jax.data.input_pipeline")
+    assert done.returncode == 0, done.stderr
+    assert "tensorflow" in imported_extras(done)
+
+
+def test_convert_and_predict_run_without_the_extras(tmp_path):
+    """The core's whole path, with every extra's module blocked: a timm-layout .safetensors
+    file -> volo-jax-convert -> one .safetensors file -> volo-jax-predict on an image."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    from tests import timm_pairs
+    from tests.test_weights import random_variables
+    from volo_jax.convert.mapping import flax_to_torch
+
+    overrides = {**timm_pairs.shrunk_overrides(NAME, factor=8), "num_classes": 1000}
+    model = timm_pairs.jax_volo(NAME, **overrides)
+    src = tmp_path / "model.safetensors"
+    save_file(flax_to_torch(random_variables(model)), src)  # timm's names and layouts
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)).save(image)
+    dst = tmp_path / "out" / "volo_d1_224.safetensors"
+    code = f"""
+import runpy
+from volo_jax.convert import convert_checkpoint
+convert_checkpoint({NAME!r}, {str(src)!r}, {str(dst)!r}, **{overrides!r})
+sys.argv = ["volo-jax-predict", "--weights", {str(dst)!r}, {str(image)!r}]
+try:
+    runpy.run_module("volo_jax.predict", run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+"""
+    done = run_python(code, block=tuple(EXTRA_ONLY))
+    assert done.returncode == 0, done.stderr
+    assert imported_extras(done) == []
+    from volo_jax.data import imagenet_class_names
+
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(image), done.stdout
+    names = set(imagenet_class_names())  # stored in the file by convert
+    for line in lines[1:6]:
+        percent, label = line.split(maxsplit=1)
+        assert percent.endswith("%") and label in names, done.stdout
+
+
+def test_reading_a_pth_tar_without_torch_names_the_extra(tmp_path):
+    src = tmp_path / "d1_224_84.2.pth.tar"
+    src.write_bytes(b"not read")
+    code = (
+        "from volo_jax.cli import run_cli\n"
+        "from volo_jax.convert import read_state_dict\n"
+        f"run_cli(lambda: read_state_dict({str(src)!r}))\n"
+    )
+    done = run_python(code, block=("torch",))
+    assert done.returncode == 2
+    assert (
+        "error: reading d1_224_84.2.pth.tar needs PyTorch: pip install 'volo-jax[torch]'"
+        in done.stderr
+    ), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_gs_path_without_gcsfs_names_the_extra():
+    code = (
+        "from volo_jax.cli import run_cli\n"
+        "from volo_jax.weights import read_metadata\n"
+        "run_cli(lambda: read_metadata('gs://bucket/w.safetensors'))\n"
+    )
+    done = run_python(code, block=("gcsfs",))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "gs://bucket/w.safetensors needs gcsfs" in done.stderr
+    assert "pip install 'volo-jax[gcs]'" in done.stderr
+
+
+def test_main_py_without_the_train_extra_names_it():
+    code = (
+        "import runpy\n"
+        "sys.argv = ['main.py', '--config=configs/default.py', '--workdir=/tmp/unused']\n"
+        "runpy.run_path('main.py', run_name='__main__')\n"
+    )
+    done = run_python(code, block=("tensorflow", "tensorflow_datasets"))
+    assert done.returncode == 1, done.stderr
+    assert "training and evaluation (main.py) needs tensorflow-cpu, tensorflow-datasets" in (
+        done.stderr
+    )
+    assert "pip install 'volo-jax[train]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def _pyproject() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def test_console_scripts_point_at_the_module_commands():
+    scripts = _pyproject()["scripts"]
+    assert scripts == {
+        "volo-jax-convert": "volo_jax.convert.__main__:run",
+        "volo-jax-predict": "volo_jax.predict:run",
+    }
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_console_script_usage_names_the_command(tmp_path):
+    # A console script's argv[0] is its own name; `python -m` runs a .py file.
+    code = (
+        "sys.argv = ['/venv/bin/volo-jax-convert', '--help']\n"
+        "from volo_jax.convert.__main__ import run\n"
+        "run()\n"
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: volo-jax-convert --model MODEL"), done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "volo_jax.predict", "--help"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.startswith("usage: python -m volo_jax.predict"), done.stdout
+
+
+def test_core_dependencies_leave_the_extras_out():
+    core = " ".join(_pyproject()["dependencies"]).lower()
+    for dist in ("tensorflow", "torch", "gcsfs", "scikit-learn", "matplotlib", "chex", "optax"):
+        assert dist not in core, dist
+
+
+def _runtime_requirements():
+    spec = importlib.util.spec_from_file_location(
+        "runtime_requirements", REPO / "scripts" / "runtime_requirements.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.runtime_requirements
+
+
+def test_colab_install_keeps_the_runtimes_tensorflow():
+    requirements = _runtime_requirements()
+    train = _pyproject()["optional-dependencies"]["train"]
+    bare = requirements(["train"], has_module=lambda m: False)
+    assert bare == train and any(r.startswith("tensorflow-cpu") for r in bare)
+    colab_tpu = requirements(["train"], has_module=lambda m: m in ("tensorflow", "libtpu"))
+    assert not any(r.startswith("tensorflow-cpu") for r in colab_tpu)
+    assert colab_tpu[-1] == "jax[tpu]" and len(colab_tpu) == len(train)
+    with pytest.raises(SystemExit, match="unknown extra 'trian'"):
+        requirements(["trian"])
