@@ -70,7 +70,7 @@ def test_each_group_draws_its_own_box():
 
 def _official_box_statistics(side: int) -> tuple[float, float]:
     """Exact mean mixed fraction and P(no mix) of the official MixToken box on a side x side
-    grid, from its definition (the `rand_bbox` of sail-sg/volo's MixToken, issue 15 item 4):
+    grid, from its definition (the `rand_bbox` of sail-sg/volo's MixToken):
     lam ~ Beta(1, 1), cut = int(side * sqrt(1 - lam)), centre uniform in [0, side), box
     c - cut // 2 .. c + cut // 2 clipped to the grid."""
     mean, no_mix = 0.0, 0.0
