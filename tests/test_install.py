@@ -20,8 +20,13 @@ from volo_jax.extras import EXTRA_MODULES
 REPO = Path(__file__).resolve().parents[1]
 NAME = "volo_d1_224"
 
+#: Modules of the extras that the core's own dependencies bring too (flax needs optax, which
+#: needs absl-py).
+CORE_BRINGS = {"absl", "optax"}
 #: Top-level modules that only the extras bring (the core must not import them).
-EXTRA_ONLY = sorted({module for modules in EXTRA_MODULES.values() for module, _ in modules})
+EXTRA_ONLY = sorted(
+    {module for modules in EXTRA_MODULES.values() for module, _ in modules} - CORE_BRINGS
+)
 #: The core's modules: every command and library entry point of `pip install volo-jax`.
 CORE_MODULES = (
     "volo_jax",

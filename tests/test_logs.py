@@ -151,7 +151,7 @@ def test_convert_is_quiet(tmp_path):
 
 def test_tensorboard_finds_the_run_under_the_workdir(trained):
     # What `tensorboard --logdir WORKDIR` loads: the run and its scalars at the log steps.
-    pytest.importorskip("tensorboard", reason="the viewer is in requirements.txt")
+    pytest.importorskip("tensorboard", reason="the viewer is in the train extra")
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
     workdir, _ = trained
