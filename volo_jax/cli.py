@@ -31,9 +31,9 @@ def with_malloc_tunables(env: Mapping[str, str]) -> dict[str, str]:
     time and unmaps it after, so the kernel faults in and zeroes it again on every step:
     about 590,000 page faults and 1 s of system time per step on 4 KiB pages, and on huge
     pages still a full zeroing, which costs 1-2 s on every other step on the 2-core
-    virtual machines of docs/performance.md. With the main thread's large blocks kept in its heap (and
-    `synchronous_cpu_dispatch`, so that the main thread is the one that allocates them),
-    the step reuses the same memory (docs/performance.md).
+    virtual machines of docs/performance.md. With the main thread's large blocks kept in
+    its heap (and `synchronous_cpu_dispatch`, so that the main thread is the one that
+    allocates them), the step reuses the same memory.
     """
     env = dict(env)
     if env.get(MALLOC_TUNABLES_SWITCH) == "0":
