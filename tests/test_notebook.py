@@ -141,3 +141,24 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
 
     curves = nb.cells[-1]
     assert any("image/png" in out.get("data", {}) for out in curves.outputs), curves.outputs
+
+
+def test_install_stops_with_an_error_naming_repo_url_while_it_is_empty(tmp_path):
+    # The parameters cell and the install cell, as Colab runs them before anything is set:
+    # no clone, no zip, so nothing to install from.
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    install = _cell(nb, "runtime_requirements.py")
+    assert 'REPO_URL = ""' in params.source and "REQUIRED" in params.source
+    zip_path = tmp_path / "volo-jax.zip"  # not there
+    cells = [
+        nbformat.v4.new_code_cell(params.source),
+        nbformat.v4.new_code_cell(
+            install.source.replace('"/content/volo-jax.zip"', repr(str(zip_path)))
+        ),
+    ]
+    client = nbclient.NotebookClient(
+        nbformat.v4.new_notebook(cells=cells), timeout=120, kernel_name="python3"
+    )
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="REPO_URL is empty"):
+        client.execute()
