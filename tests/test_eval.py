@@ -25,8 +25,9 @@ NUM_CLASSES, PER_CLASS = 6, 2
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A folder dataset (val/<class>/<image>, mixed sizes), a tiny model's weights dir
-    and the eval config that reads them."""
+    """A folder dataset (val/<class>/<image>, mixed sizes), a tiny model's weights (a
+    directory, the config's init_from, and the same as weights.safetensors) and the eval
+    config that reads them."""
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     for c in range(NUM_CLASSES):
@@ -45,6 +46,7 @@ def setup(tmp_path_factory):
     model = create_model(config.model, **model_overrides(config))
     variables = train.initial_variables(model, 32, jax.random.PRNGKey(3))
     save_weights(root / "weights", variables, config.model, model_overrides(config))
+    save_weights(root / "weights.safetensors", variables, config.model, model_overrides(config))
     config.init_from = str(root / "weights")
     return config, model, variables, root
 
@@ -67,6 +69,13 @@ def test_eval_matches_numpy(setup):
     assert result["top1"] == pytest.approx(top1 / total)
     assert result["top5"] == pytest.approx(top5 / total)
     assert 0 < result["top5"] < 1  # top-5 of 6 classes: a meaningful check
+
+
+def test_eval_reads_a_safetensors_file_the_same(setup):
+    config, *_, root = setup
+    from_file = config.copy_and_resolve_references()
+    from_file.init_from = str(root / "weights.safetensors")
+    assert evaluate.evaluate(from_file) == evaluate.evaluate(config)
 
 
 def test_missing_and_foreign_weights(setup, tmp_path):
