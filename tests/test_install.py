@@ -48,14 +48,22 @@ CORE_MODULES = (
     "volo_jax.weights",
 )
 
-#: Run in a child process: `BLOCK` makes those modules unimportable (as in an install
-#: without them), `AUDIT` prints the extras' modules that were imported, at exit.
+#: Run in a child process: the modules of `block` cannot be imported (as in an install
+#: without them), and at exit it prints the extras' modules that were imported.
 _PRELUDE = """
-import atexit, sys
+import atexit, importlib.abc, sys
 BLOCK = {block!r}
-for name in BLOCK:
-    sys.modules[name] = None  # import raises ImportError, as if not installed
 EXTRA_ONLY = {extra_only!r}
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    # Finding a blocked module fails as if it were not installed (and, unlike a None in
+    # sys.modules, libraries that look for it there do not see it).
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotInstalled())
 
 def _audit():
     seen = sorted(m for m in sys.modules if m.split(".")[0] in EXTRA_ONLY and sys.modules[m])
