@@ -246,3 +246,13 @@ def test_colab_install_keeps_the_runtimes_tensorflow():
     assert colab_tpu[-1] == "jax[tpu]" and len(colab_tpu) == len(train)
     with pytest.raises(SystemExit, match="unknown extra 'trian'"):
         requirements(["trian"])
+
+
+def test_the_extras_named_in_errors_are_those_of_pyproject():
+    import re
+
+    optional = _pyproject()["optional-dependencies"]
+    for extra, modules in EXTRA_MODULES.items():
+        declared = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in optional[extra]}
+        for _, dist in modules:
+            assert dist.lower() in declared, (extra, dist)
