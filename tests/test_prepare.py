@@ -181,24 +181,18 @@ def test_archives_that_would_fail_or_be_mislabelled_are_refused(tmp_path):
     assert archives == {"train": prepare.Archive("train", str(train), 2, "class")}
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "volo_jax.data.prepare",
-            "imagenet2012",
-            f"--data_dir={tmp_path / 'data'}",
-            f"--manual_dir={tmp_path / 'archives'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert f"error: --manual_dir {tmp_path / 'archives'} is not a directory" in result.stderr
+def test_command_line_errors(tmp_path, capsys):
+    with pytest.raises(DatasetError, match=r"--manual_dir .*archives is not a directory"):
+        prepare.main(
+            [
+                "imagenet2012",
+                f"--data_dir={tmp_path / 'data'}",
+                f"--manual_dir={tmp_path / 'archives'}",
+            ]
+        )
+    with pytest.raises(SystemExit):
+        prepare.main(["imagenet2013"])
+    assert "invalid choice: 'imagenet2013'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -219,38 +213,45 @@ def test_volo_d1_trains_and_evaluates_on_the_prepared_dataset(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train 9, validation 6 examples" in result.stdout
+    # configs/volo_d1.py as it is (the recipe, the augmentation, token labeling), with a
+    # VOLO of one block per stage at 32 px: the config's model_overrides has no field
+    # for the depths, and a command-line override cannot add one.
+    config = tmp_path / "volo_d1_tiny.py"
+    config.write_text(
+        "from configs.volo_d1 import get_config as volo_d1\n\n\n"
+        "def get_config():\n"
+        "    config = volo_d1()\n"
+        "    config.model_overrides.update(\n"
+        "        {'layers': (1, 1, 1, 1), 'embed_dims': (32, 64, 64, 64),\n"
+        "         'num_heads': (1, 2, 2, 2), 'stem_hidden_dim': 16}\n"
+        "    )\n"
+        "    return config\n"
+    )
     shrink = [
+        f"--config={config}",
         "--config.img_size=32",
-        "--config.model_overrides.layers=(1, 1, 1, 1)",
-        "--config.model_overrides.embed_dims=(32, 64, 64, 64)",
-        "--config.model_overrides.num_heads=(1, 2, 2, 2)",
-        "--config.model_overrides.stem_hidden_dim=16",
         f"--config.dataset.data_dir={data_dir}",
         "--config.eval.batch_size=4",
     ]
     result = run(
         "main.py",
-        "--config=configs/volo_d1.py",
         f"--workdir={workdir}",
         *shrink,
         "--config.batch_size=4",
         "--config.num_epochs=2",
         "--config.optim.warmup_epochs=1",
         "--config.cooldown_epochs=0",
-        "--config.max_steps=3",
+        "--config.max_steps=2",
         "--config.log_every_steps=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [m["step"] for m in metrics if "train_loss" in m or "loss" in m]
-    assert steps and max(steps) == 3
+    assert max(m["step"] for m in metrics if "train/loss" in m) == 2
+    assert any("eval/top1" in m for m in metrics)
+    assert (workdir / "weights").is_dir()
     result = run(
-        "main.py",
-        "--config=configs/volo_d1.py",
-        "--config.mode=eval",
-        f"--config.init_from={workdir / 'weights'}",
-        *shrink,
+        "main.py", *shrink, "--config.mode=eval", f"--config.init_from={workdir / 'weights'}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "top1" in result.stderr + result.stdout
-    assert "6 images" in result.stderr + result.stdout or "6/6" in result.stderr
+    assert "volo_d1_224 on imagenet2012/validation: top-1" in result.stdout
+    assert "(6 images)" in result.stdout

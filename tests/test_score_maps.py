@@ -175,7 +175,7 @@ def test_convert_checks_each_file_and_resumes(torch_files, tmp_path):
     (dst / "n01440764" / "n01440764_0.npy").unlink()
     truncated = dst / "n01440764" / "n01440764_2.npy"
     truncated.write_bytes(truncated.read_bytes()[:100])
-    report = score_maps.convert_directory(str(src), str(dst), workers=2)
+    report = score_maps.convert_directory(str(src), str(dst))
     assert (report.converted, report.kept, report.failed) == (3, 2, {})
     np.testing.assert_array_equal(np.load(truncated), np.load(torch_files / "official.ref.npy"))
     assert not list(dst.rglob("*.partial-*"))
@@ -192,23 +192,27 @@ def test_convert_refuses_maps_of_another_shape(torch_files, tmp_path):
     }
 
 
-def test_convert_command_line(torch_files, tmp_path):
+def test_convert_command_line(torch_files, tmp_path, capsys):
     src, dst = tmp_path / "pt", tmp_path / "npy"
     _class_tree(torch_files, src, {"n01440764": ["official"] * 3, "n01443537": ["official"]})
-    command = [sys.executable, "-m", "volo_jax.data.score_maps", "convert"]
-    run = lambda *args: subprocess.run(
-        [*command, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    command = ["convert", "--src", str(src), "--dst", str(dst), "--workers", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "volo_jax.data.score_maps", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    result = run("--src", str(src), "--dst", str(dst), "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "4 converted, 0 already converted (kept), 0 failed" in result.stderr
     assert "convert 4/4 file done" in result.stderr  # the progress summary (not a tty)
     assert len(list(dst.rglob("*.npy"))) == 4
-    result = run("--src", str(src), "--dst", str(dst))
-    assert "0 converted, 4 already converted (kept)" in result.stderr
-    result = run("--src", str(tmp_path / "nowhere"), "--dst", str(dst))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: --src" in result.stderr and "is not a directory" in result.stderr
+    assert score_maps.main(["convert", "--src", str(src), "--dst", str(dst)]) == 0
+    assert "0 converted, 4 already converted (kept)" in capsys.readouterr().err
+    with pytest.raises(score_maps.DatasetError, match=r"--src .*nowhere is not a directory"):
+        score_maps.main(["convert", "--src", str(tmp_path / "nowhere"), "--dst", str(dst)])
+    with pytest.raises(score_maps.DatasetError, match=r"No \.pt files under"):
+        score_maps.main(["convert", "--src", str(dst), "--dst", str(tmp_path / "other")])
 
 
 def test_score_map_suffix(tmp_path):
@@ -249,7 +253,7 @@ def test_training_pipeline_reads_pt_as_npy(torch_files, tmp_path):
             "train",
             batch_size=4,
             seed=3,
-            augment=TrainAugment(size=32),
+            augment=TrainAugment(size=32, randaugment="", erase_prob=0.0),
             token_label_dir=label_dir,
         )
         return next(data.batches(0))

@@ -23,7 +23,9 @@ dataset is left as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -219,10 +221,12 @@ def prepare(
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # ours instead
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _quiet_tfds():
+        builder = tfds.builder(name, data_dir=data_dir)
+        is_prepared = builder.is_prepared()
     data_dir = os.fspath(builder.data_dir_root)
     manual_dir = os.path.abspath(manual_dir or os.path.join(data_dir, "downloads", "manual"))
-    if builder.is_prepared():
+    if is_prepared:
         print(f"{name} is already prepared in {builder.data_dir}; nothing to do.", file=stream)
         return builder
     archives = check_imagenet_archives(manual_dir, builder.info.features["label"].names)
@@ -232,6 +236,8 @@ def prepare(
             f"{archive.split}: {archive.path} ({archive.members:,} {archive.unit} files)",
             file=stream,
         )
+    if "test" not in archives:
+        print(f"test: no {TEST_ARCHIVE} (the unlabelled test split is left out)", file=stream)
     if "train" not in archives or "validation" not in archives:
         missing = TRAIN_ARCHIVE if "train" not in archives else VALIDATION_ARCHIVE
         print(
@@ -241,10 +247,29 @@ def prepare(
         )
     print(f"writing {builder.data_dir}", file=stream, flush=True)
     _show_progress(builder, archives, stream, bar)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-    )
+    with _quiet_tfds():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir, try_download_gcs=False
+            )
+        )
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Keeps TFDS's own messages out (its 'Downloading and preparing dataset Unknown size'
+    on stdout, its warnings about the folder it is about to write and the split this
+    command already reports missing); errors still show, and raise."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import multiprocessing
 import os
 import pickle
 import struct
@@ -415,7 +416,9 @@ def convert_directory(
         for relative, result in zip(sources[position:], results, strict=True):
             record(relative, result)
     else:
-        with futures.ProcessPoolExecutor(workers) as pool:
+        # Spawned, not forked: the caller may be a process with threads (TensorFlow, JAX).
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = pool.map(_convert_one, rest, chunksize=64)
             for relative, result in zip(sources[position:], results, strict=True):
                 record(relative, result)
