@@ -236,7 +236,7 @@ def test_training_pipeline_reads_pt_as_npy(torch_files, tmp_path):
     from volo_jax.data.input_pipeline import create_train_dataset
 
     rng = np.random.default_rng(0)
-    classes = {"n01440764": ["official"] * 2, "n01443537": ["official"] * 2}
+    classes = {"n01440764": ["official", "legacy"], "n01443537": ["legacy", "official"]}
     _class_tree(torch_files, tmp_path / "pt", classes)
     for folder, files in classes.items():
         (tmp_path / "images" / "train" / folder).mkdir(parents=True)
@@ -253,7 +253,7 @@ def test_training_pipeline_reads_pt_as_npy(torch_files, tmp_path):
             "train",
             batch_size=4,
             seed=3,
-            augment=TrainAugment(size=32, randaugment="", erase_prob=0.0),
+            augment=TrainAugment(size=32, hflip=0.0, randaugment="", erase_prob=0.0),
             token_label_dir=label_dir,
         )
         return next(data.batches(0))
@@ -263,3 +263,9 @@ def test_training_pipeline_reads_pt_as_npy(torch_files, tmp_path):
     assert from_pt["label_map"].dtype == np.float32
     for key in from_npy:
         np.testing.assert_array_equal(from_pt[key], from_npy[key], err_msg=key)
+    # Without flips and RandAugment, each image's map is its file's, as PyTorch reads it.
+    references = [
+        np.load(torch_files / f"{n}.ref.npy").astype(np.float32) for n in ("official", "legacy")
+    ]
+    for label_map in from_pt["label_map"]:
+        assert any(np.array_equal(label_map, ref) for ref in references)
