@@ -217,6 +217,8 @@ def prepare(
             f"Unknown dataset {name!r}; this command prepares {PREPARED_BY_COMMAND}."
         )
     stream = sys.stderr if stream is None else stream
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
     _require_importlib_resources()
     import tensorflow_datasets as tfds
 
