@@ -245,9 +245,10 @@ def check_score_map(array: np.ndarray, source: str, num_classes: int | None = No
         )
     if array.dtype.kind != "f":
         raise ScoreMapError(f"{source}: dtype {array.dtype}; a score map holds floats")
-    if not np.isfinite(array).all():
+    values = array.astype(np.float32, copy=False)  # NumPy's float16 arithmetic is slow
+    if not np.isfinite(values).all():
         raise ScoreMapError(f"{source}: holds NaN or infinite values")
-    indices = array[1]
+    indices = values[1]
     if (indices != np.round(indices)).any() or indices.min() < 0:
         raise ScoreMapError(f"{source}: its class indices (array[1]) are not whole numbers >= 0")
     if num_classes is not None and indices.max() >= num_classes:
