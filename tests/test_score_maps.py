@@ -47,10 +47,13 @@ _WRITE_WITH_TORCH = textwrap.dedent(
         "index_too_large": torch.stack([torch.zeros(5, 2, 2), torch.full((5, 2, 2), 1000.0)]),
         "nan": torch.full((2, 5, 2, 2), float("nan")),
         "integers": torch.zeros(2, 5, 2, 2, dtype=torch.int64),
+        # One stored element that claims 10^9 (stride 0): refused before any allocation.
+        "huge": torch.zeros(1, dtype=torch.float16).expand(2, 5, 10**4, 10**4),
     }
     for name, tensor in files.items():
         torch.save(tensor, f"{out}/{name}.pt")
-        np.save(f"{out}/{name}.ref.npy", tensor.numpy())
+        if name != "huge":
+            np.save(f"{out}/{name}.ref.npy", tensor.numpy())
     legacy = official(14, 14)
     torch.save(legacy, f"{out}/legacy.pt", _use_new_zipfile_serialization=False)
     np.save(f"{out}/legacy.ref.npy", legacy.numpy())
@@ -97,6 +100,7 @@ def test_official_layout_and_float32_loading(torch_files):
         ("nan", "NaN or infinite"),
         ("integers", "dtype int64"),
         ("dict", "holds a dict, not one tensor"),
+        ("huge", r"size \(2, 5, 10000, 10000\), far larger than a score map"),
     ],
 )
 def test_bad_files_are_named_with_what_is_wrong(torch_files, name, message):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import math
 import multiprocessing
 import os
 import pickle
@@ -65,6 +66,9 @@ _STORAGE_DTYPES = {
     "LongStorage": np.int64,
     "BoolStorage": np.bool_,
 }
+# No score map comes near this (the official ones hold 1960 elements); a file that claims
+# more (a stride-0 tensor can claim any size) is refused before memory is allocated.
+_MAX_ELEMENTS = 2**24
 # The first pickle of the legacy (pre-zip) format: torch.serialization.MAGIC_NUMBER.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -92,14 +96,13 @@ class _Tensor:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    hooks: Any = field(default=None, repr=False)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
-    del requires_grad, metadata
+    del requires_grad, hooks, metadata
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor whose storage is not a saved storage")
-    return _Tensor(storage, int(offset), tuple(size), tuple(stride), hooks)
+    return _Tensor(storage, int(offset), tuple(size), tuple(stride))
 
 
 class _TensorUnpickler(pickle.Unpickler):
@@ -140,6 +143,8 @@ def _materialise(tensor: _Tensor) -> np.ndarray:
     size, stride = tensor.size, tensor.stride
     if len(size) != len(stride) or any(s < 0 for s in (*size, *stride)) or tensor.offset < 0:
         raise ValueError(f"an invalid tensor layout (size {size}, stride {stride})")
+    if math.prod(size) > _MAX_ELEMENTS:
+        raise ValueError(f"a tensor of size {size}, far larger than a score map")
     if 0 not in size:
         last = tensor.offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= storage.numel:
