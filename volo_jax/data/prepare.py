@@ -193,7 +193,9 @@ def _show_progress(
             split = "validation"
         else:
             split = "train" if kwargs.get("labels_exist", True) else "test"
-        yield from generate(archive=_counted(archive, archives[split], stream, bar), **kwargs)
+        if split in archives:
+            archive = _counted(archive, archives[split], stream, bar)
+        yield from generate(archive=archive, **kwargs)
 
     builder._generate_examples = counted_generate
 
