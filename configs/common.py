@@ -111,8 +111,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # group. It must divide a larger (micro-)batch. When it also divides each device's share
     # of the batch, mixing moves no data between devices.
     config.token_label.mix_group_size = 128
-    # Directory of precomputed score maps (<data_dir>/<class>/<image stem>.npy, float
-    # [2, 5, H, W]: top-5 values and class indices per location, the official format).
+    # Directory of precomputed score maps (<data_dir>/<class>/<image stem>.pt as released,
+    # or .npy: float [2, 5, H, W], top-5 values and class indices per location).
     config.token_label.data_dir = config_dict.placeholder(str)
     # Mix the annotator's class target with the label (no effect without an annotator).
     config.token_label.ground_truth = False
