@@ -270,6 +270,19 @@ def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str
     return traverse_util.unflatten_dict(flat)
 
 
+def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> dict[str, Any]:
+    """config.init_from's variables for `model` (NumPy), without config.init_skip's paths;
+    a position embedding of another resolution resized bicubically, with antialias only
+    if config.init_antialias (the official fine-tuning resizes without)."""
+    return load_weights_into(
+        config.init_from,
+        model,
+        config.model,
+        skip=tuple(config.init_skip),
+        antialias=config.init_antialias,
+    )
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -282,14 +295,7 @@ def create_train_state(
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = initial_variables(model, config.img_size, init_rng)
     if config.init_from and load_init:
-        loaded = load_weights_into(
-            config.init_from,
-            model,
-            config.model,
-            skip=tuple(config.init_skip),
-            antialias=config.init_antialias,
-        )
-        variables = merge_weights(variables, loaded)
+        variables = merge_weights(variables, load_init_weights(config, model))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     ema = config.ema_decay > 0
@@ -333,14 +339,7 @@ def create_sharded_train_state(
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
-        loaded = load_weights_into(
-            config.init_from,
-            model,
-            config.model,
-            skip=tuple(config.init_skip),
-            antialias=config.init_antialias,
-        )
-        state = _put_loaded(state, loaded, shardings)
+        state = _put_loaded(state, load_init_weights(config, model), shardings)
     return state, shardings
 
 
