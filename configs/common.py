@@ -103,7 +103,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.mean = (0.485, 0.456, 0.406)
     config.std = (0.229, 0.224, 0.225)
 
-    # Evaluation preprocessing: None takes the model's pretrained_cfg.
+    # Evaluation preprocessing: None takes the model's pretrained_cfg (timm's crop_pct; the
+    # official default_cfg uses 1.15 for D4/D5 at 224 too, see docs/training.md).
     config.eval = ml_collections.ConfigDict()
     config.eval.crop_pct = config_dict.placeholder(float)
     config.eval.interpolation = config_dict.placeholder(str)

@@ -42,7 +42,10 @@ def _import_tlt():
         import tlt.data  # noqa: F401
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("tlt"):
-            sys.stderr.write("tlt is not installed (pip install tlt --no-deps)\n")
+            sys.stderr.write(
+                "tlt, the official token-labeling code, is not installed: "
+                "pip install tlt==0.2.0 (in requirements-test.txt)\n"
+            )
             sys.exit(3)
         raise
     import tlt.data.label_transforms_factory as factory
