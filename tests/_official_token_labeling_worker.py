@@ -19,6 +19,8 @@ Inputs (IN.npz) and what OUT.npz gets for them:
       the coordinates `RandomResizedCropAndInterpolationWithCoords` stores and
       `get_labelmaps_with_coords` reads, and targets (B, K, 2 + grid**2): `mixup_target`'s
       (ground truth, class target, token targets) at lam 1 (VOLO trains without mixup).
+  crop_draws -> crop_draws (crop_draws, 4): the crop's own (top, left, height, width) draws
+      (its `get_params`, timm's) on that image at scale (0.08, 1), ratio (3/4, 4/3).
   logits (B, K), aux (B, grid**2, K), mix_box (4,) (bbx1, bby1, bbx2, bby2) on the grid ->
       loss_gt, loss_plain: `TokenLabelCrossEntropy` with and without ground_truth (VOLO's
       --ground-truth) on those outputs and `targets`.
@@ -104,6 +106,15 @@ def main(src: str, dst: str) -> None:
     coords = batch[:, 2, 0, 0, :4].clone()
     coords[:, 2:] += coords[:, :2]
     out["crop_coords"] = coords.numpy()
+    random.seed(0)
+    out["crop_draws"] = np.array(
+        [
+            factory.RandomResizedCropAndInterpolationWithCoords.get_params(
+                image, (0.08, 1.0), (3 / 4, 4 / 3)
+            )
+            for _ in range(int(data["crop_draws"]))
+        ]
+    )
     num_classes, grid = int(data["num_classes"]), int(data["grid"])
     targets = mixup.mixup_target(
         batch,

@@ -3,9 +3,10 @@ package sail-sg/volo trains with), run in its own process by
 tests/_official_token_labeling_worker.py on inputs made here. Exact: the score-map ops of
 RandAugment, the flip, the crop coordinates, the roi_align targets (`p * on + off`), the
 loss with and without --ground-truth. Distributions over seeded draws (the random number
-generators differ): how often RandAugment moves the score map (MixToken's box against
-sail-sg/volo's `rand_bbox`: tests/test_mix_token.py). The order of the augmentation and
-that the map moves with its image are checked here without the official code.
+generators differ): the crop box, and how often RandAugment moves the score map
+(MixToken's box against sail-sg/volo's `rand_bbox`: tests/test_mix_token.py). The order
+of the augmentation and that the map moves with its image are checked here without the
+official code.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ OP_CASES = [
     ("TranslateYRel", -0.44),
 ]
 RA_SPEC, RA_DRAWS = "rand-m9-mstd0.5-inc1", 1000
+CROP_DRAWS = 4000
 
 
 def _score_map(rng: np.random.Generator, h: int, w: int, classes: int) -> np.ndarray:
@@ -79,6 +81,7 @@ def _inputs() -> dict[str, np.ndarray]:
         "crop_maps": np.stack([_score_map(rng, 14, 14, NUM_CLASSES) for _ in range(batch)]),
         "crop_params": CROP_PARAMS,
         "crop_image_hw": np.array(CROP_IMAGE_HW),
+        "crop_draws": np.array(CROP_DRAWS),
         "labels": np.array([3, 0, 11, 5]),
         "num_classes": np.array(NUM_CLASSES),
         "grid": np.array(GRID),
@@ -140,6 +143,44 @@ def test_flip_with_a_score_map_is_the_official_one(official):
 def test_crop_coordinates_are_the_official_ones(official):
     _, out = official
     np.testing.assert_allclose(out["crop_coords"], _ours_boxes(), rtol=1e-6)
+
+
+def test_crop_boxes_are_distributed_as_the_official_ones(official):
+    """Over seeded draws of the crop box on a 300 x 400 image, two-sample Kolmogorov-Smirnov
+    tests do not tell ours from the official crop's (its area, aspect and position)."""
+    from scipy import stats
+
+    _, out = official
+    img_h, img_w = CROP_IMAGE_HW
+
+    @tf.function(autograph=False)
+    def draw(seeds: tf.Tensor) -> tf.Tensor:
+        return tf.map_fn(
+            lambda seed: augment.random_resized_crop_box(
+                seed, img_h, img_w, (0.08, 1.0), (3 / 4, 4 / 3)
+            ),
+            seeds,
+            fn_output_signature=tf.int32,
+        )
+
+    seeds = tf.stack(
+        [tf.fill([CROP_DRAWS], tf.constant(3, tf.int64)), tf.range(CROP_DRAWS, dtype=tf.int64)], 1
+    )
+    ours, theirs = draw(seeds).numpy().astype(np.float64), out["crop_draws"].astype(np.float64)
+
+    def features(boxes: np.ndarray) -> dict[str, np.ndarray]:
+        top, left, height, width = boxes.T
+        return {
+            "area": height * width / (img_h * img_w),
+            "log aspect": np.log(width / height),
+            "centre y": (top + height / 2) / img_h,
+            "centre x": (left + width / 2) / img_w,
+        }
+
+    mine, official_features = features(ours), features(theirs)
+    for name in mine:
+        p_value = stats.ks_2samp(mine[name], official_features[name]).pvalue
+        assert p_value > 1e-3, (name, p_value)
 
 
 @pytest.mark.parametrize("ground_truth", [False, True])
