@@ -526,7 +526,7 @@ class TrainData:
         records: _TrainRecords,
         batch_size: int,
         process_count: int,
-        augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+        augment: Callable[..., dict[str, tf.Tensor]],
         seed: int,
         process_index: int,
         token_labels: bool,
@@ -554,15 +554,20 @@ class TrainData:
         counter = (self._process_index * 2**20 + example["epoch"]) * 2**32 + example["index"]
         seed = tf.stack([tf.constant(self._seed, tf.int64), counter])
         image = tf.io.decode_image(example["data"], channels=3, expand_animations=False)
-        out = self._augment(image, seed)
-        out["label"] = example["label"]
-        if self._token_labels:
-            out["label_map"] = tf.numpy_function(
-                _load_token_label, [example["label_path"]], tf.float32, stateful=False
-            )
-        else:
-            del out["crop_box"], out["flip"]
-        return out
+        if not self._token_labels:
+            return {"image": self._augment(image, seed)["image"], "label": example["label"]}
+        label_map = tf.numpy_function(
+            _load_token_label, [example["label_path"]], tf.float32, stateful=False
+        )
+        # The score map goes through the flip and RandAugment with its image (the official
+        # token-labeling order); the crop is applied to it on the accelerator.
+        out = self._augment(image, seed, tf.ensure_shape(label_map, [2, None, None, None]))
+        return {
+            "image": out["image"],
+            "label": example["label"],
+            "label_map": out["label_map"],
+            "crop_box": out["crop_box"],
+        }
 
     def dataset(self, start_step: int = 0) -> tf.data.Dataset:
         """The batches from `start_step` on, epoch after epoch, without end."""
@@ -574,7 +579,8 @@ class TrainData:
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """NumPy batches {'image' float32 (b, S, S, 3), 'label' int32 (b,), and with token
-        labels 'label_map' (b, 2, 5, H, W), 'crop_box' (b, 4), 'flip' (b,)} from
+        labels 'label_map' (b, 2, 5, H, W) (flipped and moved by RandAugment with its image)
+        and 'crop_box' (b, 4)} from
         `start_step` on (b = the per-process batch size)."""
         op_error = tf.errors.OpError  # bound now: module globals may be gone at exit
         try:
@@ -587,7 +593,7 @@ def create_train_dataset(
     dataset: str,
     split: str,
     batch_size: int,
-    augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+    augment: Callable[..., dict[str, tf.Tensor]],
     seed: int,
     data_dir: str | None = None,
     image_key: str = "image",
@@ -604,8 +610,9 @@ def create_train_dataset(
         dataset: a TFDS dataset name or an image-folder directory (as create_eval_dataset).
         split: the training split ('train').
         batch_size: examples per batch of this process.
-        augment: (uint8 (H, W, 3) image, int64 (2,) seed) -> {'image', 'crop_box', 'flip'},
-            e.g. ``volo_jax.data.augment.TrainAugment``.
+        augment: (uint8 (H, W, 3) image, int64 (2,) seed[, score map [2, T, h, w]]) ->
+            {'image', 'crop_box', ['label_map']}, e.g.
+            ``volo_jax.data.augment.TrainAugment`` (the token-labeling order with a map).
         seed: the run's seed; shuffling and augmentation derive from it and the step.
         shuffle_buffer: TFDS only (folders are fully permuted every epoch).
         token_label_dir: precomputed token-label maps, one .npy or official .pt per image
