@@ -2,6 +2,12 @@
 
 Every field can be overridden on the command line (`--config.batch_size=256`);
 `volo_jax.training.config.validate_config` checks the result.
+
+Where the numbers come from: "README" is sail-sg/volo's README (its training commands for
+D1-D3), "main.py" the defaults of sail-sg/volo's main.py, "tlt" its token-labeling package
+(TokenLabeling), "timm 0.4.5" the timm version VOLO pins, "paper" the VOLO paper (arXiv
+2106.13112), and "our choice" a value no official source gives. docs/training.md lists
+what still differs from the official training and what each difference is expected to do.
 """
 
 from __future__ import annotations
@@ -11,9 +17,26 @@ from ml_collections import config_dict
 
 from volo_jax.sharding.rules import DEFAULT_RULES
 
-# The official per-variant learning rate (for a total batch of 1024) and stochastic depth.
+# The per-variant learning rate (for a total batch of 1024) and stochastic depth at 224:
+# D1-D3 from the README's commands (8 GPUs x 128 images); D4 and D5 from the paper's
+# hyper-parameter table (base lr 1e-3 and 8e-4 per 1024 images, drop path 0.5 and 0.75;
+# the README has no D4/D5 commands). The rest of the 224 recipe (epochs, warmup,
+# augmentation, ...) is main.py's defaults for every variant.
 BASE_LR = {"d1": 1.6e-3, "d2": 1e-3, "d3": 1e-3, "d4": 1e-3, "d5": 8e-4}
 DROP_PATH = {"d1": 0.1, "d2": 0.2, "d3": 0.5, "d4": 0.5, "d5": 0.75}
+
+# Fine-tuning (total batch, MixToken group = images per GPU): the README's commands
+# for D1 at 384 (8 x 64), D2 at 384 (8 x 48) and D3 at 448 (8 x 30), all at lr 8e-6
+# whatever the batch. D4 (448) and D5 (448, 512) have no official fine-tuning command:
+# our choice is the README's D3-at-448 recipe (8 x 30 images, lr 8e-6); the paper's text
+# gives batch 512 and lr 5e-6 for fine-tuning instead.
+FINETUNE_BATCH = {
+    "d1": (512, 64),
+    "d2": (384, 48),
+    "d3": (240, 30),
+    "d4": (240, 30),
+    "d5": (240, 30),
+}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -47,6 +70,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # "^params/(head|aux_head)/" for new classes).
     config.init_from = config_dict.placeholder(str)
     config.init_skip = ()
+    # Resizing init_from's position embedding to img_size (fine-tuning): bicubic without
+    # antialias as the official fine-tuning (tlt's load_pretrained_weights), or True: with
+    # it, as timm.
+    config.init_antialias = False
     config.requires_init = False  # fine-tuning configs set it: init_from is then required
 
     # Data: a TFDS name or a directory of <split>/<class>/<image> ('sklearn_digits' is built in).
@@ -61,8 +88,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.dataset.shuffle_buffer = 16_384
     config.dataset.num_eval_examples = config_dict.placeholder(int)  # None: the whole split
 
-    # Train augmentation (timm's create_transform arguments of the official recipe): a random
-    # resized crop, then each of flip, RandAugment and erasing (off with 0 / '').
+    # Train augmentation (main.py's defaults): a random resized crop, flip, RandAugment and
+    # erasing (each off with 0 / ''). With token labels in the official order: flip,
+    # RandAugment on the whole image (moving the score map too), then the crop (tlt);
+    # without, timm's: crop, flip, RandAugment (volo_jax/data/augment.py).
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_scale = (0.08, 1.0)
     config.augment.crop_ratio = (3 / 4, 4 / 3)
@@ -75,14 +104,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.mean = (0.485, 0.456, 0.406)
     config.std = (0.229, 0.224, 0.225)
 
-    # Evaluation preprocessing: None takes the model's pretrained_cfg.
+    # Evaluation preprocessing: None takes the model's pretrained_cfg (timm's crop_pct; the
+    # official default_cfg uses 1.15 for D4/D5 at 224 too, see docs/training.md).
     config.eval = ml_collections.ConfigDict()
     config.eval.crop_pct = config_dict.placeholder(float)
     config.eval.interpolation = config_dict.placeholder(str)
     config.eval.batch_size = 256
 
-    # Optimisation: AdamW, lr = base_lr * batch_size / 1024, warmup then cosine, cooldown.
-    config.batch_size = 1024
+    # Optimisation (main.py's defaults): AdamW, lr = base_lr * batch_size / 1024, warmup
+    # then cosine, cooldown.
+    config.batch_size = 1024  # README: 8 GPUs x 128
     config.grad_accum_steps = 1  # micro-batches per step (the batch is split, one update)
     config.num_epochs = 300
     config.cooldown_epochs = 10
@@ -96,8 +127,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
+    # timm 0.4.5's scheduler (t_in_epochs): the lr holds for a whole epoch, the value of
+    # its start; False: evaluated at every step's fractional epoch (a smooth curve).
+    config.optim.per_epoch_schedule = True
     config.optim.grad_clip_norm = 0.0  # 0: no clipping (the official default)
-    config.ema_decay = 0.0  # 0: no EMA of the parameters (official: off; 0.99992 when on)
+    # 0: no EMA (official: off; 0.99992 when on). The EMA covers the parameters and the
+    # BatchNorm statistics, as timm's ModelEmaV2.
+    config.ema_decay = 0.0
     config.label_smoothing = 0.1
 
     # Token labeling: loss = cls_weight * CE(class) + dense_weight * CE(aux tokens).
@@ -112,12 +148,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     # group. It must divide a larger (micro-)batch. When it also divides each device's share
     # of the batch, mixing moves no data between devices.
     config.token_label.mix_group_size = 128
-    # Directory of precomputed score maps (<data_dir>/<class>/<image stem>.npy, float
-    # [2, 5, H, W]: top-5 values and class indices per location, the official format).
+    # Directory of precomputed score maps (<data_dir>/<class>/<image stem>.pt as released,
+    # or .npy: float [2, 5, H, W], top-5 values and class indices per location).
     config.token_label.data_dir = config_dict.placeholder(str)
-    # Mix the annotator's class target with the label (no effect without an annotator).
+    # Mix the annotator's class target with the label (the official --ground-truth of the
+    # fine-tuning commands: 0.5 each where their top classes agree, else 0.9 annotator; no
+    # effect without an annotator).
     config.token_label.ground_truth = False
-    config.token_label.roi_samples = 2  # ROI-align sampling points per bin and axis
+    # roi_align samples per bin and axis; -1: ceil(bin length), torchvision's default, as
+    # the official code.
+    config.token_label.roi_sampling_ratio = -1
+    # Crop the score map with the official code's transposed box (roi_align reads its
+    # (top, left, bottom, right) as (x1, y1, x2, y2)), as the published models were
+    # trained; False: the geometrically right box (volo_jax/training/token_labels.py).
+    config.token_label.official_box_order = True
     # Online teacher instead: a registered model and its weights (file or directory).
     config.teacher = ml_collections.ConfigDict()
     config.teacher.model = config_dict.placeholder(str)
@@ -164,19 +208,21 @@ def variant_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def finetune_config(variant: str, img_size: int) -> ml_collections.ConfigDict:
-    """Official fine-tuning of the 224 weights of volo_{variant} at `img_size`.
+    """The README's fine-tuning of the 224 weights of volo_{variant} at `img_size`.
 
-    lr 8e-6 -> 4e-6, weight decay 1e-8, 30 epochs (+10 cooldown), 5 warmup, class
-    target mixed with the ground truth; `init_from` (the 224 weights) is required and
-    the position embedding is resized when they are loaded.
+    lr 8e-6 -> 4e-6 for the variant's batch (FINETUNE_BATCH), weight decay 1e-8, 30 epochs
+    (+10 cooldown), 5 warmup, class target mixed with the ground truth, MixToken paired
+    within each GPU's share; `init_from` (the 224 weights) is required and the position
+    embedding is resized when they are loaded.
     """
     config = variant_config(variant)
     config.model = f"volo_{variant}_{img_size}"
     config.img_size = img_size
     config.requires_init = True
-    config.batch_size = 512
+    config.batch_size, config.token_label.mix_group_size = FINETUNE_BATCH[variant]
     config.optim.base_lr = 8e-6
-    config.optim.lr_batch_base = 512  # the fine-tuning lr is for its own batch of 512
+    # The fine-tuning lr is for the variant's own batch (a larger batch scales it).
+    config.optim.lr_batch_base = config.batch_size
     config.optim.min_lr = 4e-6
     config.optim.weight_decay = 1e-8
     config.optim.warmup_epochs = 5

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.base_lr = 1e-3
     config.optim.lr_batch_base = 64
     config.optim.warmup_epochs = 3
+    config.optim.per_epoch_schedule = False  # a smooth lr curve for a short run
     config.log_every_steps = 22
     config.eval_every_steps = 110
     config.checkpoint_every_steps = 110

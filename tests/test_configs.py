@@ -59,15 +59,40 @@ def test_official_recipe(variant, lr, drop_path):
     assert config.optim.grad_clip_norm == 0
 
 
-def test_finetune_recipe():
-    config = load("volo_d1_384")
-    assert (config.model, config.img_size, config.requires_init) == ("volo_d1_384", 384, True)
+@pytest.mark.parametrize(
+    ("name", "img_size", "batch", "per_gpu"),
+    [
+        ("volo_d1_384", 384, 512, 64),  # README: 8 GPUs x 64
+        ("volo_d2_384", 384, 384, 48),  # 8 x 48
+        ("volo_d3_448", 448, 240, 30),  # 8 x 30
+        ("volo_d4_448", 448, 240, 30),  # our choice: D3's
+        ("volo_d5_448", 448, 240, 30),
+        ("volo_d5_512", 512, 240, 30),
+    ],
+)
+def test_finetune_recipe(name, img_size, batch, per_gpu, tmp_path):
+    config = load(name)
+    assert (config.model, config.img_size, config.requires_init) == (name, img_size, True)
     assert (config.optim.base_lr, config.optim.min_lr, config.optim.weight_decay) == (
         8e-6,
         4e-6,
         1e-8,
     )
     assert (config.num_epochs, config.optim.warmup_epochs) == (30, 5)
+    # The README's lr is 8e-6 whatever the batch; MixToken pairs within a GPU's share.
+    assert config.batch_size == batch and peak_learning_rate(config) == pytest.approx(8e-6)
+    assert config.token_label.mix_group_size == per_gpu
+    assert config.token_label.ground_truth and config.token_label.official_box_order
+    config.init_from = str(tmp_path)
+    validate_config(config)
+
+
+def test_official_token_labeling_defaults():
+    config = load("volo_d1")
+    assert config.token_label.official_box_order is True
+    assert config.token_label.roi_sampling_ratio == -1
+    assert config.optim.per_epoch_schedule is True
+    assert config.token_label.mix_group_size == 128
 
 
 @pytest.mark.parametrize(
@@ -83,6 +108,7 @@ def test_finetune_recipe():
         ("optim.warmup_epochs", 400, "config.optim.warmup_epochs"),
         ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
         ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
+        ("token_label.roi_sampling_ratio", 0, "config.token_label.roi_sampling_ratio"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -106,7 +106,10 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(setup, tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: " in result.stderr and "Traceback" not in result.stderr
-    assert "manual" in result.stderr and "tfds build imagenet2012" in result.stderr
+    assert (
+        "manual" in result.stderr
+        and "python -m volo_jax.data.prepare imagenet2012" in result.stderr
+    )
 
 
 def test_missing_folder_split(setup):

@@ -150,7 +150,7 @@ def test_unprepared_imagenet_explains_how_to_prepare(tmp_path):
     assert str(tmp_path) in message
     assert "ILSVRC2012_img_val.tar" in message
     assert f"{tmp_path}/downloads/manual" in message
-    assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
+    assert f"python -m volo_jax.data.prepare imagenet2012 --data_dir={tmp_path}" in message
     assert not any(tmp_path.iterdir())  # Nothing downloaded or created.
 
 

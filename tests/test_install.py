@@ -34,6 +34,7 @@ CORE_MODULES = (
     "volo_jax.convert",
     "volo_jax.convert.__main__",
     "volo_jax.data",
+    "volo_jax.data.score_maps",
     "volo_jax.data.transforms",
     "volo_jax.errors",
     "volo_jax.extras",

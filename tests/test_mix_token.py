@@ -99,6 +99,45 @@ def test_box_distribution_is_the_official_one():
         [(boxes[:, 0] > 0) & (boxes[:, 2] < 14), (boxes[:, 1] > 0) & (boxes[:, 3] < 14)]
     )
     assert inside.sum() > 1000 and (sides[inside] % 2 == 0).all()  # unclipped sides are even
+    # Against as many draws of sail-sg/volo's own `rand_bbox` (NumPy's RNG): a two-sample
+    # chi-square test over the joint histogram of the box extents does not tell them apart,
+    # and tells a box of exactly `cut` tokens per side from the official one.
+    official = _official_rand_bbox_extents(np.random.RandomState(0), 14, 20_000)
+    ours = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    assert _same_distribution_p_value(ours, official, 14) > 1e-3
+    exact = np.minimum(official + official % 2, 14)  # the side before the official // 2
+    assert _same_distribution_p_value(exact, official, 14) < 1e-6
+
+
+def _official_rand_bbox_extents(rng: np.random.RandomState, side: int, draws: int) -> np.ndarray:
+    """(draws, 2) box extents (rows, columns) of sail-sg/volo models/volo.py `rand_bbox`
+    with lam ~ Beta(1, 1) as its `forward_tokens` draws it (restated: that repository is
+    not an installable package)."""
+    extents = np.zeros((draws, 2), np.int64)
+    for i in range(draws):
+        lam = rng.beta(1.0, 1.0)
+        cut_rat = np.sqrt(1.0 - lam)
+        cut_w = int(side * cut_rat)
+        cut_h = int(side * cut_rat)
+        cx = rng.randint(side)
+        cy = rng.randint(side)
+        bbx1 = np.clip(cx - cut_w // 2, 0, side)
+        bby1 = np.clip(cy - cut_h // 2, 0, side)
+        bbx2 = np.clip(cx + cut_w // 2, 0, side)
+        bby2 = np.clip(cy + cut_h // 2, 0, side)
+        extents[i] = bbx2 - bbx1, bby2 - bby1
+    return extents
+
+
+def _same_distribution_p_value(a: np.ndarray, b: np.ndarray, side: int) -> float:
+    """Two-sample chi-square p-value of (n, 2) integer extents in [0, side]."""
+    from scipy import stats
+
+    cells = (side + 1) ** 2
+    count_a = np.bincount(a[:, 0] * (side + 1) + a[:, 1], minlength=cells)
+    count_b = np.bincount(b[:, 0] * (side + 1) + b[:, 1], minlength=cells)
+    used = (count_a + count_b) >= 10
+    return stats.chi2_contingency(np.stack([count_a[used], count_b[used]]))[1]
 
 
 def test_class_targets_mix_with_their_group_lam():

@@ -199,8 +199,14 @@ def test_sharded_state_with_init_from_matches_create_train_state(tmp_path):
     )
     equal = jax.tree_util.tree_map(
         lambda a, b: bool(jnp.array_equal(a, b)),
-        (state.params, state.batch_stats, state.ema_params, state.opt_state),
-        (expected.params, expected.batch_stats, expected.ema_params, expected.opt_state),
+        (state.params, state.batch_stats, state.ema_params, state.ema_batch_stats, state.opt_state),
+        (
+            expected.params,
+            expected.batch_stats,
+            expected.ema_params,
+            expected.ema_batch_stats,
+            expected.opt_state,
+        ),
     )
     assert all(jax.tree_util.tree_leaves(equal))
     assert state.params["pos_embed"].sharding == shardings.params["pos_embed"]

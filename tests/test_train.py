@@ -81,16 +81,24 @@ def test_accumulation_bfloat16_and_ema():
     config = tiny_config(dtype="bfloat16", grad_accum_steps=2, ema_decay=0.9)
     _, state, step = make_step(config)
     before = state.params
+    before_stats = jax.tree_util.tree_map(np.asarray, state.batch_stats)  # the step donates
     new, metrics = step(state, fixed_batch(), None)
     assert all(np.isfinite(float(v)) for v in metrics.values())
     leaves = jax.tree_util.tree_leaves(new.params) + jax.tree_util.tree_leaves(new.opt_state)
     floats = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
     assert floats == {np.dtype(np.float32)}
-    # EMA: 0.9 * old + 0.1 * new.
+    # EMA: 0.9 * old + 0.1 * new, of the params and (timm's ModelEmaV2) the BN statistics.
     expected = jax.tree_util.tree_map(lambda o, n: 0.9 * o + 0.1 * n, before, new.params)
     for a, b in zip(
         jax.tree_util.tree_leaves(new.ema_params), jax.tree_util.tree_leaves(expected), strict=True
     ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    expected = jax.tree_util.tree_map(lambda o, n: 0.9 * o + 0.1 * n, before_stats, new.batch_stats)
+    ema_stats = jax.tree_util.tree_leaves(new.ema_batch_stats)
+    assert ema_stats and not np.allclose(
+        ema_stats[0], jax.tree_util.tree_leaves(new.batch_stats)[0]
+    )
+    for a, b in zip(ema_stats, jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -122,6 +130,30 @@ def test_teacher_targets_and_init_from(tmp_path):
     state = train.create_train_state(config, model, steps_per_epoch=10)
     np.testing.assert_array_equal(state.params["pos_embed"], variables["params"]["pos_embed"])
     assert not np.array_equal(state.params["head"]["kernel"], variables["params"]["head"]["kernel"])
+
+
+def test_init_from_resizes_the_position_embedding_as_the_official_finetuning(tmp_path):
+    """Weights of another resolution: the position grid resized bicubically without
+    antialias (tlt's load_pretrained_weights) by default, with it (timm's) on request."""
+    from volo_jax.convert import resize_pos_embed
+
+    config = tiny_config()
+    model = create_model(config.model, **model_overrides(config))
+    variables = train.initial_variables(model, 32, jax.random.PRNGKey(7))
+    overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
+    save_weights(tmp_path / "w", variables, config.model, overrides)
+    config.img_size, config.init_from = 64, str(tmp_path / "w")
+    big = create_model(config.model, **model_overrides(config))
+    source = np.asarray(variables["params"]["pos_embed"])
+    assert config.init_antialias is False
+    official = resize_pos_embed(source, (4, 4), antialias=False)
+    loaded = train.load_init_weights(config, big)["params"]["pos_embed"]
+    np.testing.assert_allclose(loaded, official, rtol=1e-6, atol=1e-7)
+    config.init_antialias = True
+    timm_way = resize_pos_embed(source, (4, 4), antialias=True)
+    loaded = train.load_init_weights(config, big)["params"]["pos_embed"]
+    np.testing.assert_allclose(loaded, timm_way, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(timm_way, official, atol=1e-4)
 
 
 @pytest.mark.parametrize("ground_truth", [False, True])

@@ -163,20 +163,29 @@ def test_token_label_maps_travel_with_their_images(tmp_path):
             score_map = np.stack([rng.random((5, 3, 3)) * 4, rng.integers(0, 4, (5, 3, 3))])
             np.save(tmp_path / "labels" / f"c{c}" / f"{i}.npy", score_map.astype(np.float16))
             maps[(c, i)] = score_map.astype(np.float16).astype(np.float32)
-    data = create_train_dataset(
-        str(tmp_path / "data"),
-        "train",
-        batch_size=4,
-        seed=1,
-        augment=augment.TrainAugment(size=32),
-        token_label_dir=str(tmp_path / "labels"),
-    )
-    batch = next(data.batches(0))
-    assert batch["label_map"].shape == (4, 2, 5, 3, 3)
-    assert batch["crop_box"].shape == (4, 4) and batch["flip"].shape == (4,)
-    for label_map, label in zip(batch["label_map"], batch["label"], strict=True):
+
+    def batch_of(aug: augment.TrainAugment) -> dict[str, np.ndarray]:
+        data = create_train_dataset(
+            str(tmp_path / "data"),
+            "train",
+            batch_size=4,
+            seed=1,
+            augment=aug,
+            token_label_dir=str(tmp_path / "labels"),
+        )
+        return next(data.batches(0))
+
+    # Without flip and RandAugment each image's own map arrives as it was saved.
+    plain = batch_of(augment.TrainAugment(size=32, hflip=0.0, randaugment=""))
+    for label_map, label in zip(plain["label_map"], plain["label"], strict=True):
         assert any(np.array_equal(label_map, maps[(label, i)]) for i in range(2))
+    batch = batch_of(augment.TrainAugment(size=32, hflip=1.0, randaugment=""))
+    assert batch["label_map"].shape == (4, 2, 5, 3, 3)
+    assert batch["crop_box"].shape == (4, 4) and "flip" not in batch
+    for label_map, label in zip(batch["label_map"], batch["label"], strict=True):
+        assert any(np.array_equal(label_map, maps[(label, i)][..., ::-1]) for i in range(2))
     opts = StepOptions(num_classes=4, grid=2)
     cls, dense = compute_targets({k: np.asarray(v) for k, v in batch.items()}, opts)
     assert cls.shape == (4, 4) and dense.shape == (4, 4, 4)
-    np.testing.assert_allclose(np.asarray(dense).sum(-1), 1.0, rtol=1e-5)
+    # The official soft targets: softmax * (1 - s + s / K) + s / K, summing to 1 + s / K.
+    np.testing.assert_allclose(np.asarray(dense).sum(-1), 1.0 + 0.1 / 4, rtol=1e-5)

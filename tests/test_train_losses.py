@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,44 +132,58 @@ def _bilinear(data: np.ndarray, y: float, x: float) -> np.ndarray:
     )
 
 
-def roi_align_loops(data: np.ndarray, box, out: int, samples: int) -> np.ndarray:
-    """torchvision.ops.roi_align(aligned=False, sampling_ratio=samples) of the box
-    (y0, x0, y1, x1) in image fractions shifted by -0.5 pixel, as the official code."""
+def roi_align_loops(data: np.ndarray, box, out: int, sampling_ratio: int) -> np.ndarray:
+    """torchvision.ops.roi_align(aligned=False, sampling_ratio) of the box (y0, x0, y1, x1)
+    in image fractions shifted by -0.5 pixel; sampling_ratio <= 0: ceil(bin) samples."""
     h, w = data.shape[:2]
     ys, xs = box[0] * h - 0.5, box[1] * w - 0.5
     bin_h = max(box[2] * h - 0.5 - ys, 1.0) / out
     bin_w = max(box[3] * w - 0.5 - xs, 1.0) / out
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
     result = np.zeros((out, out, data.shape[-1]))
     for i in range(out):
         for j in range(out):
-            for sy in range(samples):
-                for sx in range(samples):
-                    y = ys + i * bin_h + (sy + 0.5) * bin_h / samples
-                    x = xs + j * bin_w + (sx + 0.5) * bin_w / samples
-                    result[i, j] += _bilinear(data, y, x) / samples**2
+            for sy in range(grid_h):
+                for sx in range(grid_w):
+                    y = ys + i * bin_h + (sy + 0.5) * bin_h / grid_h
+                    x = xs + j * bin_w + (sx + 0.5) * bin_w / grid_w
+                    result[i, j] += _bilinear(data, y, x) / (grid_h * grid_w)
     return result
 
 
+_roi_align = jax.jit(roi_align, static_argnums=(2, 3))  # one compile per (out, ratio)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
 @pytest.mark.parametrize(
     "box", [(0.0, 0.0, 1.0, 1.0), (0.1, 0.25, 0.7, 0.9), (0.5, 0.0, 0.6, 0.3), (0.0, 0.6, 0.2, 1.0)]
 )
-def test_roi_align_matches_torchvision_loops(box):
+def test_roi_align_matches_torchvision_loops(box, sampling_ratio):
     rng = np.random.default_rng(1)
     dense = rng.normal(size=(14, 12, 6)).astype(np.float32)
-    ours = np.asarray(roi_align(jnp.asarray(dense), jnp.asarray(box), 7, 2))
-    np.testing.assert_allclose(ours, roi_align_loops(dense, box, 7, 2), rtol=1e-5, atol=1e-6)
+    for out in (1, 7):
+        ours = np.asarray(_roi_align(jnp.asarray(dense), jnp.asarray(box), out, sampling_ratio))
+        expected = roi_align_loops(dense, box, out, sampling_ratio)
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_score_map_targets_follow_the_flip():
+def test_score_map_targets_are_official_soft_targets():
     rng = np.random.default_rng(2)
     values = rng.random((5, 8, 8)).astype(np.float32) * 5
     indices = rng.integers(0, 10, (5, 8, 8)).astype(np.float32)
     maps = jnp.asarray(np.stack([np.stack([values, indices])] * 2))
-    boxes = jnp.asarray([[0.1, 0.2, 0.9, 0.8]] * 2)
-    cls, tokens = targets_from_score_maps(maps, boxes, jnp.array([False, True]), 10, GRID, 0.1)
+    boxes = jnp.asarray([[0.1, 0.2, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0]])
+    cls, tokens = jax.jit(targets_from_score_maps, static_argnums=(2, 3, 4))(
+        maps, boxes, 10, GRID, 0.1
+    )
     assert cls.shape == (2, 10) and tokens.shape == (2, GRID * GRID, 10)
-    np.testing.assert_allclose(tokens.sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(cls[0], cls[1])
-    grid = tokens.reshape(2, GRID, GRID, 10)
-    np.testing.assert_allclose(grid[1], grid[0][:, ::-1], rtol=1e-6)
-    assert float(tokens.min()) >= 0.1 / 10 - 1e-7  # smoothed
+    # softmax * (1 - s + s / K) + s / K: sums to 1 + s / K, at least s / K everywhere.
+    np.testing.assert_allclose(tokens.sum(-1), 1.0 + 0.1 / 10, rtol=1e-5)
+    np.testing.assert_allclose(cls.sum(-1), 1.0 + 0.1 / 10, rtol=1e-5)
+    assert float(tokens.min()) >= 0.1 / 10 - 1e-7
+    # The whole-image box: the class target is the softmax of the map's mean score (each
+    # of its ceil(8 / 1) x ceil(8 / 1) samples on a location centre).
+    dense = np.asarray(dense_score_map(maps[1], 10))
+    probs = np.asarray(jax.nn.softmax(dense.mean(axis=(0, 1))))
+    np.testing.assert_allclose(cls[1], probs * (1 - 0.1 + 0.01) + 0.01, rtol=1e-5)

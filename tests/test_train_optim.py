@@ -28,9 +28,26 @@ def expected_lr(epoch: float) -> float:
 
 @pytest.mark.parametrize("epoch", [0, 0.5, 1, 10, 19.99, 20, 21, 100, 150, 299.5, 300, 305, 310])
 def test_schedule_matches_formula(epoch):
-    lr_fn = create_learning_rate_fn(get_config(), STEPS_PER_EPOCH)
+    """timm 0.4.5 (t_in_epochs) holds each epoch's lr for the whole epoch; the smooth
+    schedule evaluates the same curve at the fractional epoch."""
+    config = get_config()
     step = round(epoch * STEPS_PER_EPOCH)
+    lr_fn = create_learning_rate_fn(config, STEPS_PER_EPOCH)
+    assert float(lr_fn(step)) == pytest.approx(expected_lr(step // STEPS_PER_EPOCH), rel=1e-5)
+    config.optim.per_epoch_schedule = False
+    lr_fn = create_learning_rate_fn(config, STEPS_PER_EPOCH)
     assert float(lr_fn(step)) == pytest.approx(expected_lr(step / STEPS_PER_EPOCH), rel=1e-5)
+
+
+def test_per_epoch_schedule_changes_only_at_epoch_starts():
+    lr_fn = create_learning_rate_fn(get_config(), STEPS_PER_EPOCH)
+    steps = np.arange(0, 25 * STEPS_PER_EPOCH, 97)
+    lrs = np.asarray(jax.vmap(lr_fn)(steps))
+    epochs = steps // STEPS_PER_EPOCH
+    for epoch in np.unique(epochs):
+        assert np.ptp(lrs[epochs == epoch]) == 0
+    assert float(lr_fn(STEPS_PER_EPOCH - 1)) == pytest.approx(1e-6)  # warmup_lr all epoch 0
+    assert float(lr_fn(STEPS_PER_EPOCH)) == pytest.approx(1e-6 + (1.6e-3 - 1e-6) / 20)
 
 
 def test_schedule_scales_with_batch():

@@ -26,6 +26,7 @@ EXTRA_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
         ("optax", "optax"),
         ("tensorflow", "tensorflow-cpu"),
         ("tensorflow_datasets", "tensorflow-datasets"),
+        ("importlib_resources", "importlib_resources"),
         ("sklearn", "scikit-learn"),
         ("matplotlib", "matplotlib"),
         ("tensorboardX", "tensorboardX"),

@@ -233,6 +233,7 @@ def load_weights_into(
     model: Any,
     model_name: str,
     skip: tuple[str, ...] = (),
+    antialias: bool = True,
 ) -> dict[str, Any]:
     """Loads a weights file or directory for `model`, which may differ in resolution (the
     position embedding is resized) or, with `skip`, in its classifier.
@@ -241,10 +242,14 @@ def load_weights_into(
       model: the Flax module to fill.
       model_name: its registered name; the weights must be of the same variant.
       skip: regexes of Flax paths not to load (see `torch_to_flax`).
+      antialias: the position embedding's bicubic resize as timm's (True) or as the
+        official fine-tuning's `load_pretrained_weights` (False).
     Returns:
       Variables for `model` as NumPy arrays (skipped paths absent).
     """
     from volo_jax.convert.mapping import flax_to_torch, torch_to_flax
 
     variables, _ = load_weights(path, expected_model=model_name)
-    return torch_to_flax(flax_to_torch(variables), model, skip=skip, model_name=model_name)
+    return torch_to_flax(
+        flax_to_torch(variables), model, skip=skip, model_name=model_name, antialias=antialias
+    )

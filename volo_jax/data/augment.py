@@ -1,11 +1,21 @@
-"""Train augmentation in TensorFlow: timm's `create_transform(is_training=True)` of the
-official VOLO recipe, with stateless randomness (one seed per example, so a run is a
-deterministic function of its seed and step).
+"""Train augmentation in TensorFlow, as the official VOLO recipe, with stateless randomness
+(one seed per example, so a run is a deterministic function of its seed and step).
 
-Order, as timm: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 attempts then
-a centre-crop fallback; bilinear, bicubic or a random choice of the two) -> horizontal
-flip -> RandAugment -> scale to [0, 1] and normalise -> random erasing ('pixel' mode:
-one box of normal noise, area 2%-33%, aspect 0.3-3.3, with probability `erase_prob`).
+Two orders, as the official code:
+
+* With token labels (a score map per image; the official `tlt` package's
+  `label_transforms_factory.transforms_imagenet_train`): horizontal flip (of the image and
+  its score map) -> RandAugment on the whole, uncropped image, whose geometric ops (Rotate,
+  ShearX/Y, TranslateX/YRel) move the score map too (nearest neighbour, as `tlt`'s
+  `random_augment_label.affine_label`) -> random resized crop last, its box returned for
+  the ROI-align of the map (`volo_jax.training.token_labels`).
+* Without (timm's `create_transform(is_training=True)`): random resized crop ->
+  horizontal flip -> RandAugment.
+
+Both then scale to [0, 1], normalise, and apply random erasing ('pixel' mode: one box of
+normal noise, area 2%-33%, aspect 0.3-3.3, with probability `erase_prob`).
+The random resized crop is timm's: scale (0.08, 1), ratio (3/4, 4/3), 10 attempts then a
+centre-crop fallback; bilinear, bicubic or a random choice of the two.
 
 RandAugment follows timm's `rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}` spec ('rand-m9-mstd0.5-
 inc1' in the recipe): N ops (default 2) drawn with replacement from timm's 15 ops
@@ -18,7 +28,8 @@ PIL code: TensorFlow decoders and `tf.image.resize(antialias=True)` instead of P
 resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at random)
 and differ from PIL by sub-pixel offsets; enhancement ops round to integers but use
 float blends; random erasing uses 10 candidate boxes drawn at once (the first that
-fits wins, as timm's loop).
+fits wins, as timm's loop). The score-map ops match `tlt`'s exactly
+(tests/test_official_token_labeling.py).
 """
 
 from __future__ import annotations
@@ -140,8 +151,9 @@ def crop_and_resize(
     ratio: tuple[float, float],
     interpolation: str,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random resized crop of a uint8 (H, W, 3) image -> (float (size, size, 3) in
-    [0, 255], the crop as float (y0, x0, y1, x1) fractions of the image)."""
+    """Random resized crop of an (H, W, 3) image (uint8, or float with values in [0, 255])
+    -> (float (size, size, 3) in [0, 255], the crop as float (y0, x0, y1, x1) fractions of
+    the image)."""
     s_box, s_interp = _seeds(seed, 2)
     shape = tf.shape(image)
     box = random_resized_crop_box(s_box, shape[0], shape[1], scale, ratio)
@@ -286,9 +298,85 @@ def translate_y(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
     return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]))
 
 
-def _ops(increasing: bool) -> list[tuple[Op, LevelToArg]]:
-    """(op, (level in [0, 10], random sign in {-1, 1}) -> the op's argument) pairs: timm's
-    `_RAND_INCREASING_TRANSFORMS` (or `_RAND_TRANSFORMS`) and their `*_level_to_arg`."""
+# ---------------------------------------------------------------------------------------------
+# The geometric ops on a token-label score map [2, T, H, W] (values, class indices), as the
+# official `tlt/data/random_augment_label.py`: scipy.ndimage.affine_transform, order 0
+# (nearest: round half up), coefficients in (row, column) order; scores are 0 where the
+# source coordinate leaves [0, size - 1] (mode 'constant'), indices repeat the edge (mode
+# 'nearest').
+# ---------------------------------------------------------------------------------------------
+
+
+def _nearest_index(coords: tf.Tensor) -> tf.Tensor:
+    """scipy's order-0 sample index of float64 coordinates: round half up."""
+    return tf.cast(tf.floor(coords + 0.5), tf.int32)
+
+
+def _f64(value: tf.Tensor | float) -> tf.Tensor:
+    """The map ops compute coordinates in float64, as scipy does (a float32 coordinate can
+    round to the other side of a half-location)."""
+    return tf.cast(value, tf.float64)
+
+
+def affine_label_map(label_map: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+    """`tlt` `affine_label`: [2, T, H, W] -> [2, T, H, W], output (r, c) <- input (a r + b c
+    + c0, d r + e c + f) for matrix (a, b, c0, d, e, f), nearest; scores 0 outside the map
+    (a coordinate beyond [0, size - 1]), indices those of the nearest edge location."""
+    a, b, c0, d, e, f = tf.unstack(_f64(matrix))
+    shape = tf.shape(label_map)
+    h, w = shape[2], shape[3]
+    rows = _f64(tf.range(h))[:, None]
+    cols = _f64(tf.range(w))[None, :]
+    coord_r = a * rows + b * cols + c0  # (H, W)
+    coord_c = d * rows + e * cols + f
+    # scipy's 'constant' mode: a sample is outside unless 0 <= coordinate <= size - 1.
+    inside = (coord_r >= 0) & (coord_r <= _f64(h - 1)) & (coord_c >= 0) & (coord_c <= _f64(w - 1))
+    src_r, src_c = _nearest_index(coord_r), _nearest_index(coord_c)
+    flat_index = tf.clip_by_value(src_r, 0, h - 1) * w + tf.clip_by_value(src_c, 0, w - 1)
+    flat = tf.reshape(label_map, tf.concat([shape[:2], [h * w]], 0))
+    moved = tf.reshape(tf.gather(flat, tf.reshape(flat_index, [-1]), axis=2), shape)
+    values = tf.where(inside, moved[0], 0.0)
+    return tf.stack([values, moved[1]])
+
+
+def rotate_label_map(label_map: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
+    """`tlt` `rotate_label`: the image's rotation, about (H / 2, W / 2) in index units."""
+    angle = _f64(degrees) * math.pi / 180.0
+    shape = _f64(tf.shape(label_map))
+    cr, cc = shape[2] / 2.0, shape[3] / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    return affine_label_map(
+        label_map,
+        tf.stack([cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc]),
+    )
+
+
+def _matrix(*entries: tf.Tensor | float) -> tf.Tensor:
+    return tf.stack([_f64(entry) for entry in entries])
+
+
+def shear_x_label_map(label_map: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return affine_label_map(label_map, _matrix(1.0, 0.0, 0.0, factor, 1.0, 0.0))
+
+
+def shear_y_label_map(label_map: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return affine_label_map(label_map, _matrix(1.0, factor, 0.0, 0.0, 1.0, 0.0))
+
+
+def translate_x_label_map(label_map: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
+    pixels = _f64(fraction) * _f64(tf.shape(label_map)[3])
+    return affine_label_map(label_map, _matrix(1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+
+
+def translate_y_label_map(label_map: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
+    pixels = _f64(fraction) * _f64(tf.shape(label_map)[2])
+    return affine_label_map(label_map, _matrix(1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+
+
+def _ops(increasing: bool) -> list[tuple[Op, LevelToArg, Op | None]]:
+    """(image op, (level in [0, 10], random sign in {-1, 1}) -> the op's argument, score-map
+    op or None) triples: timm's `_RAND_INCREASING_TRANSFORMS` (or `_RAND_TRANSFORMS`), their
+    `*_level_to_arg`, and `tlt`'s `NAME_TO_LABELOP` (the geometric ops move the map)."""
 
     def enhance(level: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
         if increasing:
@@ -304,26 +392,38 @@ def _ops(increasing: bool) -> list[tuple[Op, LevelToArg]]:
         return 256.0 - value if increasing else value
 
     return [
-        (auto_contrast, lambda level, sign: level),
-        (equalize, lambda level, sign: level),
-        (invert, lambda level, sign: level),
-        (rotate, lambda level, sign: sign * level / LEVEL_MAX * 30.0),
-        (posterize, posterize_bits),
-        (solarize, solarize_threshold),
-        (solarize_add, lambda level, sign: tf.floor(level / LEVEL_MAX * 110.0)),
-        (color, enhance),
-        (contrast, enhance),
-        (brightness, enhance),
-        (sharpness, enhance),
-        (shear_x, lambda level, sign: sign * level / LEVEL_MAX * 0.3),
-        (shear_y, lambda level, sign: sign * level / LEVEL_MAX * 0.3),
-        (translate_x, lambda level, sign: sign * level / LEVEL_MAX * 0.45),
-        (translate_y, lambda level, sign: sign * level / LEVEL_MAX * 0.45),
+        (auto_contrast, lambda level, sign: level, None),
+        (equalize, lambda level, sign: level, None),
+        (invert, lambda level, sign: level, None),
+        (rotate, lambda level, sign: sign * level / LEVEL_MAX * 30.0, rotate_label_map),
+        (posterize, posterize_bits, None),
+        (solarize, solarize_threshold, None),
+        (solarize_add, lambda level, sign: tf.floor(level / LEVEL_MAX * 110.0), None),
+        (color, enhance, None),
+        (contrast, enhance, None),
+        (brightness, enhance, None),
+        (sharpness, enhance, None),
+        (shear_x, lambda level, sign: sign * level / LEVEL_MAX * 0.3, shear_x_label_map),
+        (shear_y, lambda level, sign: sign * level / LEVEL_MAX * 0.3, shear_y_label_map),
+        (
+            translate_x,
+            lambda level, sign: sign * level / LEVEL_MAX * 0.45,
+            translate_x_label_map,
+        ),
+        (
+            translate_y,
+            lambda level, sign: sign * level / LEVEL_MAX * 0.45,
+            translate_y_label_map,
+        ),
     ]
 
 
-def _rand_augment_layer(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec) -> tf.Tensor:
-    """One RandAugment layer: a random op, applied with probability spec.prob."""
+Images = tuple[tf.Tensor, tf.Tensor | None]  # (image, score map or None)
+
+
+def _rand_augment_layer(images: Images, seed: tf.Tensor, spec: RandAugmentSpec) -> Images:
+    """One RandAugment layer: a random op, applied with probability spec.prob, to the
+    image and (geometric ops) its score map."""
     ops = _ops(spec.increasing)
     s_op, s_apply, s_mag, s_sign = _seeds(seed, 4)
     index = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
@@ -332,9 +432,25 @@ def _rand_augment_layer(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec
         level = level + spec.magnitude_std * tf.random.stateless_normal([], s_mag)
     level = tf.clip_by_value(level, 0.0, LEVEL_MAX)
     sign = tf.where(_uniform(s_sign) < 0.5, -1.0, 1.0)
-    branches = [functools.partial(_apply_op, op, arg, image, level, sign) for op, arg in ops]
+    image, label_map = images
+    if label_map is None:
+        branches = [functools.partial(_apply_op, op, arg, image, level, sign) for op, arg, _ in ops]
+        return (
+            tf.cond(
+                _uniform(s_apply) < spec.prob,
+                lambda: tf.switch_case(index, branches),
+                lambda: image,
+            ),
+            None,
+        )
+    branches = [
+        functools.partial(_apply_op_with_map, op, arg, map_op, image, label_map, level, sign)
+        for op, arg, map_op in ops
+    ]
     return tf.cond(
-        _uniform(s_apply) < spec.prob, lambda: tf.switch_case(index, branches), lambda: image
+        _uniform(s_apply) < spec.prob,
+        lambda: tf.switch_case(index, branches),
+        lambda: (image, label_map),
     )
 
 
@@ -344,11 +460,32 @@ def _apply_op(
     return op(image, arg(level, sign))
 
 
-def rand_augment(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec) -> tf.Tensor:
-    """timm RandAugment of a float (H, W, 3) image with integer values in [0, 255]."""
+def _apply_op_with_map(
+    op: Op,
+    arg: LevelToArg,
+    map_op: Op | None,
+    image: tf.Tensor,
+    label_map: tf.Tensor,
+    level: tf.Tensor,
+    sign: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    value = arg(level, sign)
+    return op(image, value), label_map if map_op is None else map_op(label_map, value)
+
+
+def rand_augment(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    spec: RandAugmentSpec,
+    label_map: tf.Tensor | None = None,
+) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+    """timm RandAugment of a float (H, W, 3) image with integer values in [0, 255]; given
+    its score map [2, T, h, w], returns (image, map), the geometric ops applied to both
+    (the official `tlt` RandAugment)."""
+    images: Images = (image, label_map)
     for layer_seed in _seeds(seed, spec.num_layers):
-        image = _rand_augment_layer(image, layer_seed, spec)
-    return image
+        images = _rand_augment_layer(images, layer_seed, spec)
+    return images[0] if label_map is None else images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,24 +529,46 @@ class TrainAugment:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-    def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        """uint8 (H, W, 3) image, int64 (2,) seed -> {'image': float32 (S, S, 3) normalised,
-        'crop_box': float32 (4,) crop (y0, x0, y1, x1) as image fractions, 'flip': bool}."""
+    def __call__(
+        self, image: tf.Tensor, seed: tf.Tensor, label_map: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
+        """uint8 (H, W, 3) image, int64 (2,) seed[, float32 score map [2, T, h, w] of the
+        whole image] -> {'image': float32 (S, S, 3) normalised, 'crop_box': float32 (4,) the
+        crop (y0, x0, y1, x1) as fractions of the (flipped, RandAugmented) image}, plus
+        'label_map' (flipped and moved by RandAugment, as the image) with a score map, or
+        'flip' (bool: the crop was mirrored after the box was taken) without one."""
         s_crop, s_flip, s_ra, s_erase = _seeds(seed, 4)
-        out, box = crop_and_resize(
+        flip = _uniform(s_flip) < self.hflip
+        spec = parse_randaugment(self.randaugment) if self.randaugment else None
+        out: dict[str, tf.Tensor] = {}
+        if label_map is not None:  # tlt's order: flip, RandAugment, crop last
+            image = tf.cast(image, tf.float32)
+            image, label_map = tf.cond(
+                flip, lambda: (image[:, ::-1], label_map[..., ::-1]), lambda: (image, label_map)
+            )
+            if spec is not None:
+                image, label_map = rand_augment(image, s_ra, spec, label_map)
+            pixels, box = self._crop(image, s_crop)
+            out["label_map"] = label_map
+        else:  # timm's order: crop, flip, RandAugment
+            pixels, box = self._crop(image, s_crop)
+            pixels = tf.cond(flip, lambda: pixels[:, ::-1], lambda: pixels)
+            if spec is not None:
+                pixels = rand_augment(pixels, s_ra, spec)
+            out["flip"] = flip
+        pixels = (pixels / 255.0 - tf.constant(self.mean)) / tf.constant(self.std)
+        if self.erase_prob > 0:
+            pixels = random_erase(pixels, s_erase, self.erase_prob)
+        out["image"] = tf.ensure_shape(pixels, (self.size, self.size, 3))
+        out["crop_box"] = box
+        return out
+
+    def _crop(self, image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return crop_and_resize(
             image,
-            s_crop,
+            seed,
             self.size,
             tuple(self.crop_scale),
             tuple(self.crop_ratio),
             self.interpolation,
         )
-        flip = _uniform(s_flip) < self.hflip
-        out = tf.cond(flip, lambda: out[:, ::-1], lambda: out)
-        if self.randaugment:
-            out = rand_augment(out, s_ra, parse_randaugment(self.randaugment))
-        out = (out / 255.0 - tf.constant(self.mean)) / tf.constant(self.std)
-        if self.erase_prob > 0:
-            out = random_erase(out, s_erase, self.erase_prob)
-        out = tf.ensure_shape(out, (self.size, self.size, 3))
-        return {"image": out, "crop_box": box, "flip": flip}

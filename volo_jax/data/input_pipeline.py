@@ -18,7 +18,6 @@ given the seed and the step, so that a resumed run sees the data an uninterrupte
 """
 
 import functools
-import io
 import logging
 import math
 import os
@@ -34,6 +33,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from volo_jax.data.prepare import PREPARED_BY_COMMAND
+from volo_jax.data.score_maps import load_score_map, score_map_suffix
 from volo_jax.data.transforms import INTERPOLATIONS, decode_image, eval_transform
 from volo_jax.errors import ConfigError, DatasetError
 
@@ -89,21 +90,33 @@ class _Records(NamedTuple):
 
 
 def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
-    """How to prepare a TFDS dataset offline, for a DatasetError."""
+    """How to prepare a TFDS dataset, for a DatasetError."""
     data_dir = builder.data_dir_root
-    build = f"tfds build {builder.name} --data_dir={data_dir}"
+    missing = (
+        f"TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} "
+        f"(looked for {builder.data_dir})."
+    )
+    if builder.name in PREPARED_BY_COMMAND:
+        instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        return (
+            f"{missing} It needs a manual download: {instructions} Put those files in "
+            f"{data_dir}/downloads/manual/ and run `python -m volo_jax.data.prepare "
+            f"{builder.name} --data_dir={data_dir}` (it reads the archives; no internet "
+            "needed; --manual_dir=DIR reads them from elsewhere)."
+        )
+    prepare = (
+        f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{builder.name}', "
+        f"data_dir='{data_dir}').download_and_prepare()\""
+    )
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
         return (
-            f"TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} "
-            f"(looked for {builder.data_dir}). It needs a manual download: "
-            f"{instructions} Put those files in {data_dir}/downloads/manual/ and run "
-            f"`{build}` (this reads the archives; no internet needed)."
+            f"{missing} It needs a manual download: {instructions} Put those files in "
+            f"{data_dir}/downloads/manual/ and run `{prepare}`."
         )
     return (
-        f"TFDS dataset {builder.name!r} is not prepared in data_dir {data_dir} "
-        f"(looked for {builder.data_dir}). Run `{build}` on a machine with internet access "
-        f"and copy {data_dir}/{builder.name} here, or pass the data_dir that holds it."
+        f"{missing} Run `{prepare}` on a machine with internet access and copy "
+        f"{data_dir}/{builder.name} here, or pass the data_dir that holds it."
     )
 
 
@@ -370,8 +383,6 @@ def create_eval_dataset(
 # Training
 # --------------------------------------------------------------------------------------------
 
-TOKEN_LABEL_SUFFIX = ".npy"
-
 
 class _TrainRecords(NamedTuple):
     """This process's encoded training examples, in a new order every epoch.
@@ -389,11 +400,11 @@ def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
 
 
-def _token_label_path(token_label_dir: str | None, relative: str) -> str:
-    """<token_label_dir>/<relative path of the image without extension>.npy, or ''."""
+def _token_label_path(token_label_dir: str | None, relative: str, suffix: str) -> str:
+    """<token_label_dir>/<relative path of the image without extension><suffix>, or ''."""
     if not token_label_dir:
         return ""
-    return os.path.join(token_label_dir, os.path.splitext(relative)[0] + TOKEN_LABEL_SUFFIX)
+    return os.path.join(token_label_dir, os.path.splitext(relative)[0] + suffix)
 
 
 def _folder_train_records(
@@ -414,11 +425,15 @@ def _folder_train_records(
     paths, labels = _list_image_folder(split_dir)
     if not paths:
         raise DatasetError(f"No images found in {split_dir}/<class_name>/.")
+    suffix = score_map_suffix(token_label_dir) if token_label_dir else ""
     table = {
         "path": tf.constant(paths),
         "label": tf.constant(labels, tf.int32),
         "label_path": tf.constant(
-            [_token_label_path(token_label_dir, os.path.relpath(p, split_dir)) for p in paths]
+            [
+                _token_label_path(token_label_dir, os.path.relpath(p, split_dir), suffix)
+                for p in paths
+            ]
         ),
     }
     start, stop = _process_shard(len(paths), process_index, process_count)
@@ -454,7 +469,7 @@ def _tfds_train_records(
     dataset) through a shuffle buffer seeded by (seed, epoch), split over processes.
 
     Token-label files are found by the dataset's 'file_name' feature (imagenet2012:
-    <dir>/n01440764/n01440764_10026.npy).
+    <dir>/n01440764/n01440764_10026.npy, or .pt).
     """
     builder = _tfds_builder(name, data_dir)
     _check_features(builder, image_key, label_key)
@@ -474,11 +489,12 @@ def _tfds_train_records(
         split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
     )
     label_root = tf.constant(token_label_dir or "")
+    suffix = score_map_suffix(token_label_dir) if token_label_dir else ""
 
     def label_path(file_name: tf.Tensor) -> tf.Tensor:
         stem = tf.strings.regex_replace(file_name, r"\.[^.]*$", "")
         synset = tf.strings.split(stem, "_")[0]
-        return tf.strings.join([label_root, synset, stem + TOKEN_LABEL_SUFFIX], "/")
+        return tf.strings.join([label_root, synset, stem + suffix], "/")
 
     def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
@@ -494,14 +510,9 @@ def _tfds_train_records(
 
 
 def _load_token_label(path: bytes) -> np.ndarray:
-    """A [2, 5, H, W] score map file (local or gs://) -> float32. Runs in
-    tf.numpy_function."""
-    from volo_jax.paths import read_bytes
-
-    try:
-        return np.load(io.BytesIO(read_bytes(path.decode()))).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"Cannot read the token-label map {path.decode()}: {e}") from e
+    """A [2, 5, H, W] score map file (.npy or the official .pt; local or gs://) -> float32.
+    Runs in tf.numpy_function."""
+    return load_score_map(path.decode())
 
 
 class TrainData:
@@ -515,7 +526,7 @@ class TrainData:
         records: _TrainRecords,
         batch_size: int,
         process_count: int,
-        augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+        augment: Callable[..., dict[str, tf.Tensor]],
         seed: int,
         process_index: int,
         token_labels: bool,
@@ -543,15 +554,20 @@ class TrainData:
         counter = (self._process_index * 2**20 + example["epoch"]) * 2**32 + example["index"]
         seed = tf.stack([tf.constant(self._seed, tf.int64), counter])
         image = tf.io.decode_image(example["data"], channels=3, expand_animations=False)
-        out = self._augment(image, seed)
-        out["label"] = example["label"]
-        if self._token_labels:
-            out["label_map"] = tf.numpy_function(
-                _load_token_label, [example["label_path"]], tf.float32, stateful=False
-            )
-        else:
-            del out["crop_box"], out["flip"]
-        return out
+        if not self._token_labels:
+            return {"image": self._augment(image, seed)["image"], "label": example["label"]}
+        label_map = tf.numpy_function(
+            _load_token_label, [example["label_path"]], tf.float32, stateful=False
+        )
+        # The score map goes through the flip and RandAugment with its image (the official
+        # token-labeling order); the crop is applied to it on the accelerator.
+        out = self._augment(image, seed, tf.ensure_shape(label_map, [2, None, None, None]))
+        return {
+            "image": out["image"],
+            "label": example["label"],
+            "label_map": out["label_map"],
+            "crop_box": out["crop_box"],
+        }
 
     def dataset(self, start_step: int = 0) -> tf.data.Dataset:
         """The batches from `start_step` on, epoch after epoch, without end."""
@@ -563,7 +579,8 @@ class TrainData:
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """NumPy batches {'image' float32 (b, S, S, 3), 'label' int32 (b,), and with token
-        labels 'label_map' (b, 2, 5, H, W), 'crop_box' (b, 4), 'flip' (b,)} from
+        labels 'label_map' (b, 2, 5, H, W) (flipped and moved by RandAugment with its image)
+        and 'crop_box' (b, 4)} from
         `start_step` on (b = the per-process batch size)."""
         op_error = tf.errors.OpError  # bound now: module globals may be gone at exit
         try:
@@ -576,7 +593,7 @@ def create_train_dataset(
     dataset: str,
     split: str,
     batch_size: int,
-    augment: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]],
+    augment: Callable[..., dict[str, tf.Tensor]],
     seed: int,
     data_dir: str | None = None,
     image_key: str = "image",
@@ -593,12 +610,13 @@ def create_train_dataset(
         dataset: a TFDS dataset name or an image-folder directory (as create_eval_dataset).
         split: the training split ('train').
         batch_size: examples per batch of this process.
-        augment: (uint8 (H, W, 3) image, int64 (2,) seed) -> {'image', 'crop_box', 'flip'},
-            e.g. ``volo_jax.data.augment.TrainAugment``.
+        augment: (uint8 (H, W, 3) image, int64 (2,) seed[, score map [2, T, h, w]]) ->
+            {'image', 'crop_box', ['label_map']}, e.g.
+            ``volo_jax.data.augment.TrainAugment`` (the token-labeling order with a map).
         seed: the run's seed; shuffling and augmentation derive from it and the step.
         shuffle_buffer: TFDS only (folders are fully permuted every epoch).
-        token_label_dir: precomputed token-label maps, one .npy per image (see
-            ``volo_jax.training.token_labels``), mirroring the images' relative paths.
+        token_label_dir: precomputed token-label maps, one .npy or official .pt per image
+            (``volo_jax.data.score_maps``), mirroring the images' relative paths.
     Raises:
         DatasetError: unknown, unprepared or unreadable dataset / split / features.
     """

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.ops import cpu
+
 Dtype = Any
 
 #: PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6).
@@ -63,14 +65,18 @@ def dot_product_attention(
 
     q: (B, Nq, heads, d); k, v: (B, Nk, heads, d) -> (B, Nq, heads, d). This is
     `jax.nn.dot_product_attention`, whose kernel the compiler of each platform picks,
-    unless attention weights are dropped out (training with a non-zero rate), which it
-    does not take: then the weights are formed and `dropout` applied to them.
+    unless the weights are formed explicitly: where attention weights are dropped out
+    (training with a non-zero rate, which the fused call does not take), and in the CPU
+    branch (`ops.cpu.ATTENTION_IMPLEMENTATION`), whose batched products want heads-major
+    operands.
     """
-    if dropout.deterministic or dropout.rate == 0.0:
+    explicit = not (dropout.deterministic or dropout.rate == 0.0)
+    if not explicit and not (cpu.tracing_for_cpu() and cpu.ATTENTION_IMPLEMENTATION == "explicit"):
         return jax.nn.dot_product_attention(q, k, v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", dropout(weights), v)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", dropout(weights), v), 1, 2)
 
 
 class Attention(nn.Module):

@@ -2,7 +2,8 @@
 
 `cpu_kernels(fn)` wraps a function (a model's `apply`, a train step's forward) so that,
 where it is lowered for the CPU, its matrix products and convolutions follow the rules
-below and outlook attention's `impl="auto"` is 'planes'; lowered for a GPU or a TPU it
+below, outlook attention's `impl="auto"` is 'planes' and self-attention forms its weights
+with heads-major products (`ATTENTION_IMPLEMENTATION`); lowered for a GPU or a TPU it
 is `fn` unchanged (`jax.lax.platform_dependent`: the branch is chosen by the platform
 being lowered for, never by the host that traces, so an export made on a CPU host for a
 TPU carries none of this). Models and operators are written with plain `nn.Dense`,
@@ -439,6 +440,14 @@ def conv_general_dilated(
 #: by far the fastest forward+backward on XLA:CPU, with the smallest memory plan
 #: (benchmarks/bench_ops.py; docs/performance.md).
 OUTLOOK_IMPLEMENTATION = "planes"
+
+#: How `models.layers.dot_product_attention` runs in the CPU branch: 'explicit' forms the
+#: weights with heads-major products, (B, heads, N, d) operands, which XLA:CPU's batched
+#: products take without a copy per operand; `jax.nn.dot_product_attention`'s token-major
+#: einsums add two layout copies per block forward and eight per gradient, about 15% of a
+#: D1 transformer block's forward on the AMD EPYC machine (docs/performance.md).
+#: 'fused' would call `jax.nn.dot_product_attention` as other platforms do.
+ATTENTION_IMPLEMENTATION = "explicit"
 
 
 def _window_products(attn: jax.Array, parts: list[jax.Array], transpose: bool) -> list[jax.Array]:

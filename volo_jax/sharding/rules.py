@@ -199,17 +199,17 @@ def _mirror_specs(tree: Any, params: Any, specs: Any) -> Any:
 
 def state_specs(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     """PartitionSpec tree of a train state with fields params, opt_state, batch_stats,
-    ema_params (each optional) and any others (step, rng: replicated)."""
+    ema_params, ema_batch_stats (each optional) and any others (step, rng: replicated)."""
     params = getattr(abstract_state, "params", None)
     pspecs = param_specs(params, rules, mesh) if params is not None else None
     fields = {}
-    for name in ("params", "opt_state", "ema_params", "batch_stats"):
+    for name in ("params", "opt_state", "ema_params", "batch_stats", "ema_batch_stats"):
         value = getattr(abstract_state, name, None)
         if value is None:
             continue
         if name in ("params", "ema_params"):
             fields[name] = pspecs
-        elif name == "batch_stats":
+        elif name in ("batch_stats", "ema_batch_stats"):
             fields[name] = param_specs(value, rules, mesh, prefix="batch_stats")
         else:
             fields[name] = _mirror_specs(value, params, pspecs)

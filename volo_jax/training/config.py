@@ -170,7 +170,12 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         "token_label",
         "cls_weight and dense_weight must be >= 0 with a positive sum",
     )
-    _require(tl.roi_samples >= 1, "token_label.roi_samples", "must be >= 1")
+    ratio = tl.roi_sampling_ratio
+    _require(
+        isinstance(ratio, int) and (ratio >= 1 or ratio == -1),
+        "token_label.roi_sampling_ratio",
+        f"must be -1 (ceil(bin length) samples, the official) or a positive count, got {ratio!r}",
+    )
     group = tl.mix_group_size
     _require(
         isinstance(group, int) and group >= 1,

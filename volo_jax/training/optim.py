@@ -1,9 +1,11 @@
 """The official optimiser: AdamW with a warmup + cosine + cooldown schedule and no
 weight decay on 1-D parameters (biases, norms), `pos_embed` and `cls_token`.
 
-The schedule is timm's `CosineLRScheduler` (t_initial = num_epochs, warmup_t =
-warmup_epochs, warmup_prefix False, then min_lr during the cooldown epochs),
-evaluated at fractional epochs (step / steps_per_epoch) instead of once per epoch.
+The schedule is timm 0.4.5's `CosineLRScheduler` as the official `create_scheduler`
+makes it (t_initial = num_epochs, warmup_t = warmup_epochs, warmup_prefix False, then
+min_lr during the cooldown epochs, t_in_epochs): with `optim.per_epoch_schedule` the lr
+changes only at epoch boundaries, as the official run; without, it is evaluated at every
+step's fractional epoch (step / steps_per_epoch).
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 def create_learning_rate_fn(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> Callable[[jax.Array], jax.Array]:
-    """step -> lr. With t = step / steps_per_epoch, W warmup and T num_epochs:
+    """step (updates done before this one) -> lr. With t = step / steps_per_epoch (rounded
+    down to whole epochs with optim.per_epoch_schedule), W warmup and T num_epochs:
     t < W: warmup_lr + (peak - warmup_lr) * t / W;
     W <= t < T: min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2;
     t >= T (cooldown): min_lr."""
     peak = peak_learning_rate(config)
     opt = config.optim
     warmup, total = float(opt.warmup_epochs), float(config.num_epochs)
+    per_epoch = bool(opt.per_epoch_schedule)
 
     def schedule(step: jax.Array) -> jax.Array:
-        t = jnp.asarray(step, jnp.float32) / steps_per_epoch
+        if per_epoch:  # whole epochs, in integers (exact at any step count)
+            t = (jnp.asarray(step, jnp.int32) // steps_per_epoch).astype(jnp.float32)
+        else:
+            t = jnp.asarray(step, jnp.float32) / steps_per_epoch
         warm = opt.warmup_lr + (peak - opt.warmup_lr) * t / max(warmup, 1e-12)
         cosine = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * t / total))
         return jnp.where(t < warmup, warm, jnp.where(t < total, cosine, opt.min_lr))

@@ -1,23 +1,27 @@
 """Dense token-labeling targets from precomputed score maps (the official format).
 
 A score map holds, for each location of an (H, W) grid over the whole image, the
-annotator's top-5 scores and class indices: float [2, 5, H, W] (values, indices).
-As the official `get_featuremaps` + `get_label`, the map is made dense over the K
-classes (zero elsewhere), ROI-aligned to the random crop (torchvision `roi_align`
-with the box shifted by -0.5 pixel), giving a 1x1 class target and a g x g token
-target, then softmaxed over classes and label-smoothed.
+annotator's top-5 scores and class indices: float [2, 5, H, W] (values, indices). The
+input pipeline flips it and moves it with RandAugment's geometric ops together with its
+image (`volo_jax.data.augment`); here, as the official `tlt/data/mixup.py`
+(`get_featuremaps`, `get_label`, `get_labelmaps_with_coords`), it is made dense over the K
+classes (zero elsewhere) and ROI-aligned to the random crop (torchvision `roi_align`,
+aligned=False, the box scaled by the map's width and shifted by -0.5), giving a 1x1 class
+target and a g x g token target, each softmaxed over the classes and then `p * on + off`
+with on = 1 - s + s / K and off = s / K (so they sum to 1 + s / K, as the official code).
 
-Simplifications: a fixed `samples` x `samples` sampling grid per output bin
-(torchvision's default adapts it per box, which cannot be traced with a static
-shape); the map follows the crop and the flip, not RandAugment's geometric ops.
+The official code hands roi_align the crop as (top, left, bottom, right), which roi_align
+reads as (x1, y1, x2, y2): its crop of the map is the crop box mirrored about the
+diagonal. `official_box_order=True` keeps that (the published models were trained so);
+False crops the map where the image was cropped.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-
-from volo_jax.training.losses import smooth_targets
 
 
 def _interp_weights(coords: jax.Array, size: int) -> jax.Array:
@@ -37,13 +41,27 @@ def _interp_weights(coords: jax.Array, size: int) -> jax.Array:
     return weights * valid[..., None]
 
 
-def roi_weights(start: jax.Array, stop: jax.Array, size: int, out: int, samples: int) -> jax.Array:
-    """(out, size) averaging weights of roi_align along one axis: `out` bins over
-    [start, stop) pixels (length at least 1), `samples` points per bin."""
+def roi_weights(
+    start: jax.Array, stop: jax.Array, size: int, out: int, sampling_ratio: int, slots: int
+) -> jax.Array:
+    """(out, size) averaging weights of torchvision roi_align along one axis: `out` bins over
+    [start, stop) pixels (length at least 1), each the mean of `sampling_ratio` bilinear
+    samples, or with sampling_ratio <= 0 of ceil(bin length) samples (at most `slots`)."""
     length = jnp.maximum(stop - start, 1.0)
-    offsets = jnp.arange(out)[:, None] + (jnp.arange(samples)[None, :] + 0.5) / samples
-    coords = start + offsets * length / out  # (out, samples)
-    return _interp_weights(coords, size).mean(axis=1)
+    bin_length = length / out
+    if sampling_ratio > 0:
+        count = jnp.float32(sampling_ratio)
+        slots = sampling_ratio
+    else:
+        count = jnp.ceil(bin_length)
+    sample = jnp.arange(slots, dtype=jnp.float32)
+    coords = (
+        start
+        + jnp.arange(out, dtype=jnp.float32)[:, None] * bin_length
+        + (sample[None, :] + 0.5) * bin_length / count
+    )  # (out, slots)
+    used = (sample < count).astype(jnp.float32)[None, :, None]
+    return (_interp_weights(coords, size) * used).sum(axis=1) / count
 
 
 def dense_score_map(label_map: jax.Array, num_classes: int) -> jax.Array:
@@ -56,42 +74,67 @@ def dense_score_map(label_map: jax.Array, num_classes: int) -> jax.Array:
     return dense.reshape(h, w, num_classes)
 
 
-def roi_align(dense: jax.Array, box: jax.Array, out: int, samples: int) -> jax.Array:
-    """dense (H, W, K), box (y0, x0, y1, x1) in [0, 1] of the image -> (out, out, K)."""
+def roi_align(
+    dense: jax.Array,
+    box: jax.Array,
+    out: int,
+    sampling_ratio: int = -1,
+    official_box_order: bool = False,
+) -> jax.Array:
+    """torchvision roi_align (aligned=False) of dense (H, W, K) to (out, out, K) for the crop
+    box (y0, x0, y1, x1) in [0, 1] of the image, as the official `get_label`: the box times
+    the map's width, minus 0.5. `official_box_order` passes it as the official code does,
+    (y0, x0, y1, x1) read as (x1, y1, x2, y2)."""
     h, w, _ = dense.shape
-    wy = roi_weights(box[0] * h - 0.5, box[2] * h - 0.5, h, out, samples)
-    wx = roi_weights(box[1] * w - 0.5, box[3] * w - 0.5, w, out, samples)
+    pixels = box.astype(jnp.float32) * w - 0.5 if official_box_order else None
+    if official_box_order:
+        row_start, row_stop, col_start, col_stop = pixels[1], pixels[3], pixels[0], pixels[2]
+    else:
+        row_start, row_stop = box[0] * h - 0.5, box[2] * h - 0.5
+        col_start, col_stop = box[1] * w - 0.5, box[3] * w - 0.5
+    slots = max(1, math.ceil(max(h, w) / out)) + 1  # room for ceil(bin) samples
+    wy = roi_weights(row_start, row_stop, h, out, sampling_ratio, slots)
+    wx = roi_weights(col_start, col_stop, w, out, sampling_ratio, slots)
     return jnp.einsum("oh,pw,hwk->opk", wy, wx, dense)
+
+
+def on_off_targets(probs: jax.Array, smoothing: float) -> jax.Array:
+    """The official label smoothing of soft targets (`get_labelmaps_with_coords`):
+    probs (..., K) * on + off, on = 1 - s + s / K, off = s / K (sums to 1 + s / K)."""
+    off = smoothing / probs.shape[-1]
+    return probs * (1.0 - smoothing + off) + off
 
 
 def targets_from_score_maps(
     label_maps: jax.Array,
     boxes: jax.Array,
-    flips: jax.Array,
     num_classes: int,
     grid: int,
     smoothing: float,
-    samples: int = 2,
+    sampling_ratio: int = -1,
+    official_box_order: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Class and token targets of a batch of cropped (and maybe flipped) images.
+    """Class and token targets of a batch of crops (the official `get_labelmaps_with_coords`).
 
     Args:
-      label_maps: (B, 2, T, H, W) top-T (values, indices) score maps of the full images.
+      label_maps: (B, 2, T, H, W) top-T (values, indices) score maps of the full images,
+        already flipped and moved by RandAugment with their images.
       boxes: (B, 4) the crops as (y0, x0, y1, x1) fractions of the full image.
-      flips: (B,) bool, whether the crop was mirrored left-right.
       grid: token grid side g (img_size // 16).
+      sampling_ratio: roi_align samples per bin and axis; <= 0: ceil(bin length), as the
+        official code (torchvision's -1).
+      official_box_order: crop the map with the official transposed box (see the module).
     Returns:
-      (class target (B, K), dense target (B, g * g, K)), softmaxed and smoothed.
+      (class target (B, K), dense target (B, g * g, K)), softmaxed, then `p * on + off`.
     """
 
-    def one(label_map: jax.Array, box: jax.Array, flip: jax.Array) -> tuple[jax.Array, ...]:
+    def one(label_map: jax.Array, box: jax.Array) -> tuple[jax.Array, jax.Array]:
         dense = dense_score_map(label_map, num_classes)
-        cls = roi_align(dense, box, 1, samples * grid)[0, 0]  # as dense a sampling
-        tokens = roi_align(dense, box, grid, samples)
-        tokens = jnp.where(flip, tokens[:, ::-1], tokens)
+        cls = roi_align(dense, box, 1, sampling_ratio, official_box_order)[0, 0]
+        tokens = roi_align(dense, box, grid, sampling_ratio, official_box_order)
         return cls, tokens.reshape(grid * grid, num_classes)
 
-    cls, tokens = jax.vmap(one)(label_maps.astype(jnp.float32), boxes, flips)
-    cls = smooth_targets(jax.nn.softmax(cls, axis=-1), smoothing)
-    tokens = smooth_targets(jax.nn.softmax(tokens, axis=-1), smoothing)
+    cls, tokens = jax.vmap(one)(label_maps.astype(jnp.float32), boxes)
+    cls = on_off_targets(jax.nn.softmax(cls, axis=-1), smoothing)
+    tokens = on_off_targets(jax.nn.softmax(tokens, axis=-1), smoothing)
     return cls, tokens

@@ -70,12 +70,13 @@ WEIGHTS_DIR = "weights"
 
 class TrainState(train_state.TrainState):
     """Step, params, optimizer state, plus BatchNorm statistics, the EMA of the
-    params (None when off) and the base RNG key (uint32 (2,); step keys fold in the
-    step)."""
+    params and of the BatchNorm statistics (None when off; timm's ModelEmaV2 averages
+    both) and the base RNG key (uint32 (2,); step keys fold in the step)."""
 
     batch_stats: Any
     ema_params: Any
     rng: jax.Array
+    ema_batch_stats: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,8 @@ class StepOptions:
     mix_beta: float = 1.0
     mix_group_size: int = MIX_GROUP_SIZE
     ground_truth: bool = False
-    roi_samples: int = 2
+    roi_sampling_ratio: int = -1
+    official_box_order: bool = True
     grad_accum_steps: int = 1
     ema_decay: float = 0.0
 
@@ -108,7 +110,8 @@ class StepOptions:
             mix_beta=tl.mix_beta,
             mix_group_size=tl.mix_group_size,
             ground_truth=tl.ground_truth,
-            roi_samples=tl.roi_samples,
+            roi_sampling_ratio=tl.roi_sampling_ratio,
+            official_box_order=tl.official_box_order,
             grad_accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
         )
@@ -127,7 +130,8 @@ def compute_targets(
 ) -> tuple[jax.Array, jax.Array]:
     """Class target (B, K) and dense target (B, N, K) of an un-mixed batch.
 
-    'label_map' in the batch: the precomputed score maps, ROI-aligned to the crops;
+    'label_map' in the batch: the precomputed score maps (flipped and moved with their
+    images), ROI-aligned to the crops (`volo_jax.training.token_labels`);
     a teacher: its softmaxed class output and aux logits; otherwise the smoothed label
     for the class and for every token. With `opts.ground_truth`, annotator class
     targets are mixed with the smoothed label.
@@ -138,11 +142,11 @@ def compute_targets(
         cls, dense = targets_from_score_maps(
             batch["label_map"],
             batch["crop_box"],
-            batch["flip"],
             opts.num_classes,
             opts.grid,
             opts.label_smoothing,
-            opts.roi_samples,
+            opts.roi_sampling_ratio,
+            opts.official_box_order,
         )
     elif teacher is not None:
         logits, aux = cpu_kernels(teacher.apply)(
@@ -237,7 +241,10 @@ def train_step(
         new_state = new_state.replace(
             ema_params=optax.incremental_update(
                 new_state.params, state.ema_params, 1.0 - opts.ema_decay
-            )
+            ),
+            ema_batch_stats=optax.incremental_update(
+                new_state.batch_stats, state.ema_batch_stats, 1.0 - opts.ema_decay
+            ),
         )
     return new_state, jax.tree_util.tree_map(jnp.mean, metrics)
 
@@ -263,6 +270,19 @@ def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str
     return traverse_util.unflatten_dict(flat)
 
 
+def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> dict[str, Any]:
+    """config.init_from's variables for `model` (NumPy), without config.init_skip's paths;
+    a position embedding of another resolution resized bicubically, with antialias only
+    if config.init_antialias (the official fine-tuning resizes without)."""
+    return load_weights_into(
+        config.init_from,
+        model,
+        config.model,
+        skip=tuple(config.init_skip),
+        antialias=config.init_antialias,
+    )
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -275,18 +295,18 @@ def create_train_state(
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = initial_variables(model, config.img_size, init_rng)
     if config.init_from and load_init:
-        loaded = load_weights_into(
-            config.init_from, model, config.model, skip=tuple(config.init_skip)
-        )
-        variables = merge_weights(variables, loaded)
+        variables = merge_weights(variables, load_init_weights(config, model))
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    ema = config.ema_decay > 0
     state = TrainState.create(
         apply_fn=model.apply,
         params=params,
         tx=create_optimizer(config, steps_per_epoch) if tx is None else tx,
-        batch_stats=variables.get("batch_stats", {}),
-        # A copy: the step donates the state, and one buffer cannot be donated twice.
-        ema_params=jax.tree_util.tree_map(jnp.copy, params) if config.ema_decay > 0 else None,
+        batch_stats=batch_stats,
+        # Copies: the step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
+        ema_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats) if ema else None,
         rng=train_rng,
     )
     # An int32 array like the step's output (a Python 0 would trace weakly typed and make
@@ -319,10 +339,7 @@ def create_sharded_train_state(
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
-        loaded = load_weights_into(
-            config.init_from, model, config.model, skip=tuple(config.init_skip)
-        )
-        state = _put_loaded(state, loaded, shardings)
+        state = _put_loaded(state, load_init_weights(config, model), shardings)
     return state, shardings
 
 
@@ -335,9 +352,14 @@ def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState
     for path, value in traverse_util.flatten_dict(loaded).items():
         flat[path] = jax.device_put(np.asarray(value, flat[path].dtype), targets[path])
     merged = traverse_util.unflatten_dict(flat)
-    ema = None if state.ema_params is None else jax.tree_util.tree_map(jnp.copy, merged["params"])
+    batch_stats = merged.get("batch_stats", {})
+    if state.ema_params is None:
+        return state.replace(params=merged["params"], batch_stats=batch_stats)
     return state.replace(
-        params=merged["params"], batch_stats=merged.get("batch_stats", {}), ema_params=ema
+        params=merged["params"],
+        batch_stats=batch_stats,
+        ema_params=jax.tree_util.tree_map(jnp.copy, merged["params"]),
+        ema_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats),
     )
 
 
@@ -517,10 +539,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def export_weights(config: ml_collections.ConfigDict, state: TrainState, directory: str) -> None:
-    """Writes the final params (their EMA when kept) as a weights directory, which
-    `--config.mode=eval --config.init_from=DIR` and `predict --weights DIR` read."""
-    params = state.params if state.ema_params is None else state.ema_params
-    variables = {"params": params, "batch_stats": state.batch_stats}
+    """Writes the final params and BatchNorm statistics (their EMA when kept) as a weights
+    directory, which `--config.mode=eval --config.init_from=DIR` and `predict --weights
+    DIR` read."""
+    variables = _ema_variables(state) or {
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+    }
     if jax.process_count() > 1:  # each process holds only its shards: gather whole arrays
         from jax.experimental import multihost_utils
 
@@ -534,6 +559,13 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
         source=f"volo_jax training, step {int(state.step)}",
     )
     logging.info("final weights written to %s", directory)
+
+
+def _ema_variables(state: TrainState) -> dict[str, Any] | None:
+    """{'params', 'batch_stats'} of the EMA, or None when it is off."""
+    if state.ema_params is None:
+        return None
+    return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
 
 
 @dataclasses.dataclass
@@ -638,8 +670,8 @@ class _Loop:
         result = eval_lib.run_eval(
             self.eval_fn, variables, self.eval_data.as_numpy_iterator(), self.mesh
         )
-        if state.ema_params is not None:
-            ema = {"params": state.ema_params, "batch_stats": state.batch_stats}
+        ema = _ema_variables(state)
+        if ema is not None:
             result["ema_top1"] = eval_lib.run_eval(
                 self.eval_fn, ema, self.eval_data.as_numpy_iterator(), self.mesh
             )["top1"]
