@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test suite (with the PyTorch/timm reference), plus ruff. Extra args go to pytest,
 # e.g. scripts/test.sh -m slow  for the long tests. PYTEST_WORKERS=N sets the number of
-# pytest-xdist workers (default 2; 0 runs in one process).
+# pytest-xdist workers (default 2; 0 runs in one process). The torch/timm reference tests
+# must run here: VOLO_JAX_REQUIRE_REFERENCE=1 makes a missing package a failure, not a skip.
 set -euo pipefail
 source "$(dirname "$0")/env.sh" train,torch,test
+export VOLO_JAX_REQUIRE_REFERENCE=1
 ruff check volo_jax tests main.py configs benchmarks
 ruff format --check volo_jax tests main.py configs benchmarks
 python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from configs.default import get_config
+from tests._trees import adam_mu, worst_leaf
 from volo_jax.models import create_model
 from volo_jax.ops.cpu import for_platform
 from volo_jax.sharding import (
@@ -40,7 +41,8 @@ from volo_jax.training import train
 from volo_jax.training.checkpointing import Checkpointer
 from volo_jax.training.config import model_overrides
 
-MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x8x1": (1, 8, 1), "1x1x8": (1, 1, 8)}
+# Data, all three axes, tensor; fsdp alone (1x8x1) is the mesh check_resume trains on.
+MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
 TINY = {
     "layers": (1, 1, 1, 1),
     "embed_dims": (16, 32, 32, 32),
@@ -70,11 +72,11 @@ def tiny_config():
     return config
 
 
-def fixed_batch() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
+def fixed_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
     return {
         "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-        "label": np.arange(8, dtype=np.int32),
+        "label": rng.permutation(8).astype(np.int32) if seed else np.arange(8, dtype=np.int32),
         "mask": np.ones(8, bool),
     }
 
@@ -88,49 +90,85 @@ def mesh_of(shape, devices=None):
     return create_mesh(dict(zip(("data", "fsdp", "model"), shape, strict=True)), devices)
 
 
-def sharded_run(config, mesh, rules, start=None):
-    """One train step and one eval step on `mesh`, from a state created sharded (or
-    from `start`, a host copy of one); returns (loss, eval sums, new state, host copy
-    of the state it started from)."""
+@functools.cache
+def template():
+    """(config, model, abstract state) of `tiny_config()`, shared by the checks that step:
+    every state they make has these static fields (the optimizer), so that one compiled
+    step serves them all."""
+    config = tiny_config()
     model = create_model(config.model, **model_overrides(config))
-    with use_mesh(mesh):
-        if start is None:
-            state, shardings = train.create_sharded_train_state(config, model, 10, mesh, rules)
-            start = jax.device_get(state)
-        else:
-            abstract = jax.eval_shape(make_init(config, model))
-            shardings = state_shardings(abstract, mesh, rules)
-            state = jax.device_put(
-                start.replace(tx=abstract.tx, apply_fn=abstract.apply_fn), shardings
-            )
-        step = jax.jit(
-            for_platform(
-                functools.partial(
-                    train.train_step,
-                    model=model,
-                    teacher=None,
-                    opts=train.StepOptions.from_config(config),
-                ),
-                mesh.devices.flat[0].platform,  # as the trainer builds it
+    return config, model, jax.eval_shape(make_init(config, model))
+
+
+@functools.cache
+def compiled_fns(mesh, rules_name: str = "auto"):
+    """(state shardings, jitted train step, jitted eval step) of `template()` on `mesh`,
+    built as the trainer builds them (cached by mesh: the checks share compilations)."""
+    config, model, abstract = template()
+    shardings = state_shardings(abstract, mesh, preset_rules(rules_name))
+    step = jax.jit(
+        for_platform(
+            functools.partial(
+                train.train_step,
+                model=model,
+                teacher=None,
+                opts=train.StepOptions.from_config(config),
             ),
-            in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=(0,),
-        )
+            mesh.devices.flat[0].platform,  # as the trainer builds it
+        ),
+        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    var_sh = {"params": shardings.params, "batch_stats": shardings.batch_stats}
+    eval_fn = jax.jit(
+        functools.partial(eval_lib.eval_step, model=model),
+        in_shardings=(var_sh, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+    return shardings, step, eval_fn
+
+
+def new_state(mesh):
+    """The initial state created sharded on `mesh` (`create_sharded_train_state`, as the
+    trainer creates it) with `template()`'s static fields."""
+    config, model, abstract = template()
+    with use_mesh(mesh):
+        state, _ = train.create_sharded_train_state(config, model, 10, mesh, preset_rules("auto"))
+    return state.replace(tx=abstract.tx, apply_fn=abstract.apply_fn)
+
+
+@functools.cache
+def initial_state():
+    """A host copy of `new_state` on one device: the start of every run compared here."""
+    return jax.device_get(new_state(mesh_of((1, 1, 1), jax.devices()[:1])))
+
+
+def put_state(start, mesh):
+    """A host copy of a state put into its shardings on `mesh`."""
+    _, _, abstract = template()
+    return jax.device_put(
+        start.replace(tx=abstract.tx, apply_fn=abstract.apply_fn), compiled_fns(mesh)[0]
+    )
+
+
+def sharded_run(mesh, start=None):
+    """One train step and one eval step of `template()` on `mesh`, from `start` (a host
+    copy of a state; default `initial_state()`); returns (loss, eval sums, host copy of
+    the new state, host copy of the state it started from)."""
+    _, step, eval_fn = compiled_fns(mesh)
+    start = initial_state() if start is None else start
+    state = put_state(start, mesh)
+    with use_mesh(mesh):
         batch = shard_batch(fixed_batch(), mesh)
         train_batch = {"image": batch["image"], "label": batch["label"]}
         state, metrics = step(state, train_batch, None)
-        var_sh = {"params": shardings.params, "batch_stats": shardings.batch_stats}
-        eval_fn = jax.jit(
-            functools.partial(eval_lib.eval_step, model=model),
-            in_shardings=(var_sh, batch_sharding(mesh)),
-            out_shardings=replicated(mesh),
-        )
         sums = eval_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
-    return float(metrics["loss"]), jax.device_get(sums), state, start
+    return float(metrics["loss"]), jax.device_get(sums), jax.device_get(state), start
 
 
 def max_rel_diff(a, b) -> float:
+    """Largest max|a - b| / max|b| over the leaves, with max|b| the largest leaf's."""
     diffs = jax.tree_util.tree_map(
         lambda x, y: float(
             np.max(np.abs(np.asarray(x) - np.asarray(y))) / (np.max(np.abs(np.asarray(y))) + 1e-12)
@@ -141,40 +179,95 @@ def max_rel_diff(a, b) -> float:
     return max(jax.tree_util.tree_leaves(diffs))
 
 
+GRAD_RTOL = 2e-5  # reduction order across devices, relative to each gradient's own size
+
+
 def check_steps() -> dict:
-    """Loss, eval sums and updated params on each mesh equal those on one device."""
+    """Loss, eval sums, gradients (Adam's first moment), parameter updates and BatchNorm
+    statistics on each mesh equal those on one device, each leaf within a tolerance
+    relative to its own size."""
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config()
-    rules = preset_rules("auto")
-    ref_loss, ref_sums, ref_state, start = sharded_run(
-        config, mesh_of((1, 1, 1), jax.devices()[:1]), rules
-    )
-    ref_params = jax.device_get(ref_state.params)
+    ref_loss, ref_sums, ref_state, start = sharded_run(mesh_of((1, 1, 1), jax.devices()[:1]))
     out = {}
     for name, shape in MESHES.items():
-        loss, sums, state, _ = sharded_run(config, mesh_of(shape), rules, start)
-        rel = max_rel_diff(jax.device_get(state.params), ref_params)
-        ema = max_rel_diff(jax.device_get(state.ema_params), jax.device_get(ref_state.ema_params))
+        loss, sums, state, _ = sharded_run(mesh_of(shape), start)
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (name, loss, ref_loss)
-        assert rel <= 1e-5 and ema <= 1e-5, (name, rel, ema)
+        grads = worst_leaf(adam_mu(state.opt_state), adam_mu(ref_state.opt_state), GRAD_RTOL)
+        assert grads[0] <= 1, (name, "gradient", grads)
+        updates = worst_leaf(state.params, ref_state.params, 1e-4, start.params)
+        assert updates[0] <= 1, (name, "update", updates)
+        ema = worst_leaf(state.ema_params, ref_state.ema_params, 1e-4, start.ema_params)
+        assert ema[0] <= 1, (name, "ema", ema)
+        stats = worst_leaf(state.batch_stats, ref_state.batch_stats, 1e-4, start.batch_stats)
+        assert stats[0] <= 1, (name, "batch_stats", stats)
         for key in ("top1", "top5", "count"):
             assert float(sums[key]) == float(ref_sums[key]), (name, key, sums, ref_sums)
         assert abs(float(sums["loss"]) - float(ref_sums["loss"])) <= 1e-5 * float(
             ref_sums["loss"]
         ), (name, sums, ref_sums)
-        out[name] = {"loss": loss, "params_rel": rel}
+        out[name] = {"loss": loss, "gradient": grads, "update": updates}
     out["reference_loss"] = ref_loss
     return out
 
 
+def run_steps(mesh, state, batches):
+    """`state` (in its shardings on `mesh`) trained on `batches`; (state, losses)."""
+    _, step, _ = compiled_fns(mesh)
+    losses = []
+    with use_mesh(mesh):
+        for batch in batches:
+            sharded = shard_batch(batch, mesh)
+            state, metrics = step(
+                state, {"image": sharded["image"], "label": sharded["label"]}, None
+            )
+            losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def check_resume() -> dict:
+    """A run on the 2x2x2 mesh checkpoints after step 1; the checkpoint restored onto the
+    1x8x1 mesh (params and Adam moments split 8 ways) trains step 2 and ends where 2
+    uninterrupted steps on one device end: loss, gradients (Adam's first moment) and
+    parameter updates, each leaf against its own size."""
+    _, _, abstract = template()
+    batches = [fixed_batch(0), fixed_batch(1)]
+    one = mesh_of((1, 1, 1), jax.devices()[:1])
+    start = initial_state()
+    ref, ref_losses = run_steps(one, put_state(start, one), batches)
+    ref = jax.device_get(ref)
+
+    saver, resumer = mesh_of((2, 2, 2)), mesh_of((1, 8, 1))
+    first, losses = run_steps(saver, put_state(start, saver), batches[:1])
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(os.path.join(tmp, "ckpt"), keep=1)
+        ckpt.save(1, first)
+        ckpt.close()
+        ckpt = Checkpointer(os.path.join(tmp, "ckpt"), keep=1)
+        restored, step = ckpt.restore_latest(with_shardings(abstract, compiled_fns(resumer)[0]))
+        ckpt.close()
+    assert step == 1 and int(restored.step) == 1, (step, restored.step)
+    qkv = restored.params["network_2_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.sharding.mesh.shape == resumer.shape, qkv.sharding
+    last, more = run_steps(resumer, restored, batches[1:])
+    losses += more
+    last = jax.device_get(last)
+    assert int(last.step) == 2, last.step
+    for got, want in zip(losses, ref_losses, strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (losses, ref_losses)
+    grads = worst_leaf(adam_mu(last.opt_state), adam_mu(ref.opt_state), GRAD_RTOL)
+    updates = worst_leaf(last.params, ref.params, 1e-4, start.params)
+    assert grads[0] <= 1 and updates[0] <= 1, (grads, updates)
+    return {"losses": losses, "reference_losses": ref_losses, "gradient": grads}
+
+
 def check_layout() -> dict:
     """The presets put a qkv kernel (and its Adam moments) where they say."""
-    config = tiny_config()
-    model = create_model(config.model, **model_overrides(config))
+    _, _, abstract = template()
+    host = initial_state().replace(tx=abstract.tx, apply_fn=abstract.apply_fn)
     specs = {}
     for preset, shape in (("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8)), ("auto", (2, 2, 2))):
         mesh = mesh_of(shape)
-        state, _ = train.create_sharded_train_state(config, model, 10, mesh, preset_rules(preset))
+        state = jax.device_put(host, state_shardings(abstract, mesh, preset_rules(preset)))
         qkv = state.params["network_2_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
         mu = state.opt_state[0].mu["network_2_0"]["attn"]["qkv"]["kernel"]
         specs[preset] = [
@@ -241,27 +334,36 @@ def compiled_step_text(config, mesh, batch: int) -> str:
         return step.lower(state, {"image": images, "label": labels}, None).compile().as_text()
 
 
+#: HLO collectives that move data from device to device. The reductions (all-reduce,
+#: reduce-scatter: the gradients', the loss's, BatchNorm's statistics) are left out.
+MOVING_COLLECTIVES = re.compile(
+    r"\b(collective-permute|all-to-all|ragged-all-to-all|all-gather|collective-broadcast)"
+    r"(?:-start)?\("
+)
+
+
 def check_mix_pairs_local() -> dict:
     """On 8 devices (mesh 8x1x1, 16 images, 2 per device), MixToken groups of 2, which stay
-    on their device, compile to a step without any collective-permute; one group of the 16
-    images spans the devices and needs them (the control: the pairing of the whole batch,
-    x[::-1], that the groups replaced)."""
+    on their device, compile to a step that moves no data between devices (only
+    reductions); one group of the 16 images spans the devices and moves some (the control:
+    the pairing of the whole batch, x[::-1], that the groups replaced)."""
     mesh = mesh_of((8, 1, 1))
-    permutes = {}
+    moves = {}
     for group in (2, 16):
         config = tiny_config()
         config.batch_size = 16
         config.token_label.mix_group_size = group
         text = compiled_step_text(config, mesh, 16)
-        permutes[group] = len(re.findall(r" collective-permute(?:-start)?\(", text))
-    assert permutes[2] == 0 and permutes[16] > 0, permutes
-    return permutes
+        moves[group] = sorted(m.group(1) for m in MOVING_COLLECTIVES.finditer(text))
+    assert not moves[2] and moves[16], moves
+    return moves
 
 
 CHECKS = {
     "steps": check_steps,
     "layout": check_layout,
     "checkpoint": check_checkpoint,
+    "resume": check_resume,
     "mix_pairs_local": check_mix_pairs_local,
 }
 

@@ -1,11 +1,67 @@
-"""Shared test fixtures: JAX on the CPU in float32 at full matmul precision."""
+"""Shared test setup: JAX on one CPU device, float32 at full matmul precision; with
+VOLO_JAX_REQUIRE_REFERENCE=1 (set by scripts/test.sh, which CI runs) a missing optional
+package (torch, timm, scikit-image, ...) fails the tests that import it instead of
+skipping them.
+
+The CPU: the numerical and compiled-program assertions are about XLA:CPU; on a GPU host
+they would otherwise run on the GPU or skip (set JAX_PLATFORMS yourself to choose another
+platform). One device: tests that need several start a subprocess with its own
+`--xla_force_host_platform_device_count`, so an inherited device count is removed here.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import re
+from typing import Any
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = re.sub(
+    r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
+).strip()
 
-import jax
+import jax  # after the environment above: JAX reads it when it starts
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REQUIRE_REFERENCE = os.environ.get("VOLO_JAX_REQUIRE_REFERENCE", "") == "1"
+#: What the reference tests import (requirements-test.txt).
+REFERENCE_PACKAGES = ("torch", "torchvision", "timm", "skimage", "nbclient", "nbformat")
+
+
+def _import_or_fail(
+    modname: str, minversion: str | None = None, reason: str | None = None, **_: Any
+) -> Any:
+    """`pytest.importorskip` that raises instead of skipping (the reference must run)."""
+    try:
+        module = importlib.import_module(modname)
+    except ImportError as err:
+        raise ImportError(
+            f"{modname} is needed by this test and VOLO_JAX_REQUIRE_REFERENCE=1 forbids "
+            f"skipping it ({reason or err}); install requirements-test.txt"
+        ) from err
+    if minversion is not None:
+        from packaging.version import Version
+
+        if Version(getattr(module, "__version__", "0")) < Version(minversion):
+            raise ImportError(f"{modname} {module.__version__} is older than {minversion}")
+    return module
+
+
+if REQUIRE_REFERENCE:
+    pytest.importorskip = _import_or_fail
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if REQUIRE_REFERENCE:
+        missing = [m for m in REFERENCE_PACKAGES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise pytest.UsageError(
+                f"VOLO_JAX_REQUIRE_REFERENCE=1 but {', '.join(missing)} not installed: "
+                "pip install -r requirements-test.txt (or unset it to skip their tests)"
+            )

@@ -146,7 +146,16 @@ def test_cli_writes_a_safetensors_file_that_loads_at_another_resolution(tmp_path
         variables["params"]["cls_token"], torch_model.cls_token.detach().numpy()
     )
     at_384 = load_weights_into(dst, timm_pairs.jax_volo("volo_d1_384"), "volo_d1_384")
-    assert at_384["params"]["pos_embed"].shape == (1, 24, 24, 384)
+    # The position grid resampled as timm resamples it (antialiased bicubic), the rest as is.
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    expected = resample_abs_pos_embed_nhwc(torch_model.pos_embed.detach(), [24, 24]).numpy()
+    pos_embed = at_384["params"]["pos_embed"]
+    assert pos_embed.shape == (1, 24, 24, 384)
+    np.testing.assert_allclose(pos_embed, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(
+        at_384["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+    )
     with pytest.raises(CheckpointError, match="holds weights for volo_d1_224"):
         load_weights(dst, expected_model="volo_d2_224")
 
@@ -184,6 +193,33 @@ def test_class_names_must_match_the_model_and_weights_are_no_source(tmp_path, ti
     convert_checkpoint(NAME, src, converted, **overrides)
     with pytest.raises(CheckpointError, match="is volo-jax weights already"):
         read_state_dict(converted)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((14, 14), (24, 24)), ((28, 28), (14, 14)), ((7, 9), (12, 5))]
+)
+def test_pos_embed_resize_is_torchs_bicubic_with_and_without_antialias(source, target):
+    """timm's resize (antialias=True) and the official code's `resize_pos_embed_4d`
+    (`F.interpolate(mode='bicubic')`, antialias=False), up and down; the two differ."""
+    from volo_jax.convert import resize_pos_embed
+
+    grid = np.random.default_rng(0).standard_normal((1, *source, 6)).astype(np.float32)
+    results = {}
+    for antialias in (True, False):
+        expected = (
+            torch.nn.functional.interpolate(
+                torch.from_numpy(grid).permute(0, 3, 1, 2),
+                size=target,
+                mode="bicubic",
+                align_corners=False,
+                antialias=antialias,
+            )
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
+        results[antialias] = resize_pos_embed(grid, target, antialias=antialias)
+        np.testing.assert_allclose(results[antialias], expected, rtol=0, atol=1e-5)
+    assert np.abs(results[True] - results[False]).max() > 1e-2
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

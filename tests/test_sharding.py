@@ -1,6 +1,7 @@
 """Sharding: the logical axis rules (1 device), and on 8 CPU devices (one subprocess,
 so this process keeps its single device) a train and eval step equal to one device's
-on 4 meshes, the presets' layouts, and a checkpoint moving between meshes."""
+on 3 meshes (gradients and updates leaf by leaf), a run resumed on a fourth mesh that keeps
+training as one device does, the presets' layouts, and a checkpoint moving between meshes."""
 
 from __future__ import annotations
 
@@ -104,8 +105,9 @@ def test_mesh_shapes_and_errors():
         mesh_shape({"tensor": 2}, 8)
     with pytest.raises(ConfigError, match="at most one -1"):
         mesh_shape({"data": -1, "fsdp": -1}, 8)
+    assert jax.device_count() == 1  # tests/conftest.py: the test process has one device
     with pytest.raises(ConfigError, match=r"config\.mesh"):
-        create_mesh({"data": 2})  # this process has 1 device
+        create_mesh({"data": 2})
     assert create_mesh({"data": -1}).shape == {"data": 1, "fsdp": 1, "model": 1}
 
 
@@ -145,7 +147,7 @@ def run_worker(*checks: str) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     results = {}
     for line in proc.stdout.splitlines():
@@ -158,18 +160,19 @@ def run_worker(*checks: str) -> dict:
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-    """The train/eval steps, layout and checkpoint checks, run once for the module."""
-    return run_worker("steps", "layout", "checkpoint")
+    """The train/eval steps, resume, layout and checkpoint checks, run once for the module
+    (in one process: they share its compilations)."""
+    return run_worker("steps", "resume", "layout", "checkpoint")
 
 
-@pytest.mark.parametrize("check", ["steps", "layout", "checkpoint"])
+@pytest.mark.parametrize("check", ["steps", "resume", "layout", "checkpoint"])
 def test_on_eight_devices(eight_devices, check):
     result = eight_devices.get(check)
     assert result is not None, f"check {check} did not run"
     assert "error" not in result, result["error"]
 
 
-def test_mix_token_groups_on_their_device_compile_without_collective_permute():
+def test_mix_token_groups_on_their_device_compile_without_moving_data():
     """Its own subprocess (two train-step compiles), so that it has its own time limit."""
     result = run_worker("mix_pairs_local")["mix_pairs_local"]
     assert "error" not in result, result["error"]

@@ -8,9 +8,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs.smoke import get_config
+from tests import _programs as programs
 from volo_jax.models import create_model
 from volo_jax.ops.cpu import for_platform
 from volo_jax.training import train
@@ -34,9 +36,9 @@ def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
     return {"image": images, "label": jnp.arange(size, dtype=jnp.int32) % 4}
 
 
-def make_step(config, teacher=None):
+def make_step(config, teacher=None, tx=None):
     model = create_model(config.model, **model_overrides(config))
-    state = train.create_train_state(config, model, steps_per_epoch=10)
+    state = train.create_train_state(config, model, steps_per_epoch=10, tx=tx)
     step = functools.partial(
         train.train_step, model=model, teacher=teacher, opts=train.StepOptions.from_config(config)
     )
@@ -65,7 +67,11 @@ def test_bfloat16_matmul_precision_learns_with_float32_state():
     _, state, step = make_step(config)
     batch = fixed_batch()
     with matmul_precision(config):
-        hlo = step.lower(state, batch, None).as_text("hlo")
+        products = [
+            eqn
+            for eqn in programs.equations(step, state, batch, None)
+            if eqn.primitive.name == "dot_general"
+        ]
         losses = []
         for _ in range(8):
             state, metrics = step(state, batch, None)
@@ -73,8 +79,10 @@ def test_bfloat16_matmul_precision_learns_with_float32_state():
     assert losses[-1] < 0.8 * losses[0], losses
     leaves = jax.tree_util.tree_leaves(state.params)
     assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
-    if jax.default_backend() == "cpu":
-        assert "bf16[" in hlo
+    # The products (the CPU's rules, traced for the CPU) take bf16 operands.
+    assert products and any(
+        {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)} for eqn in products
+    )
 
 
 def test_accumulation_bfloat16_and_ema():
@@ -100,6 +108,62 @@ def test_accumulation_bfloat16_and_ema():
     )
     for a, b in zip(ema_stats, jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def gradient_recorder() -> optax.GradientTransformation:
+    """An optimizer that leaves the parameters where they are and keeps the gradient it
+    was given as its state: a train step's gradient, read exactly."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree_util.tree_map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (
+            jax.tree_util.tree_map(jnp.zeros_like, grads),
+            grads,
+        ),
+    )
+
+
+def step_gradient(config, batch):
+    """(gradient, initial and new batch_stats) of one train step of `config` from its
+    initial state."""
+    _, state, step = make_step(config, tx=gradient_recorder())
+    new, _ = step(state, batch, None)
+    return new.opt_state, state.batch_stats, new.batch_stats
+
+
+def assert_trees_close(got, want, rtol: float) -> None:
+    """Every leaf within `rtol` of its own largest value (so a small leaf is held to its own
+    size, not to the largest one's)."""
+    for (path, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want), strict=True
+    ):
+        scale = float(jnp.abs(w).max())
+        diff = float(jnp.abs(g - w).max())
+        assert diff <= rtol * scale, (jax.tree_util.keystr(path), diff, scale)
+
+
+def test_accumulated_gradient_is_the_whole_batch_gradient():
+    """grad_accum_steps=2 gives the gradient of the whole batch, and updates BatchNorm's
+    running statistics once per micro-batch.
+
+    BatchNorm normalises each micro-batch with its own statistics, so the two halves hold
+    the same 4 images (with other labels): each micro-batch is then normalised as the whole
+    batch, and the gradients agree to float32 rounding (summation order). Keeping one
+    micro-batch's gradient instead of their mean fails (the labels differ)."""
+    config = tiny_config(**{"token_label.mix_token": False})
+    images = fixed_batch(4)["image"]
+    batch = {
+        "image": jnp.concatenate([images, images]),
+        "label": jnp.array([0, 1, 2, 3, 2, 3, 0, 1], jnp.int32),
+    }
+    whole, start, once = step_gradient(config, batch)
+    config.grad_accum_steps = 2
+    accumulated, _, twice = step_gradient(config, batch)
+    assert_trees_close(accumulated, whole, rtol=1e-5)
+    # Both micro-batches have the whole batch's statistics s: one update gives
+    # 0.9 r + 0.1 s, two give 0.81 r + 0.19 s.
+    batch_means = jax.tree_util.tree_map(lambda r, new: (new - 0.9 * r) / 0.1, start, once)
+    expected = jax.tree_util.tree_map(lambda r, s: 0.81 * r + 0.19 * s, start, batch_means)
+    assert_trees_close(twice, expected, rtol=1e-5)
 
 
 def test_teacher_targets_and_init_from(tmp_path):

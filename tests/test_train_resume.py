@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from volo_jax.errors import CheckpointError, TrainingDivergedError
+from volo_jax.training import train
 from volo_jax.training.checkpointing import Checkpointer, needs_snapshot
 from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.weights import load_weights
@@ -59,6 +61,96 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot restore the training checkpoint"):
         ckpt.restore(1, small_state(0))
     ckpt.close()
+
+
+def _smoke_steps(**changes):
+    """(initial state, jitted train step) of configs/smoke.py with `changes`, 4 classes."""
+    from configs.smoke import get_config
+    from volo_jax.models import create_model
+    from volo_jax.ops.cpu import for_platform
+    from volo_jax.training.config import model_overrides
+
+    config = get_config()
+    config.dataset.num_classes = 4
+    config.token_label.mix_group_size = 4
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    model = create_model(config.model, **model_overrides(config))
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    step = functools.partial(
+        train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
+    )
+    return state, jax.jit(for_platform(step, jax.devices()[0].platform))
+
+
+def _batch() -> dict[str, jax.Array]:
+    images = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
+    return {"image": images, "label": jnp.arange(8, dtype=jnp.int32) % 4}
+
+
+def _save_and_restore(state, directory):
+    """`state` through a checkpoint: saved, then restored into its own shapes, dtypes and
+    shardings (so that the step compiled for it runs the restored state as is)."""
+    ckpt = Checkpointer(directory, keep=1)
+    ckpt.save(int(state.step), state)
+    ckpt.close()
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    ckpt = Checkpointer(directory, keep=1)
+    restored = ckpt.restore(int(state.step), target)
+    ckpt.close()
+    return restored
+
+
+def test_each_step_draws_new_random_numbers_and_a_resumed_run_the_same(tmp_path, monkeypatch):
+    """MixToken and stochastic depth on: the MixToken boxes (and the key they are drawn
+    from) and the dropout key of steps 1, 2, 3 differ from step to step; a state saved after
+    step 2 and restored from the checkpoint draws at step 3 what the uninterrupted run
+    draws there, and ends with the same parameters."""
+    boxes, dropout_keys = [], []
+    sample_mix_box, cpu_kernels = train.sample_mix_box, train.cpu_kernels
+
+    def record(into):
+        return lambda *values: into.append(tuple(np.asarray(v) for v in values))
+
+    def recording_sample_mix_box(key, *args, **kwargs):
+        box = sample_mix_box(key, *args, **kwargs)
+        jax.debug.callback(record(boxes), key, box)
+        return box
+
+    def recording_cpu_kernels(fn):
+        def run(*args, **kwargs):
+            jax.debug.callback(record(dropout_keys), kwargs["rngs"]["dropout"])
+            return cpu_kernels(fn)(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(train, "sample_mix_box", recording_sample_mix_box)
+    monkeypatch.setattr(train, "cpu_kernels", recording_cpu_kernels)
+    state, step = _smoke_steps(**{"model_overrides.drop_path_rate": 0.5})
+    batch = _batch()
+    for _ in range(2):
+        state, _ = step(state, batch, None)
+    restored = _save_and_restore(state, tmp_path / "ckpt")
+    assert int(restored.step) == 2
+    straight, _ = step(state, batch, None)
+    resumed, _ = step(restored, batch, None)
+    jax.effects_barrier()
+    assert len(boxes) == len(dropout_keys) == 4, (len(boxes), len(dropout_keys))
+    (k1, b1), (k2, b2), (k3, b3), (k3_resumed, b3_resumed) = boxes
+    assert b1.shape == (2, 4)  # one box per group of 4 images
+    for first, second in [(k1, k2), (k2, k3), (k1, k3)]:
+        assert not np.array_equal(first, second)
+    assert not (np.array_equal(b1, b2) and np.array_equal(b2, b3)), (b1, b2, b3)
+    (d1,), (d2,), (d3,), (d3_resumed,) = dropout_keys
+    for first, second in [(d1, d2), (d2, d3), (d1, d3), (d1, k1)]:
+        assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(k3_resumed, k3)
+    np.testing.assert_array_equal(b3_resumed, b3)
+    np.testing.assert_array_equal(d3_resumed, d3)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.params, straight.params)
 
 
 def _command(workdir, data_dir, max_steps: int = 30) -> list[str]:
@@ -134,6 +226,10 @@ def test_killed_run_resumes_exactly(runs, tmp_path):
     killed.wait(timeout=600)
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "weights")  # it did not finish
+    # The step-20 save is asynchronous: the kill may come before it is complete, and then
+    # the run resumes from step 10 (orbax lists only complete checkpoints).
+    latest = _checkpoint_steps(tmp_path / "killed")[-1]
+    assert latest in (10, 20), _checkpoint_steps(tmp_path / "killed")
 
     resumed = subprocess.run(
         _command(tmp_path / "killed", runs["data"]),
@@ -144,7 +240,7 @@ def test_killed_run_resumes_exactly(runs, tmp_path):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step" in resumed.stderr
+    assert f"resuming from step {latest} " in resumed.stderr, resumed.stderr[-3000:]
     _same_final_state(tmp_path / "killed", runs["straight"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,8 +20,14 @@ def _images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
 
 
-def _check(name: str, overrides: dict, batch: int = 2) -> None:
-    torch_model = timm_pairs.timm_volo(name, **overrides)
+def _check(name: str, overrides: dict, batch: int = 2, registered: bool = False) -> None:
+    """Logits and aux logits of our `name` equal timm's with the same weights: timm's own
+    `name` (`registered`, `overrides` passed to timm's constructor too), or timm's VOLO built
+    from our registry's arguments."""
+    if registered:
+        torch_model = timm_pairs.timm_registered(name, **overrides)
+    else:
+        torch_model = timm_pairs.timm_volo(name, **overrides)
     model = timm_pairs.jax_volo(name, **overrides)
     variables = torch_to_flax(timm_pairs.state_dict_numpy(torch_model), model)
     x = _images(model.img_size, batch)
@@ -34,9 +41,42 @@ def _check(name: str, overrides: dict, batch: int = 2) -> None:
     )
 
 
-@pytest.mark.parametrize("name", list_models("volo_*"))
-def test_every_variant_structure_matches_timm(name):
-    """Each registered variant, widths shrunk, at its own resolution."""
+#: One registered name per architecture (d1 .. d5); the others differ from these only in
+#: img_size (and their parameter counts are checked in test_volo_model.py).
+REPRESENTATIVES = ["volo_d1_224", "volo_d2_224", "volo_d3_224", "volo_d4_224", "volo_d5_224"]
+#: What timm's named constructors let us shrink: the images (2 x 2 tokens after the stem).
+SMALL_INPUT = {"img_size": 32, "num_classes": 17}
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_each_architecture_matches_timms_own_model(name):
+    """Our `name` against `timm.create_model(name)`: all widths, depths, heads (outlooker,
+    transformer and class attention) and MLP ratios as timm registers them, on 32 px
+    images."""
+    _check(name, SMALL_INPUT, registered=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in list_models("volo_*") if n not in REPRESENTATIVES])
+def test_every_registered_name_matches_timms_own_model(name):
+    _check(name, SMALL_INPUT, registered=True)
+
+
+#: One registered name per resolution (224, 384, 448, 512).
+AT_EACH_RESOLUTION = ["volo_d1_224", "volo_d1_384", "volo_d3_448", "volo_d5_512"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in AT_EACH_RESOLUTION else pytest.mark.slow)
+        for n in list_models("volo_*")
+    ],
+)
+def test_every_variant_shrunk_at_its_resolution_matches_timm(name):
+    """Each registered variant, widths shrunk, at its own resolution: the resolution's
+    position grid and the operators at its token grid (one name per resolution in the
+    default run; the architectures are checked against timm's own models above)."""
     _check(name, timm_pairs.shrunk_overrides(name))
 
 
@@ -104,7 +144,39 @@ def test_batchnorm_eval_uses_the_converted_running_stats():
     assert np.abs(np.asarray(model.apply(variables, x)) - ref).max() <= ATOL
 
 
+def test_train_mode_logits_and_batchnorm_updates_match_timm():
+    """timm's model.train() (no dropout, no stochastic depth): the logits from the batch
+    statistics, and the running statistics updated with PyTorch's momentum 0.1 (Flax's
+    0.9). Running variance: PyTorch adds the unbiased batch variance, Flax the biased one,
+    smaller by (n - 1) / n for n = B x H x W values per channel (512 here, 1 / 511
+    apart); at training sizes (n >= 128 x 112 x 112) the difference is below 1e-6."""
+    import torch
+
+    overrides = dict(timm_pairs.shrunk_overrides("volo_d1_224"), img_size=32)
+    torch_model = timm_pairs.timm_volo("volo_d1_224", **overrides)
+    model = timm_pairs.jax_volo("volo_d1_224", **overrides)
+    variables = torch_to_flax(timm_pairs.state_dict_numpy(torch_model), model)
+    # torch_to_flax's arrays may share memory with torch's buffers, which train() updates.
+    variables = jax.tree_util.tree_map(np.array, variables)
+    x = _images(32, batch=2)
+    torch_model.train()
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert np.abs(np.asarray(logits) - ref).max() <= ATOL
+    n = 2 * 16 * 16  # the stem's batch x height x width
+    for name, index in (("conv_1", 1), ("conv_4", 4), ("conv_7", 7)):
+        bn = torch_model.patch_embed.conv[index]
+        old = variables["batch_stats"]["patch_embed"][name]
+        ours = new["batch_stats"]["patch_embed"][name]
+        np.testing.assert_allclose(ours["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        unbiased = (bn.running_var.numpy() - 0.9 * np.asarray(old["var"])) / 0.1
+        biased = 0.9 * np.asarray(old["var"]) + 0.1 * unbiased * (n - 1) / n
+        np.testing.assert_allclose(ours["var"], biased, rtol=2e-6)
+        assert np.abs(np.asarray(ours["var"]) - bn.running_var.numpy()).max() > 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["volo_d1_224", "volo_d1_384"])
 def test_full_size_model_matches_timm(name):
-    _check(name, {}, batch=1)
+    _check(name, {}, batch=1, registered=True)

@@ -1,5 +1,11 @@
-"""Builds a timm VOLO and a volo-jax VOLO of the same structure with the same
-(random, non-trivial) weights, for parity tests."""
+"""timm VOLOs with random, non-trivial weights, for parity tests.
+
+`timm_registered(name)` is timm's own model of that name (`timm.create_model`: the
+architecture comes from timm's registry, so it checks ours). `timm_volo(name, **overrides)`
+is timm's `VOLO` class built from *our* registry's arguments, shrunk (timm's named
+constructors do not take `layers` or `embed_dims`): for checking an implementation detail on
+a small model, never the variant's configuration.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +44,19 @@ def randomize_(torch_model: Any, seed: int = 0) -> None:
                 buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
 
 
+def timm_registered(name: str, seed: int = 0, **kwargs: Any) -> Any:
+    """timm's own `name` (`timm.create_model`), with only `kwargs` that its constructor
+    takes besides the architecture (img_size, num_classes, ...), weights randomized."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    randomize_(model, seed)
+    return model
+
+
 def timm_volo(name: str, seed: int = 0, **overrides: Any) -> Any:
-    """timm's VOLO with the arguments our registry gives `name`, weights randomized."""
+    """timm's `VOLO` class with the arguments our registry gives `name` (and `overrides`),
+    weights randomized; see the module docstring for what it cannot check."""
     from timm.models.volo import VOLO
 
     kw = {k: v for k, v in model_kwargs(name, **overrides).items() if k not in JAX_ONLY_FIELDS}
