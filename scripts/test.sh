@@ -8,4 +8,4 @@ source "$(dirname "$0")/env.sh" train,torch,test
 export VOLO_JAX_REQUIRE_REFERENCE=1
 ruff check volo_jax tests main.py configs benchmarks
 ruff format --check volo_jax tests main.py configs benchmarks
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=25 "$@"

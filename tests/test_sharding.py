@@ -137,7 +137,7 @@ def run_worker(*checks: str) -> dict:
     {check: {'ok'|'error': ...}}."""
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=ROOT,
     )
