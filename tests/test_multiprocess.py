@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from volo_jax.errors import ConfigError
-from volo_jax.sharding.mesh import distributed_settings, maybe_initialize_distributed
+from volo_jax.sharding.distributed import distributed_settings, maybe_initialize_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
@@ -143,7 +143,7 @@ import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from volo_jax.sharding.mesh import maybe_initialize_distributed
+from volo_jax.sharding.distributed import maybe_initialize_distributed
 
 jax.config.update("jax_cpu_collectives_implementation", None)  # the default of older jax
 maybe_initialize_distributed({"coordinator_address": sys.argv[1], "num_processes": 2,
@@ -294,7 +294,7 @@ def work(tmp_path_factory) -> dict[str, str]:
     """The digits folder (written once, as on a shared file system) and a compilation
     cache shared by the runs."""
     from volo_jax.data.digits import prepare_digits_folder
-    from volo_jax.training.config import DIGITS
+    from volo_jax.data.location import DIGITS
 
     root = tmp_path_factory.mktemp("multiprocess")
     prepare_digits_folder(str(root / "data" / DIGITS))
