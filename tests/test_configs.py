@@ -181,9 +181,12 @@ def test_a_moved_field_set_in_a_config_file_names_its_new_place():
 
 def _parse(*overrides: str):
     """configs/default.py with command-line overrides, parsed and locked as main.py does."""
+    argv = ["main.py", f"--config={os.path.join(REPO, 'configs', 'default.py')}", *overrides]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
-    flag_values(["main.py", f"--config={os.path.join(REPO, 'configs', 'default.py')}", *overrides])
+    config_flags.DEFINE_config_file(
+        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
     return flag_values.config
 
 

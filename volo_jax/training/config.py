@@ -66,14 +66,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "matmul_precision",
         f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
     )
-    kwargs = _model_kwargs(config)
-    pixels = _token_pixels(kwargs)
-    step = pixels or 1
+    pixels = _token_pixels(_model_kwargs(config))
+    step = pixels or 1  # a model without a token grid: any positive size
     _require(
         config.img_size > 0 and config.img_size % step == 0,
         "img_size",
-        f"must be a positive multiple of {step} (the model's patch_size x pooling_scale), "
-        f"got {config.img_size}",
+        f"must be a positive multiple of {step} (patch_size x pooling_scale of "
+        f"{config.model}), got {config.img_size}"
+        if pixels
+        else f"must be positive, got {config.img_size}",
     )
     if config.mode == "eval" or config.requires_init:
         _require(

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
@@ -482,8 +483,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("resuming from step %d of %s", restored_step, ckpt.directory)
     else:  # 2. or 3.
         state, shardings = create_train_state(config, model, steps_per_epoch, mesh, rules)
-        if config.init_from:
-            logging.info("starting from the weights in %s", config.init_from)
     teacher, teacher_variables = load_teacher(config)
     teacher_shardings = (
         None if teacher_variables is None else variables_shardings(teacher_variables, mesh, rules)
@@ -556,8 +555,6 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
         "batch_stats": state.batch_stats,
     }
     if jax.process_count() > 1:  # each process holds only its shards: gather whole arrays
-        from jax.experimental import multihost_utils
-
         variables = multihost_utils.process_allgather(variables, tiled=True)
     overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
     save_weights(
