@@ -117,6 +117,8 @@ def test_official_token_labeling_defaults():
         ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
         ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
         ("token_label.roi_sampling_ratio", 0, "config.token_label.roi_sampling_ratio"),
+        ("model_overrides.token_mixer", "outlok", "config.model_overrides.token_mixer"),
+        ("model_overrides.outlook_impl", "plane", "config.model_overrides.outlook_impl"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

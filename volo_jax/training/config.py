@@ -21,6 +21,8 @@ from volo_jax.data.location import DIGITS
 from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, UnknownModelError
 from volo_jax.models import model_kwargs
+from volo_jax.models.volo import MIXER_NAMES
+from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
 from volo_jax.sharding import mesh_shape, rules_from_config
 from volo_jax.sharding.distributed import distributed_settings
@@ -66,7 +68,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "matmul_precision",
         f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
     )
-    pixels = _token_pixels(_model_kwargs(config))
+    kwargs = _model_kwargs(config)
+    pixels = _token_pixels(kwargs)
+    if "token_mixer" in kwargs:  # VOLO's outlooker stage: names the model reads at trace time
+        _require(
+            kwargs["token_mixer"] in MIXER_NAMES,
+            "model_overrides.token_mixer",
+            f"must be one of {', '.join(MIXER_NAMES)}, got {kwargs['token_mixer']!r}",
+        )
+        impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
+        _require(
+            kwargs.get("outlook_impl", "auto") in impls,
+            "model_overrides.outlook_impl",
+            f"must be one of {', '.join(impls)}, got {kwargs.get('outlook_impl')!r}",
+        )
     step = pixels or 1  # a model without a token grid: any positive size
     _require(
         config.img_size > 0 and config.img_size % step == 0,
@@ -271,7 +286,20 @@ def _token_pixels(kwargs: dict[str, Any]) -> int | None:
 def token_grid(config: ml_collections.ConfigDict) -> int:
     """Side of the model's token grid, img_size / (patch_size x pooling_scale): the grid of
     the aux tokens, the dense targets and MixToken's boxes (14 for VOLO at 224)."""
-    pixels = _token_pixels(_model_kwargs(config))
+    kwargs = _model_kwargs(config)
+    pixels = _token_pixels(kwargs)
+    if "token_mixer" in kwargs:  # VOLO's outlooker stage: names the model reads at trace time
+        _require(
+            kwargs["token_mixer"] in MIXER_NAMES,
+            "model_overrides.token_mixer",
+            f"must be one of {', '.join(MIXER_NAMES)}, got {kwargs['token_mixer']!r}",
+        )
+        impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
+        _require(
+            kwargs.get("outlook_impl", "auto") in impls,
+            "model_overrides.outlook_impl",
+            f"must be one of {', '.join(impls)}, got {kwargs.get('outlook_impl')!r}",
+        )
     if pixels is None:
         raise ConfigError(
             f"config.model: {config.model} has no token grid (patch_size x pooling_scale)"
