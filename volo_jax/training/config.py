@@ -11,8 +11,8 @@ place, on the command line (main.py) and in a config file alike.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,7 +20,7 @@ import ml_collections
 from volo_jax.data.location import DIGITS
 from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, UnknownModelError
-from volo_jax.models import model_kwargs
+from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
 from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
@@ -68,19 +68,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "matmul_precision",
         f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
     )
-    kwargs = _model_kwargs(config)
-    pixels = _token_pixels(kwargs)
-    if "token_mixer" in kwargs:  # VOLO's outlooker stage: names the model reads at trace time
+    model = _model(config)
+    pixels = _token_pixels(model)
+    if hasattr(model, "token_mixer"):  # VOLO's outlooker stage: read when traced
         _require(
-            kwargs["token_mixer"] in MIXER_NAMES,
+            model.token_mixer in MIXER_NAMES,
             "model_overrides.token_mixer",
-            f"must be one of {', '.join(MIXER_NAMES)}, got {kwargs['token_mixer']!r}",
+            f"must be one of {', '.join(MIXER_NAMES)}, got {model.token_mixer!r}",
         )
         impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
         _require(
-            kwargs.get("outlook_impl", "auto") in impls,
+            model.outlook_impl in impls,
             "model_overrides.outlook_impl",
-            f"must be one of {', '.join(impls)}, got {kwargs.get('outlook_impl')!r}",
+            f"must be one of {', '.join(impls)}, got {model.outlook_impl!r}",
         )
     step = pixels or 1  # a model without a token grid: any positive size
     _require(
@@ -265,41 +265,28 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """config.model's constructor arguments with the config's overrides (ConfigError)."""
+def _model(config: ml_collections.ConfigDict) -> nn.Module:
+    """config.model with the config's overrides (the module, not initialised; ConfigError
+    for an unknown model or argument)."""
     try:
-        return model_kwargs(config.model, **model_overrides(config))
+        return create_model(config.model, **model_overrides(config))
     except UnknownModelError as err:
         raise ConfigError(f"config.model: {err}") from None
     except ConfigError as err:
         raise ConfigError(f"config.model_overrides: {err}") from None
 
 
-def _token_pixels(kwargs: dict[str, Any]) -> int | None:
+def _token_pixels(model: nn.Module) -> int | None:
     """Image pixels per token side (VOLO: patch_size x pooling_scale), None for a model
     without a token grid."""
-    if "patch_size" not in kwargs or "pooling_scale" not in kwargs:
-        return None
-    return kwargs["patch_size"] * kwargs["pooling_scale"]
+    patch, pooling = getattr(model, "patch_size", None), getattr(model, "pooling_scale", None)
+    return None if patch is None or pooling is None else patch * pooling
 
 
 def token_grid(config: ml_collections.ConfigDict) -> int:
     """Side of the model's token grid, img_size / (patch_size x pooling_scale): the grid of
     the aux tokens, the dense targets and MixToken's boxes (14 for VOLO at 224)."""
-    kwargs = _model_kwargs(config)
-    pixels = _token_pixels(kwargs)
-    if "token_mixer" in kwargs:  # VOLO's outlooker stage: names the model reads at trace time
-        _require(
-            kwargs["token_mixer"] in MIXER_NAMES,
-            "model_overrides.token_mixer",
-            f"must be one of {', '.join(MIXER_NAMES)}, got {kwargs['token_mixer']!r}",
-        )
-        impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
-        _require(
-            kwargs.get("outlook_impl", "auto") in impls,
-            "model_overrides.outlook_impl",
-            f"must be one of {', '.join(impls)}, got {kwargs.get('outlook_impl')!r}",
-        )
+    pixels = _token_pixels(_model(config))
     if pixels is None:
         raise ConfigError(
             f"config.model: {config.model} has no token grid (patch_size x pooling_scale)"
