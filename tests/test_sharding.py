@@ -199,7 +199,9 @@ def test_train_state_with_init_from_holds_the_weights_in_their_shardings(tmp_pat
         config.model,
         {k: v for k, v in model_overrides(config).items() if k != "dtype"},
     )
-    fresh, _ = train.create_train_state(config, model, steps_per_epoch=10)
+    # A fresh state's head: the initial variables of config.seed's init key.
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    fresh = train.initial_variables(model, config.img_size, init_rng)
     config.init_from = str(tmp_path / "w")
     config.init_skip = (r"^params/head/",)
     state, shardings = train.create_train_state(
@@ -207,7 +209,7 @@ def test_train_state_with_init_from_holds_the_weights_in_their_shardings(tmp_pat
     )
     params = traverse_util.flatten_dict(variables["params"])
     params.update(
-        {k: v for k, v in traverse_util.flatten_dict(fresh.params).items() if k[0] == "head"}
+        {k: v for k, v in traverse_util.flatten_dict(fresh["params"]).items() if k[0] == "head"}
     )
     params = traverse_util.unflatten_dict(params)
     expected = (
