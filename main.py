@@ -1,7 +1,7 @@
 """Trains or evaluates VOLO.
 
 python main.py --config=configs/default.py --workdir=/tmp/digits
-python main.py --config=configs/volo_d1.py --workdir=runs/d1 --config.batch_size=512
+python main.py --config=configs/volo_d1.py --workdir=runs/d1 --config.train.batch_size=512
 python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from=DIR
 """
 
@@ -21,22 +21,44 @@ from volo_jax.cli import restart_with_malloc_tunables, run_cli, synchronous_cpu_
 from volo_jax.logs import OwnInfoOnly, quiet_native_logs
 
 FLAGS = flags.FLAGS
+MIXER_KWARGS = "model_overrides.token_mixer_kwargs"
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and plots (training).")
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 flags.mark_flags_as_required(["config"])
 
 
+def _config_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """(flag, field path) of each --config.<path>[=value] on the command line."""
+    flags_given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    return [(flag, flag.removeprefix("--config.")) for flag in flags_given]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, plus one line (not a stack trace) for an override of a field the
-    config lacks, for which ml_collections raises AttributeError or KeyError."""
+    """absl's parsing, plus one line (not a stack trace) for an override of a field that
+    moved (naming its new place) or that the config lacks (for which ml_collections raises
+    AttributeError or KeyError)."""
+    # Imported here, after the malloc restart: it imports JAX.
+    from volo_jax.training.config import MOVED_FIELDS
+
+    for flag, path in _config_overrides(argv):
+        if path in MOVED_FIELDS:
+            print(f"error: {flag}: moved to --config.{MOVED_FIELDS[path]}", file=sys.stderr)
+            sys.exit(2)
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         name = str(err).strip("\"'")
-        flag = next(
-            (a.split("=")[0] for a in argv if a.startswith("--config.") and name in a), "--config"
+        flag, path = next(
+            ((f, p) for f, p in _config_overrides(argv) if name in p), ("--config", "")
         )
-        print(f"error: {flag}: the config has no field {name!r}", file=sys.stderr)
+        hint = ""
+        if path.startswith(MIXER_KWARGS + "."):
+            key = path.removeprefix(MIXER_KWARGS + ".")
+            hint = (
+                "; give the mixer's arguments as a whole: "
+                f"--config.{MIXER_KWARGS}=\"{{'{key}': ...}}\""
+            )
+        print(f"error: {flag}: the config has no field {name!r}{hint}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -52,8 +52,8 @@ def make_config(model: str, batch_size: int, ema: bool) -> Any:
     config = get_base_config()
     config.model = model
     config.img_size = model_kwargs(model).get("img_size", 224)
-    config.batch_size = batch_size
-    config.ema_decay = 0.9999 if ema else 0.0
+    config.train.batch_size = batch_size
+    config.train.ema_decay = 0.9999 if ema else 0.0
     return config
 
 
@@ -68,7 +68,7 @@ def measure(
     outputs and temporaries."""
     config = make_config(model_name, batch_size, ema)
     model = create_model(config.model, **model_overrides(config))
-    template = jax.eval_shape(functools.partial(train.create_train_state, config, model, 1000))
+    template, _ = train.abstract_train_state(config, model, 1000)
     mesh = create_mesh(dict(zip(("data", "fsdp", "model"), mesh_sizes, strict=True)))
     shardings = state_shardings(template, mesh, preset_rules(preset))
     result = {

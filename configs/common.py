@@ -1,7 +1,11 @@
 """The shared base of all configs: the official VOLO ImageNet recipe at 224.
 
-Every field can be overridden on the command line (`--config.batch_size=256`);
-`volo_jax.training.config.validate_config` checks the result.
+Every field can be overridden on the command line (`--config.train.batch_size=256`);
+`volo_jax.training.config.validate_config` checks the result. The sections follow what
+reads them: `train` (the step, the schedule's length, the train input), `optim` (AdamW and
+the lr schedule), `eval`, `augment`, `token_label` and `teacher` (the targets), `dataset`,
+`mesh` / `sharding` / `distributed` (devices); the model and the run's bookkeeping sit at
+the top level.
 
 Where the numbers come from: "README" is sail-sg/volo's README (its training commands for
 D1-D3), "main.py" the defaults of sail-sg/volo's main.py, "tlt" its token-labeling package
@@ -52,14 +56,15 @@ def get_base_config() -> ml_collections.ConfigDict:
         {
             "drop_path_rate": DROP_PATH["d1"],
             "remat": False,
-            # The outlooker stage's token mixer (the paper's ablation), its keyword
-            # arguments as JSON (e.g. '{"block_size": 2}' for halo on a small grid),
-            # and how outlook attention runs ('auto', 'reference', 'slices', 'planes', 'pallas').
+            # The outlooker stage's token mixer (the paper's ablation) and how outlook
+            # attention runs ('auto', 'reference', 'slices', 'planes', 'pallas').
             "token_mixer": "outlook",
-            "token_mixer_kwargs": "",
             "outlook_impl": "auto",
         }
     )
+    # The token mixer's keyword arguments (e.g. block_size=2 for halo on a small grid; on
+    # the command line as a whole: --config.model_overrides.token_mixer_kwargs='{"block_size": 2}').
+    config.model_overrides.token_mixer_kwargs = ml_collections.ConfigDict()
     config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     # jax_default_matmul_precision for the steps (None: JAX's default). 'bfloat16' keeps a
     # float32 model but gives its products bf16 operands, as TPUs do by default; on a CPU
@@ -111,12 +116,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.interpolation = config_dict.placeholder(str)
     config.eval.batch_size = 256
 
-    # Optimisation (main.py's defaults): AdamW, lr = base_lr * batch_size / 1024, warmup
-    # then cosine, cooldown.
-    config.batch_size = 1024  # README: 8 GPUs x 128
-    config.grad_accum_steps = 1  # micro-batches per step (the batch is split, one update)
-    config.num_epochs = 300
-    config.cooldown_epochs = 10
+    # Training (main.py's defaults), read by the train step, the schedule and the train
+    # input: the global batch, micro-batches per step (the batch is split, one update),
+    # epochs of the schedule and of the cooldown after it at min_lr, the targets' label
+    # smoothing, and the EMA decay (0: no EMA; official: off, 0.99992 when on). The EMA
+    # covers the parameters and the BatchNorm statistics, as timm's ModelEmaV2.
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 1024  # README: 8 GPUs x 128
+    config.train.grad_accum_steps = 1
+    config.train.num_epochs = 300
+    config.train.cooldown_epochs = 10
+    config.train.label_smoothing = 0.1
+    config.train.ema_decay = 0.0
+
+    # Optimisation (main.py's defaults): AdamW, lr = base_lr * train.batch_size /
+    # lr_batch_base, warmup then cosine.
     config.optim = ml_collections.ConfigDict()
     config.optim.base_lr = BASE_LR["d1"]
     config.optim.lr_batch_base = 1024
@@ -131,10 +145,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     # its start; False: evaluated at every step's fractional epoch (a smooth curve).
     config.optim.per_epoch_schedule = True
     config.optim.grad_clip_norm = 0.0  # 0: no clipping (the official default)
-    # 0: no EMA (official: off; 0.99992 when on). The EMA covers the parameters and the
-    # BatchNorm statistics, as timm's ModelEmaV2.
-    config.ema_decay = 0.0
-    config.label_smoothing = 0.1
 
     # Token labeling: loss = cls_weight * CE(class) + dense_weight * CE(aux tokens).
     config.token_label = ml_collections.ConfigDict()
@@ -219,13 +229,13 @@ def finetune_config(variant: str, img_size: int) -> ml_collections.ConfigDict:
     config.model = f"volo_{variant}_{img_size}"
     config.img_size = img_size
     config.requires_init = True
-    config.batch_size, config.token_label.mix_group_size = FINETUNE_BATCH[variant]
+    config.train.batch_size, config.token_label.mix_group_size = FINETUNE_BATCH[variant]
     config.optim.base_lr = 8e-6
     # The fine-tuning lr is for the variant's own batch (a larger batch scales it).
-    config.optim.lr_batch_base = config.batch_size
+    config.optim.lr_batch_base = config.train.batch_size
     config.optim.min_lr = 4e-6
     config.optim.weight_decay = 1e-8
     config.optim.warmup_epochs = 5
-    config.num_epochs = 30
+    config.train.num_epochs = 30
     config.token_label.ground_truth = True
     return config

@@ -43,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.interpolation = "bicubic"
     config.eval.batch_size = 120
 
-    config.batch_size = 64
-    config.num_epochs = 40
-    config.cooldown_epochs = 0
+    config.train.batch_size = 64
+    config.train.num_epochs = 40
+    config.train.cooldown_epochs = 0
     config.optim.base_lr = 1e-3
     config.optim.lr_batch_base = 64
     config.optim.warmup_epochs = 3

@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
             "stem_hidden_dim": 16,
         }
     )
-    config.batch_size = 32
-    config.num_epochs = 2
+    config.train.batch_size = 32
+    config.train.num_epochs = 2
     config.optim.warmup_epochs = 1
     config.optim.lr_batch_base = 32
     config.eval.batch_size = 120

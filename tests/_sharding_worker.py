@@ -58,8 +58,8 @@ def tiny_config():
     config = get_config()
     config.model_overrides.update(TINY)
     config.dataset.num_classes = 8
-    config.batch_size = 8
-    config.ema_decay = 0.9
+    config.train.batch_size = 8
+    config.train.ema_decay = 0.9
     config.optim.warmup_epochs = 0
     # Adam's first update is lr * g / (|g| + eps): with the usual eps 1e-8 it is
     # lr * sign(g), which turns the rounding of a near-zero gradient into an lr-sized
@@ -130,11 +130,11 @@ def compiled_fns(mesh, rules_name: str = "auto"):
 
 
 def new_state(mesh):
-    """The initial state created sharded on `mesh` (`create_sharded_train_state`, as the
+    """The initial state created sharded on `mesh` (`create_train_state`, as the
     trainer creates it) with `template()`'s static fields."""
     config, model, abstract = template()
     with use_mesh(mesh):
-        state, _ = train.create_sharded_train_state(config, model, 10, mesh, preset_rules("auto"))
+        state, _ = train.create_train_state(config, model, 10, mesh, preset_rules("auto"))
     return state.replace(tx=abstract.tx, apply_fn=abstract.apply_fn)
 
 
@@ -315,7 +315,7 @@ def compiled_step_text(config, mesh, batch: int) -> str:
     model = create_model(config.model, **model_overrides(config))
     rules = preset_rules("auto")
     with use_mesh(mesh):
-        state, shardings = train.create_sharded_train_state(config, model, 10, mesh, rules)
+        state, shardings = train.create_train_state(config, model, 10, mesh, rules)
         step = jax.jit(
             for_platform(
                 functools.partial(
@@ -351,7 +351,7 @@ def check_mix_pairs_local() -> dict:
     moves = {}
     for group in (2, 16):
         config = tiny_config()
-        config.batch_size = 16
+        config.train.batch_size = 16
         config.token_label.mix_group_size = group
         text = compiled_step_text(config, mesh, 16)
         moves[group] = sorted(m.group(1) for m in MOVING_COLLECTIVES.finditer(text))

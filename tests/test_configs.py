@@ -8,11 +8,17 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from volo_jax.errors import ConfigError
-from volo_jax.training.config import validate_config
+from volo_jax.models import create_model
+from volo_jax.training.config import model_overrides, token_grid, validate_config
 from volo_jax.training.optim import peak_learning_rate
+from volo_jax.training.train import StepOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
@@ -51,11 +57,13 @@ def test_official_recipe(variant, lr, drop_path):
     config = load(f"volo_{variant}")
     assert config.model == f"volo_{variant}_224"
     assert peak_learning_rate(config) == pytest.approx(lr)
-    config.batch_size = 512
+    config.train.batch_size = 512
     assert peak_learning_rate(config) == pytest.approx(lr / 2)
     assert config.model_overrides.drop_path_rate == drop_path
-    assert (config.optim.warmup_epochs, config.num_epochs, config.cooldown_epochs) == (20, 300, 10)
-    assert (config.optim.weight_decay, config.label_smoothing, config.seed) == (0.05, 0.1, 42)
+    train = config.train
+    assert (config.optim.warmup_epochs, train.num_epochs, train.cooldown_epochs) == (20, 300, 10)
+    assert (config.optim.weight_decay, train.label_smoothing, config.seed) == (0.05, 0.1, 42)
+    assert (train.grad_accum_steps, train.ema_decay) == (1, 0.0)
     assert config.optim.grad_clip_norm == 0
 
 
@@ -78,9 +86,9 @@ def test_finetune_recipe(name, img_size, batch, per_gpu, tmp_path):
         4e-6,
         1e-8,
     )
-    assert (config.num_epochs, config.optim.warmup_epochs) == (30, 5)
+    assert (config.train.num_epochs, config.optim.warmup_epochs) == (30, 5)
     # The README's lr is 8e-6 whatever the batch; MixToken pairs within a GPU's share.
-    assert config.batch_size == batch and peak_learning_rate(config) == pytest.approx(8e-6)
+    assert config.train.batch_size == batch and peak_learning_rate(config) == pytest.approx(8e-6)
     assert config.token_label.mix_group_size == per_gpu
     assert config.token_label.ground_truth and config.token_label.official_box_order
     config.init_from = str(tmp_path)
@@ -102,18 +110,20 @@ def test_official_token_labeling_defaults():
         ("dtype", "float16", "config.dtype"),
         ("matmul_precision", "bf16", "config.matmul_precision"),
         ("img_size", 100, "config.img_size"),
-        ("batch_size", 30, "config.batch_size"),  # with grad_accum_steps = 4
+        ("train.batch_size", 30, "config.train.batch_size"),  # with grad_accum_steps = 4
         ("model", "volo_d9_224", "config.model"),
         ("init_from", "/no/such/dir", "config.init_from"),
         ("optim.warmup_epochs", 400, "config.optim.warmup_epochs"),
         ("augment.randaugment", "rand-m9-foo3", "config.augment.randaugment"),
         ("teacher.model", "volo_d1_224", "config.teacher"),  # without teacher.init_from
         ("token_label.roi_sampling_ratio", 0, "config.token_label.roi_sampling_ratio"),
+        ("model_overrides.token_mixer", "outlok", "config.model_overrides.token_mixer"),
+        ("model_overrides.outlook_impl", "plane", "config.model_overrides.outlook_impl"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
     config = load("default")
-    config.grad_accum_steps = 4
+    config.train.grad_accum_steps = 4
     section, _, name = field.rpartition(".")
     setattr(config[section] if section else config, name, value)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -153,3 +163,71 @@ def test_command_line_errors_are_one_line(tmp_path):
     bad = _main("--config=configs/default.py", "--config.mode=infer", f"--workdir={tmp_path}")
     assert bad.returncode == 2
     assert "error: config.mode" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_old_command_line_of_a_moved_field_names_its_new_place(tmp_path):
+    moved = _main("--config=configs/default.py", "--config.batch_size=256", f"--workdir={tmp_path}")
+    assert moved.returncode == 2
+    assert "error: --config.batch_size: moved to --config.train.batch_size" in moved.stderr
+    assert "Traceback" not in moved.stderr
+
+
+def test_a_moved_field_set_in_a_config_file_names_its_new_place():
+    config = load("default")  # not locked: a config file may add fields
+    config.num_epochs = 5
+    with pytest.raises(
+        ConfigError, match=r"config\.num_epochs: moved to config\.train\.num_epochs"
+    ):
+        validate_config(config)
+
+
+def _parse(*overrides: str):
+    """configs/default.py with command-line overrides, parsed and locked as main.py does."""
+    argv = ["main.py", f"--config={os.path.join(REPO, 'configs', 'default.py')}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"block_size": 2, "halo_size": 1}',  # the JSON string it once was: still parses
+        "{'block_size': 2, 'halo_size': 1}",
+    ],
+)
+def test_token_mixer_kwargs_from_the_command_line(value):
+    """The mixer's keyword arguments, a nested config, given as a whole (the old JSON
+    command line keeps working) reach the model."""
+    config = _parse(
+        "--config.model_overrides.token_mixer=halo",
+        f"--config.model_overrides.token_mixer_kwargs={value}",
+    )
+    validate_config(config)
+    overrides = model_overrides(config)
+    assert overrides["token_mixer_kwargs"] == {"block_size": 2, "halo_size": 1}
+    model = create_model(config.model, **overrides)
+    # block_size 2 divides the 4 x 4 grid of the 32 px digits (halo's default, 7, does not).
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_token_grid_comes_from_the_model():
+    """img_size / (patch_size x pooling_scale): 32 / 16 for the default; a model with
+    4-px patches has 8-px tokens, and the aux tokens the model returns match the grid."""
+    config = load("default")
+    assert token_grid(config) == 2
+    config.model_overrides.patch_size = 4
+    config.img_size = 40
+    validate_config(config)
+    assert token_grid(config) == StepOptions.from_config(config).grid == 5
+    model = create_model(config.model, **model_overrides(config))
+    images = jnp.zeros((1, 40, 40, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    _, aux = jax.eval_shape(lambda v: model.apply(v, images, return_dense=True), variables)
+    assert aux.shape[1] == token_grid(config) ** 2
+    config.img_size = 36
+    with pytest.raises(ConfigError, match=r"config\.img_size: must be a positive multiple of 8"):
+        validate_config(config)

@@ -223,7 +223,7 @@ def _config(**changes):
     [
         {"token_label.mix_group_size": 16},  # 4 groups
         {"token_label.mix_group_size": 128},  # the default: one group of the 64
-        {"token_label.mix_group_size": 16, "grad_accum_steps": 4},  # micro-batches of 16
+        {"token_label.mix_group_size": 16, "train.grad_accum_steps": 4},  # micro-batches of 16
         {"token_label.mix_group_size": 24, "token_label.mix_token": False},  # unused
     ],
 )
@@ -236,7 +236,7 @@ def test_group_sizes_that_fit_validate(changes):
     [
         ({"token_label.mix_group_size": 24}, "24 does not divide the \\(micro-\\)batch of 64"),
         (
-            {"token_label.mix_group_size": 24, "grad_accum_steps": 2},
+            {"token_label.mix_group_size": 24, "train.grad_accum_steps": 2},
             "24 does not divide the \\(micro-\\)batch of 32",
         ),
         ({"token_label.mix_group_size": 0}, "must be a positive number of images"),

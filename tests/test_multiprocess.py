@@ -28,7 +28,7 @@ import pytest
 
 from tests._trees import adam_mu, worst_leaf
 from volo_jax.errors import ConfigError
-from volo_jax.sharding.mesh import distributed_settings, maybe_initialize_distributed
+from volo_jax.sharding.distributed import distributed_settings, maybe_initialize_distributed
 from volo_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +155,7 @@ import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from volo_jax.sharding.mesh import maybe_initialize_distributed
+from volo_jax.sharding.distributed import maybe_initialize_distributed
 
 jax.config.update("jax_cpu_collectives_implementation", None)  # the default of older jax
 maybe_initialize_distributed({"coordinator_address": sys.argv[1], "num_processes": 2,
@@ -355,11 +355,11 @@ def start_config() -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def start() -> dict[str, Any]:
     """The runs' initial {'params', 'batch_stats'} (a function of the config's seed)."""
-    config, model = start_config()
-    from volo_jax.sharding import create_mesh, preset_rules
+    from volo_jax.sharding import create_mesh
 
+    config, model = start_config()
     mesh = create_mesh({"data": 1}, jax.devices()[:1])
-    state, _ = train.create_sharded_train_state(config, model, 10, mesh, preset_rules("auto"))
+    state, _ = train.create_train_state(config, model, 10, mesh)
     return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
@@ -368,7 +368,7 @@ def work(tmp_path_factory) -> dict[str, str]:
     """The digits folder (written once, as on a shared file system) and a compilation
     cache shared by the runs."""
     from volo_jax.data.digits import prepare_digits_folder
-    from volo_jax.training.config import DIGITS
+    from volo_jax.data.location import DIGITS
 
     root = tmp_path_factory.mktemp("multiprocess")
     prepare_digits_folder(str(root / "data" / DIGITS))

@@ -52,7 +52,7 @@ def _train_step_case(outlook_impl: str = "auto"):
     config.dataset.num_classes = 10
     config.model_overrides.outlook_impl = outlook_impl
     model = create_model(config.model, **model_overrides(config))
-    state = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=10))
+    state, _ = train.abstract_train_state(config, model, steps_per_epoch=10)
     size = model.img_size
     batch = {
         "image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32),

@@ -237,10 +237,10 @@ def test_volo_d1_trains_and_evaluates_on_the_prepared_dataset(tmp_path):
         "main.py",
         f"--workdir={workdir}",
         *shrink,
-        "--config.batch_size=4",
-        "--config.num_epochs=2",
+        "--config.train.batch_size=4",
+        "--config.train.num_epochs=2",
         "--config.optim.warmup_epochs=1",
-        "--config.cooldown_epochs=0",
+        "--config.train.cooldown_epochs=0",
         "--config.max_steps=2",
         "--config.log_every_steps=1",
     )

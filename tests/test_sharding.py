@@ -178,14 +178,19 @@ def test_mix_token_groups_on_their_device_compile_without_moving_data():
     assert "error" not in result, result["error"]
 
 
-def test_sharded_state_with_init_from_matches_create_train_state(tmp_path):
+def test_train_state_with_init_from_holds_the_weights_in_their_shardings(tmp_path):
+    """create_train_state with init_from: the loaded params and BatchNorm statistics, the
+    skipped paths as a fresh state has them (config.seed), the EMA started from the loaded
+    weights, the optimizer state of those params, every leaf in its sharding."""
+    from flax import traverse_util
+
     from configs.smoke import get_config
     from volo_jax.training import train
     from volo_jax.training.config import model_overrides
     from volo_jax.weights import save_weights
 
     config = get_config()
-    config.ema_decay = 0.9
+    config.train.ema_decay = 0.9
     model = create_model(config.model, **model_overrides(config))
     variables = train.initial_variables(model, config.img_size, jax.random.PRNGKey(7))
     save_weights(
@@ -194,22 +199,39 @@ def test_sharded_state_with_init_from_matches_create_train_state(tmp_path):
         config.model,
         {k: v for k, v in model_overrides(config).items() if k != "dtype"},
     )
+    # A fresh state's head: the initial variables of config.seed's init key.
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    fresh = train.initial_variables(model, config.img_size, init_rng)
     config.init_from = str(tmp_path / "w")
     config.init_skip = (r"^params/head/",)
-    expected = train.create_train_state(config, model, steps_per_epoch=10)
-    state, shardings = train.create_sharded_train_state(
+    state, shardings = train.create_train_state(
         config, model, 10, create_mesh(), rules_from_config(config)
     )
-    equal = jax.tree_util.tree_map(
-        lambda a, b: bool(jnp.array_equal(a, b)),
-        (state.params, state.batch_stats, state.ema_params, state.ema_batch_stats, state.opt_state),
-        (
-            expected.params,
-            expected.batch_stats,
-            expected.ema_params,
-            expected.ema_batch_stats,
-            expected.opt_state,
-        ),
+    params = traverse_util.flatten_dict(variables["params"])
+    params.update(
+        {k: v for k, v in traverse_util.flatten_dict(fresh["params"]).items() if k[0] == "head"}
     )
+    params = traverse_util.unflatten_dict(params)
+    expected = (
+        params,
+        variables["batch_stats"],
+        params,
+        variables["batch_stats"],
+        state.tx.init(params),
+    )
+    got = (
+        state.params,
+        state.batch_stats,
+        state.ema_params,
+        state.ema_batch_stats,
+        state.opt_state,
+    )
+    equal = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), got, expected)
     assert all(jax.tree_util.tree_leaves(equal))
-    assert state.params["pos_embed"].sharding == shardings.params["pos_embed"]
+    assert not jnp.array_equal(
+        state.params["head"]["kernel"], variables["params"]["head"]["kernel"]
+    )
+    in_place = jax.tree_util.tree_map(
+        lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings
+    )
+    assert all(jax.tree_util.tree_leaves(in_place))

@@ -38,7 +38,7 @@ def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
 
 def make_step(config, teacher=None, tx=None):
     model = create_model(config.model, **model_overrides(config))
-    state = train.create_train_state(config, model, steps_per_epoch=10, tx=tx)
+    state, _ = train.create_train_state(config, model, steps_per_epoch=10, tx=tx)
     step = functools.partial(
         train.train_step, model=model, teacher=teacher, opts=train.StepOptions.from_config(config)
     )
@@ -86,7 +86,7 @@ def test_bfloat16_matmul_precision_learns_with_float32_state():
 
 
 def test_accumulation_bfloat16_and_ema():
-    config = tiny_config(dtype="bfloat16", grad_accum_steps=2, ema_decay=0.9)
+    config = tiny_config(dtype="bfloat16", **{"train.grad_accum_steps": 2, "train.ema_decay": 0.9})
     _, state, step = make_step(config)
     before = state.params
     before_stats = jax.tree_util.tree_map(np.asarray, state.batch_stats)  # the step donates
@@ -142,7 +142,7 @@ def assert_trees_close(got, want, rtol: float) -> None:
 
 
 def test_accumulated_gradient_is_the_whole_batch_gradient():
-    """grad_accum_steps=2 gives the gradient of the whole batch, and updates BatchNorm's
+    """train.grad_accum_steps=2 gives the gradient of the whole batch, and updates BatchNorm's
     running statistics once per micro-batch.
 
     BatchNorm normalises each micro-batch with its own statistics, so the two halves hold
@@ -156,7 +156,7 @@ def test_accumulated_gradient_is_the_whole_batch_gradient():
         "label": jnp.array([0, 1, 2, 3, 2, 3, 0, 1], jnp.int32),
     }
     whole, start, once = step_gradient(config, batch)
-    config.grad_accum_steps = 2
+    config.train.grad_accum_steps = 2
     accumulated, _, twice = step_gradient(config, batch)
     assert_trees_close(accumulated, whole, rtol=1e-5)
     # Both micro-batches have the whole batch's statistics s: one update gives
@@ -191,7 +191,7 @@ def test_teacher_targets_and_init_from(tmp_path):
     # init_from loads the same weights into the student, except skipped paths.
     config.init_from = str(tmp_path / "teacher")
     config.init_skip = (r"^params/(head|aux_head)/",)
-    state = train.create_train_state(config, model, steps_per_epoch=10)
+    state, _ = train.create_train_state(config, model, steps_per_epoch=10)
     np.testing.assert_array_equal(state.params["pos_embed"], variables["params"]["pos_embed"])
     assert not np.array_equal(state.params["head"]["kernel"], variables["params"]["head"]["kernel"])
 

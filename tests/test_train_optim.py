@@ -52,7 +52,7 @@ def test_per_epoch_schedule_changes_only_at_epoch_starts():
 
 def test_schedule_scales_with_batch():
     config = get_config()
-    config.batch_size = 256
+    config.train.batch_size = 256
     lr_fn = create_learning_rate_fn(config, STEPS_PER_EPOCH)
     peak = float(lr_fn(20 * STEPS_PER_EPOCH))
     assert peak == pytest.approx(1e-5 + (4e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 15)))

@@ -77,7 +77,7 @@ def _smoke_steps(**changes):
         section, _, name = key.rpartition(".")
         setattr(config[section] if section else config, name, value)
     model = create_model(config.model, **model_overrides(config))
-    state = train.create_train_state(config, model, steps_per_epoch=10)
+    state, _ = train.create_train_state(config, model, steps_per_epoch=10)
     step = functools.partial(
         train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
     )
@@ -162,7 +162,7 @@ def _command(workdir, data_dir, max_steps: int = 30) -> list[str]:
         f"--config.dataset.data_dir={data_dir}",
         f"--config.max_steps={max_steps}",
         "--config.eval_every_steps=1000",
-        "--config.ema_decay=0.999",
+        "--config.train.ema_decay=0.999",
     ]
 
 

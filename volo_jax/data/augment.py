@@ -38,56 +38,19 @@ import dataclasses
 import functools
 import math
 import os
-import re
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
 
 import tensorflow as tf
 
-from volo_jax.errors import ConfigError
+from volo_jax.data.transforms import RandAugmentSpec, parse_randaugment
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, argument) -> image
 LevelToArg = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (level, random sign) -> argument
 
 LEVEL_MAX = 10.0
 FILL = (124.0, 116.0, 104.0)  # round(255 * ImageNet mean), timm's `img_mean` fill colour
-
-
-@dataclasses.dataclass(frozen=True)
-class RandAugmentSpec:
-    """A parsed timm RandAugment string."""
-
-    magnitude: float = 9.0
-    num_layers: int = 2
-    magnitude_std: float = 0.0
-    increasing: bool = False
-    prob: float = 0.5
-
-
-def parse_randaugment(spec: str) -> RandAugmentSpec:
-    """'rand-m9-mstd0.5-inc1' -> RandAugmentSpec; ConfigError on anything else."""
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ConfigError(f"config.augment.randaugment: expected 'rand-m9-...', got {spec!r}")
-    fields = {
-        "m": ("magnitude", float),
-        "n": ("num_layers", int),
-        "mstd": ("magnitude_std", float),
-        "inc": ("increasing", lambda v: bool(int(v))),
-        "p": ("prob", float),
-    }
-    values = {}
-    for part in parts[1:]:
-        match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
-        if not match or match.group(1) not in fields:
-            raise ConfigError(
-                f"config.augment.randaugment: unknown part {part!r} in {spec!r}; "
-                f"known: {', '.join(k + 'N' for k in fields)}"
-            )
-        name, cast = fields[match.group(1)]
-        values[name] = cast(match.group(2))
-    return RandAugmentSpec(**values)
 
 
 def _seeds(seed: tf.Tensor, count: int) -> list[tf.Tensor]:

@@ -10,11 +10,16 @@ default 'center' crop mode and a square input size) as::
 
 :func:`eval_transform` performs the same operations in the same order and float32 precision,
 but returns an HWC array (the layout our Flax models take) instead of a CHW tensor.
+
+:func:`parse_randaugment` reads timm's RandAugment string ('rand-m9-mstd0.5-inc1') without
+TensorFlow, so that a config is checked before the train augmentation (`augment.py`) loads.
 """
 
+import dataclasses
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import BinaryIO
@@ -22,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from volo_jax.errors import ImageReadError
+from volo_jax.errors import ConfigError, ImageReadError
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -160,3 +165,39 @@ def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names (first WordNet lemma) in class-index order."""
     text = resources.files(__package__).joinpath("imagenet_classes.txt").read_text("utf-8")
     return text.splitlines()
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string."""
+
+    magnitude: float = 9.0
+    num_layers: int = 2
+    magnitude_std: float = 0.0
+    increasing: bool = False
+    prob: float = 0.5
+
+
+def parse_randaugment(spec: str) -> RandAugmentSpec:
+    """'rand-m9-mstd0.5-inc1' -> RandAugmentSpec; ConfigError on anything else."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ConfigError(f"config.augment.randaugment: expected 'rand-m9-...', got {spec!r}")
+    fields = {
+        "m": ("magnitude", float),
+        "n": ("num_layers", int),
+        "mstd": ("magnitude_std", float),
+        "inc": ("increasing", lambda v: bool(int(v))),
+        "p": ("prob", float),
+    }
+    values = {}
+    for part in parts[1:]:
+        match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
+        if not match or match.group(1) not in fields:
+            raise ConfigError(
+                f"config.augment.randaugment: unknown part {part!r} in {spec!r}; "
+                f"known: {', '.join(k + 'N' for k in fields)}"
+            )
+        name, cast = fields[match.group(1)]
+        values[name] = cast(match.group(2))
+    return RandAugmentSpec(**values)

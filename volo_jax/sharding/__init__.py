@@ -1,5 +1,6 @@
 """Device meshes, the logical axes of the parameters and the shardings they give."""
 
+from volo_jax.sharding.distributed import maybe_initialize_distributed
 from volo_jax.sharding.mesh import (
     BATCH_AXES,
     DATA_AXIS,
@@ -8,7 +9,6 @@ from volo_jax.sharding.mesh import (
     MODEL_AXIS,
     batch_sharding,
     create_mesh,
-    maybe_initialize_distributed,
     mesh_shape,
     replicated,
     shard_batch,

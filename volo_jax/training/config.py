@@ -1,23 +1,49 @@
-"""Checks a training / evaluation config once all command-line overrides are applied."""
+"""The one place that checks a training / evaluation config (once all command-line
+overrides are applied), and the values derived from it that several modules read.
+
+`validate_config` raises ConfigError naming the field for every value that is unknown, out
+of range or inconsistent with another: the model and its overrides, the weights to load,
+the mesh, sharding and multi-host fields, the data, the training recipe, the augmentation
+and the token-labeling targets. Fields that moved (`MOVED_FIELDS`) are named with their new
+place, on the command line (main.py) and in a config file alike.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from volo_jax.data.location import DIGITS
+from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, UnknownModelError
-from volo_jax.models import model_kwargs
+from volo_jax.models import create_model, model_kwargs
+from volo_jax.models.volo import MIXER_NAMES
+from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
+from volo_jax.paths import as_path, is_remote
+from volo_jax.sharding import mesh_shape, rules_from_config
+from volo_jax.sharding.distributed import distributed_settings
+from volo_jax.weights import is_weights_file, read_metadata, weights_exist
 
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "bfloat16", "tensorfloat32", "float32", "highest", "fastest")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
-DIGITS = "sklearn_digits"  # the built-in dataset of configs/default.py
-PATCH_GRID = 16  # image pixels per token side (patch 8 x pooling 2)
+#: Old field -> its place now (the training fields are grouped under `config.train`).
+MOVED_FIELDS = {
+    name: f"train.{name}"
+    for name in (
+        "batch_size",
+        "grad_accum_steps",
+        "num_epochs",
+        "cooldown_epochs",
+        "label_smoothing",
+        "ema_decay",
+    )
+}
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -25,29 +51,15 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"config.{field}: {message}")
 
 
-def _is_dir(path: str) -> bool:
-    """A local or gs:// directory exists (`volo_jax.paths`)."""
-    from volo_jax.paths import as_path
-
-    return as_path(path).is_dir()
-
-
-def _weights_exist(path: str) -> bool:
-    """A .safetensors weights file or a weights directory exists (`volo_jax.weights`)."""
-    from volo_jax.weights import weights_exist
-
-    return weights_exist(path)
-
-
 def _weights_not_found(path: str) -> str:
-    from volo_jax.weights import is_weights_file
-
     return f"weights {'file' if is_weights_file(path) else 'directory'} not found: {path}"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, naming the field, for a value that is unknown, out of range
     or inconsistent with another."""
+    for old in MOVED_FIELDS:
+        _require(old not in config, old, f"moved to config.{MOVED_FIELDS[old]}")
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
     precision = config.get("matmul_precision")
@@ -56,17 +68,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "matmul_precision",
         f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
     )
+    model = _model(config)
+    pixels = _token_pixels(model)
+    if hasattr(model, "token_mixer"):  # VOLO's outlooker stage: read when traced
+        _require(
+            model.token_mixer in MIXER_NAMES,
+            "model_overrides.token_mixer",
+            f"must be one of {', '.join(MIXER_NAMES)}, got {model.token_mixer!r}",
+        )
+        impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
+        _require(
+            model.outlook_impl in impls,
+            "model_overrides.outlook_impl",
+            f"must be one of {', '.join(impls)}, got {model.outlook_impl!r}",
+        )
+    step = pixels or 1  # a model without a token grid: any positive size
     _require(
-        config.img_size > 0 and config.img_size % PATCH_GRID == 0,
+        config.img_size > 0 and config.img_size % step == 0,
         "img_size",
-        f"must be a positive multiple of {PATCH_GRID}, got {config.img_size}",
+        f"must be a positive multiple of {step} (patch_size x pooling_scale of "
+        f"{config.model}), got {config.img_size}"
+        if pixels
+        else f"must be positive, got {config.img_size}",
     )
-    try:
-        model_kwargs(config.model, **model_overrides(config))
-    except UnknownModelError as err:
-        raise ConfigError(f"config.model: {err}") from None
-    except ConfigError as err:
-        raise ConfigError(f"config.model_overrides: {err}") from None
     if config.mode == "eval" or config.requires_init:
         _require(
             bool(config.init_from),
@@ -76,17 +100,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"{', fine-tuning config' if config.requires_init else ''})",
         )
     if config.init_from:
-        _require(
-            _weights_exist(config.init_from), "init_from", _weights_not_found(config.init_from)
-        )
-    from volo_jax.sharding.mesh import distributed_settings
-
+        _require(weights_exist(config.init_from), "init_from", _weights_not_found(config.init_from))
     distributed_settings(config.get("distributed"))
-    _require(
-        config.dataset.num_classes >= 2,
-        "dataset.num_classes",
-        f"must be >= 2, got {config.dataset.num_classes}",
-    )
+    _validate_dataset(config)
     devices = batch_devices(config)
     _require(
         config.eval.batch_size > 0 and config.eval.batch_size % devices == 0,
@@ -95,42 +111,64 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"the batch axes (mesh data x fsdp), got {config.eval.batch_size}",
     )
     if config.mode == "train":
+        _require(
+            pixels is not None,
+            "model",
+            f"{config.model} has no token grid (patch_size x pooling_scale): training with "
+            "token labeling needs a VOLO model",
+        )
         _validate_training(config, devices)
+
+
+def _validate_dataset(config: ml_collections.ConfigDict) -> None:
+    dataset = config.dataset
+    _require(
+        dataset.num_classes >= 2,
+        "dataset.num_classes",
+        f"must be >= 2, got {dataset.num_classes}",
+    )
+    _require(
+        not (dataset.name == DIGITS and dataset.data_dir and is_remote(dataset.data_dir)),
+        "dataset.data_dir",
+        f"{dataset.data_dir}: the built-in digits are written to a local folder; give a "
+        "local path or leave it unset",
+    )
 
 
 def batch_devices(config: ml_collections.ConfigDict) -> int:
     """Devices the batch is split over (data x fsdp of `config.mesh`); checks the mesh
     sizes and the sharding preset (ConfigError)."""
-    from volo_jax.sharding import mesh_shape, rules_from_config
-
     rules_from_config(config)
     data, fsdp, _ = mesh_shape(config.get("mesh"), jax.device_count())
     return data * fsdp
 
 
 def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
-    accum = config.grad_accum_steps
-    _require(accum >= 1, "grad_accum_steps", f"must be >= 1, got {accum}")
+    train = config.train
+    accum = train.grad_accum_steps
+    _require(accum >= 1, "train.grad_accum_steps", f"must be >= 1, got {accum}")
     _require(
-        config.batch_size > 0 and config.batch_size % (accum * devices) == 0,
-        "batch_size",
-        f"{config.batch_size} must be divisible by grad_accum_steps x "
+        train.batch_size > 0 and train.batch_size % (accum * devices) == 0,
+        "train.batch_size",
+        f"{train.batch_size} must be divisible by train.grad_accum_steps x "
         f"batch devices (mesh data x fsdp) = {accum} x {devices}",
     )
-    _require(config.num_epochs > 0, "num_epochs", f"must be positive, got {config.num_epochs}")
-    _require(config.cooldown_epochs >= 0, "cooldown_epochs", "must be >= 0")
+    _require(train.num_epochs > 0, "train.num_epochs", f"must be positive, got {train.num_epochs}")
+    _require(train.cooldown_epochs >= 0, "train.cooldown_epochs", "must be >= 0")
+    _require(
+        0 <= train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}"
+    )
+    _require(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     optim = config.optim
     _require(
-        0 <= optim.warmup_epochs < config.num_epochs,
+        0 <= optim.warmup_epochs < train.num_epochs,
         "optim.warmup_epochs",
-        f"must be in [0, num_epochs={config.num_epochs}), got {optim.warmup_epochs}",
+        f"must be in [0, train.num_epochs={train.num_epochs}), got {optim.warmup_epochs}",
     )
     _require(optim.base_lr > 0, "optim.base_lr", f"must be positive, got {optim.base_lr}")
     _require(0 <= optim.min_lr <= optim.base_lr, "optim.min_lr", "must be in [0, base_lr]")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")
-    _require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {config.ema_decay}")
-    _require(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     aug = config.augment
     _require(
         0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1,
@@ -153,8 +191,6 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
         "hflip and erase_prob are probabilities",
     )
     if aug.randaugment:
-        from volo_jax.data.augment import parse_randaugment
-
         parse_randaugment(aug.randaugment)
     for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_steps"):
         value = config.get(name)
@@ -164,7 +200,7 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
 
 
 def _validate_token_label(config: ml_collections.ConfigDict) -> None:
-    tl, teacher = config.token_label, config.teacher
+    tl, teacher, train = config.token_label, config.teacher, config.train
     _require(
         tl.cls_weight >= 0 and tl.dense_weight >= 0 and tl.cls_weight + tl.dense_weight > 0,
         "token_label",
@@ -182,14 +218,14 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         "token_label.mix_group_size",
         f"must be a positive number of images (official: 128), got {group!r}",
     )
-    micro = config.batch_size // config.grad_accum_steps
+    micro = train.batch_size // train.grad_accum_steps
     _require(
         not tl.mix_token or micro <= group or micro % group == 0,
         "token_label.mix_group_size",
-        f"{group} does not divide the (micro-)batch of {micro} images (batch_size / "
-        f"grad_accum_steps = {config.batch_size} / {config.grad_accum_steps}): MixToken pairs "
-        "within groups of that many images; use a divisor of it (e.g. its share per device), "
-        "or at least the batch for one group",
+        f"{group} does not divide the (micro-)batch of {micro} images (train.batch_size / "
+        f"train.grad_accum_steps = {train.batch_size} / {train.grad_accum_steps}): MixToken "
+        "pairs within groups of that many images; use a divisor of it (e.g. its share per "
+        "device), or at least the batch for one group",
     )
     _require(
         bool(teacher.model) == bool(teacher.init_from),
@@ -203,7 +239,7 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
     )
     if tl.data_dir:
         _require(
-            _is_dir(tl.data_dir),
+            as_path(tl.data_dir).is_dir(),
             "token_label.data_dir",
             f"directory not found: {tl.data_dir}",
         )
@@ -213,24 +249,73 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
         except UnknownModelError as err:
             raise ConfigError(f"config.teacher.model: {err}") from None
         _require(
-            _weights_exist(teacher.init_from),
+            weights_exist(teacher.init_from),
             "teacher.init_from",
             _weights_not_found(teacher.init_from),
         )
+        try:
+            classes = model_kwargs(teacher.model, **teacher_overrides(config))["num_classes"]
+        except ConfigError as err:
+            raise ConfigError(f"config.teacher.init_from: {err}") from None
+        _require(
+            classes == config.dataset.num_classes,
+            "teacher",
+            f"{teacher.init_from} predicts {classes} classes, the dataset has "
+            f"{config.dataset.num_classes}",
+        )
+
+
+def _model(config: ml_collections.ConfigDict) -> nn.Module:
+    """config.model with the config's overrides (the module, not initialised; ConfigError
+    for an unknown model or argument)."""
+    try:
+        return create_model(config.model, **model_overrides(config))
+    except UnknownModelError as err:
+        raise ConfigError(f"config.model: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config.model_overrides: {err}") from None
+
+
+def _token_pixels(model: nn.Module) -> int | None:
+    """Image pixels per token side (VOLO: patch_size x pooling_scale), None for a model
+    without a token grid."""
+    patch, pooling = getattr(model, "patch_size", None), getattr(model, "pooling_scale", None)
+    return None if patch is None or pooling is None else patch * pooling
+
+
+def token_grid(config: ml_collections.ConfigDict) -> int:
+    """Side of the model's token grid, img_size / (patch_size x pooling_scale): the grid of
+    the aux tokens, the dense targets and MixToken's boxes (14 for VOLO at 224)."""
+    pixels = _token_pixels(_model(config))
+    if pixels is None:
+        raise ConfigError(
+            f"config.model: {config.model} has no token grid (patch_size x pooling_scale)"
+        )
+    return config.img_size // pixels
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
-    """Constructor overrides of the model: the config's, plus size, classes and dtype."""
-    overrides = dict(config.model_overrides.to_dict())
-    mixer_kwargs = overrides.pop("token_mixer_kwargs", "") or "{}"
-    try:
-        overrides["token_mixer_kwargs"] = json.loads(mixer_kwargs)
-    except json.JSONDecodeError as err:
+    """Constructor overrides of the model: the config's (token_mixer_kwargs a dict), plus
+    size, classes and dtype."""
+    overrides = config.model_overrides.to_dict()
+    mixer_kwargs = overrides.get("token_mixer_kwargs") or {}
+    if isinstance(mixer_kwargs, str):  # a config written for the JSON string it once was
         raise ConfigError(
-            f"config.model_overrides.token_mixer_kwargs must be a JSON object, got "
-            f"{mixer_kwargs!r} ({err})"
-        ) from None
+            "config.model_overrides.token_mixer_kwargs: a nested config of keyword "
+            f"arguments now, not a string, e.g. {{'block_size': 2}}; got {mixer_kwargs!r}"
+        )
+    overrides["token_mixer_kwargs"] = dict(mixer_kwargs)
     overrides.update(img_size=config.img_size, num_classes=config.dataset.num_classes)
+    if config.dtype == "bfloat16":
+        overrides["dtype"] = jnp.bfloat16
+    return overrides
+
+
+def teacher_overrides(config: ml_collections.ConfigDict) -> dict:
+    """Constructor overrides of the online teacher: the architecture its weights record
+    (their model.json), at the student's resolution and compute dtype."""
+    meta = read_metadata(config.teacher.init_from)
+    overrides = {**meta.get("overrides", {}), "img_size": config.img_size}
     if config.dtype == "bfloat16":
         overrides["dtype"] = jnp.bfloat16
     return overrides

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from volo_jax.errors import ConfigError
+from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model, pretrained_cfg
 from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.progress import Progress
@@ -35,12 +34,7 @@ from volo_jax.sharding import (
     use_mesh,
     variables_shardings,
 )
-from volo_jax.training.config import (
-    DIGITS,
-    matmul_precision,
-    model_overrides,
-    validate_config,
-)
+from volo_jax.training.config import matmul_precision, model_overrides, validate_config
 from volo_jax.weights import load_weights_into
 
 SUMS = ("top1", "top5", "loss", "count")
@@ -121,41 +115,12 @@ def eval_preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def dataset_location(config: ml_collections.ConfigDict, workdir: str | None) -> str:
-    """The config's dataset name or folder; the built-in digits are written as a folder
-    under dataset.data_dir (default WORKDIR/data, or ~/.cache/volo_jax without a local
-    workdir: a gs:// workdir keeps them on the local disk)."""
-    name = config.dataset.name
-    if name != DIGITS:
-        return name
-    from volo_jax.data.digits import prepare_digits_folder
-    from volo_jax.paths import is_remote
-
-    if config.dataset.data_dir and is_remote(config.dataset.data_dir):
-        raise ConfigError(
-            f"dataset.data_dir={config.dataset.data_dir}: the built-in digits are written to "
-            "a local folder; give a local path or leave it unset"
-        )
-    local_workdir = workdir and not is_remote(workdir)
-    default = (
-        os.path.join(workdir, "data") if local_workdir else os.path.expanduser("~/.cache/volo_jax")
-    )
-    folder = os.path.join(config.dataset.data_dir or default, DIGITS)
-    if jax.process_count() > 1:  # process 0 writes it, the others wait and read it
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:
-            prepare_digits_folder(folder)
-        multihost_utils.sync_global_devices("volo_jax: digits folder written")
-    return prepare_digits_folder(folder)
-
-
 def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
     """The eval split as padded, masked batches of config.eval.batch_size (global)."""
     from volo_jax.data.input_pipeline import create_eval_dataset
 
     ds, num_examples = create_eval_dataset(
-        dataset_location(config, workdir),
+        dataset_location(config.dataset.name, config.dataset.data_dir, workdir),
         config.dataset.eval_split,
         batch_size=config.eval.batch_size // jax.process_count(),
         data_dir=config.dataset.data_dir,

@@ -2,10 +2,10 @@
 weight decay on 1-D parameters (biases, norms), `pos_embed` and `cls_token`.
 
 The schedule is timm 0.4.5's `CosineLRScheduler` as the official `create_scheduler`
-makes it (t_initial = num_epochs, warmup_t = warmup_epochs, warmup_prefix False, then
-min_lr during the cooldown epochs, t_in_epochs): with `optim.per_epoch_schedule` the lr
-changes only at epoch boundaries, as the official run; without, it is evaluated at every
-step's fractional epoch (step / steps_per_epoch).
+makes it (t_initial = train.num_epochs, warmup_t = optim.warmup_epochs, warmup_prefix
+False, then min_lr during train.cooldown_epochs, t_in_epochs): with
+`optim.per_epoch_schedule` the lr changes only at epoch boundaries, as the official run;
+without, it is evaluated at every step's fractional epoch (step / steps_per_epoch).
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """base_lr scaled linearly with the batch: base_lr * batch_size / lr_batch_base."""
-    return config.optim.base_lr * config.batch_size / config.optim.lr_batch_base
+    """base_lr scaled linearly with the batch: base_lr * train.batch_size / lr_batch_base."""
+    return config.optim.base_lr * config.train.batch_size / config.optim.lr_batch_base
 
 
 def create_learning_rate_fn(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> Callable[[jax.Array], jax.Array]:
     """step (updates done before this one) -> lr. With t = step / steps_per_epoch (rounded
-    down to whole epochs with optim.per_epoch_schedule), W warmup and T num_epochs:
+    down to whole epochs with optim.per_epoch_schedule), W warmup and T train.num_epochs:
     t < W: warmup_lr + (peak - warmup_lr) * t / W;
     W <= t < T: min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2;
     t >= T (cooldown): min_lr."""
     peak = peak_learning_rate(config)
     opt = config.optim
-    warmup, total = float(opt.warmup_epochs), float(config.num_epochs)
+    warmup, total = float(opt.warmup_epochs), float(config.train.num_epochs)
     per_epoch = bool(opt.per_epoch_schedule)
 
     def schedule(step: jax.Array) -> jax.Array:

@@ -120,7 +120,7 @@ def targets_from_score_maps(
       label_maps: (B, 2, T, H, W) top-T (values, indices) score maps of the full images,
         already flipped and moved by RandAugment with their images.
       boxes: (B, 4) the crops as (y0, x0, y1, x1) fractions of the full image.
-      grid: token grid side g (img_size // 16).
+      grid: token grid side g: img_size / (patch_size x pooling_scale), 14 at 224.
       sampling_ratio: roi_align samples per bin and axis; <= 0: ceil(bin length), as the
         official code (torchvision's -1).
       official_box_order: crop the map with the official transposed box (see the module).

@@ -6,7 +6,8 @@ step), MixToken with one box per group of `token_label.mix_group_size` images dr
 from the step's RNG, the token-labeling loss, AdamW,
 optional gradient accumulation over micro-batches and an EMA of the parameters.
 The state is created, stepped and checkpointed in the shardings that the config's mesh
-and sharding rules give it (`volo_jax.sharding`); batches are split over data x fsdp.
+and sharding rules give it (`volo_jax.sharding`; one device is a mesh of one): there is one
+way to make it, `create_train_state`. Batches are split over data x fsdp.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
-from volo_jax.errors import ConfigError
+from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
 from volo_jax.ops.cpu import cpu_kernels, for_platform
@@ -48,7 +50,13 @@ from volo_jax.sharding import (
 )
 from volo_jax.training import evaluate as eval_lib
 from volo_jax.training.checkpointing import Checkpointer
-from volo_jax.training.config import matmul_precision, model_overrides, validate_config
+from volo_jax.training.config import (
+    matmul_precision,
+    model_overrides,
+    teacher_overrides,
+    token_grid,
+    validate_config,
+)
 from volo_jax.training.losses import (
     ground_truth_mix,
     mix_class_targets,
@@ -60,7 +68,7 @@ from volo_jax.training.metrics import MetricWriter, plot_curves
 from volo_jax.training.optim import create_learning_rate_fn, create_optimizer
 from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.training.token_labels import targets_from_score_maps
-from volo_jax.weights import load_weights_into, read_metadata, save_weights
+from volo_jax.weights import load_weights_into, save_weights
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -84,7 +92,7 @@ class StepOptions:
     """The static hyper-parameters of `train_step`."""
 
     num_classes: int
-    grid: int  # token grid side (img_size // 16)
+    grid: int  # token grid side: img_size / (patch_size x pooling_scale)
     label_smoothing: float = 0.1
     cls_weight: float = 1.0
     dense_weight: float = 0.5
@@ -99,11 +107,11 @@ class StepOptions:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
-        tl = config.token_label
+        tl, train = config.token_label, config.train
         return cls(
             num_classes=config.dataset.num_classes,
-            grid=config.img_size // 16,
-            label_smoothing=config.label_smoothing,
+            grid=token_grid(config),
+            label_smoothing=train.label_smoothing,
             cls_weight=tl.cls_weight,
             dense_weight=tl.dense_weight,
             mix_token=tl.mix_token,
@@ -112,8 +120,8 @@ class StepOptions:
             ground_truth=tl.ground_truth,
             roi_sampling_ratio=tl.roi_sampling_ratio,
             official_box_order=tl.official_box_order,
-            grad_accum_steps=config.grad_accum_steps,
-            ema_decay=config.ema_decay,
+            grad_accum_steps=train.grad_accum_steps,
+            ema_decay=train.ema_decay,
         )
 
 
@@ -262,14 +270,6 @@ def initial_variables(model: nn.Module, img_size: int, rng: jax.Array) -> dict[s
     return dict(model.init({"params": rng}, dummy, train=False))
 
 
-def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
-    """`variables` with every leaf that `loaded` holds (same path) replaced by it."""
-    flat = traverse_util.flatten_dict(variables)
-    for path, value in traverse_util.flatten_dict(loaded).items():
-        flat[path] = jnp.asarray(value, flat[path].dtype)
-    return traverse_util.unflatten_dict(flat)
-
-
 def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> dict[str, Any]:
     """config.init_from's variables for `model` (NumPy), without config.init_skip's paths;
     a position embedding of another resolution resized bicubically, with antialias only
@@ -283,26 +283,20 @@ def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> di
     )
 
 
-def create_train_state(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    steps_per_epoch: int,
-    tx: optax.GradientTransformation | None = None,
-    load_init: bool = True,
+def _fresh_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation
 ) -> TrainState:
-    """Step 0: initial (or config.init_from, unless `load_init` is False) weights, AdamW
-    state (`tx`, default the config's), EMA copy, base RNG."""
+    """Step 0 from config.seed: initial variables, optimizer state, EMA copy, base RNG
+    (traced inside `jax.jit` or `jax.eval_shape` by the functions below)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = initial_variables(model, config.img_size, init_rng)
-    if config.init_from and load_init:
-        variables = merge_weights(variables, load_init_weights(config, model))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    ema = config.ema_decay > 0
+    ema = config.train.ema_decay > 0
     state = TrainState.create(
         apply_fn=model.apply,
         params=params,
-        tx=create_optimizer(config, steps_per_epoch) if tx is None else tx,
+        tx=tx,
         batch_stats=batch_stats,
         # Copies: the step donates the state, and one buffer cannot be donated twice.
         ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
@@ -315,26 +309,39 @@ def create_train_state(
 
 
 def abstract_train_state(
-    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int
-) -> tuple[TrainState, Any]:
-    """The step-0 state as ShapeDtypeStructs, and a function () -> that state (the
-    config's weights not loaded) whose static fields (tx, apply_fn) are the template's."""
-    tx = create_optimizer(config, steps_per_epoch)
-    init = functools.partial(create_train_state, config, model, steps_per_epoch, tx, False)
-    return jax.eval_shape(init), init
-
-
-def create_sharded_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     steps_per_epoch: int,
-    mesh: jax.sharding.Mesh,
-    rules: dict[str, tuple[str, ...]],
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, Any]:
-    """Step 0 born in its shardings (`jax.jit(init, out_shardings=...)` after
-    `jax.eval_shape`, so no device holds more than its shard), then the config.init_from
-    weights put straight into their shardings. Returns (state, its NamedSharding tree)."""
-    abstract, init = abstract_train_state(config, model, steps_per_epoch)
+    """The step-0 state as ShapeDtypeStructs (what a checkpoint is restored into), and a
+    function () -> that state from config.seed (the config's weights not loaded) whose
+    static fields (tx, apply_fn) are the template's. `tx`: default the config's AdamW."""
+    tx = create_optimizer(config, steps_per_epoch) if tx is None else tx
+    init = functools.partial(_fresh_train_state, config, model, tx)
+    return jax.eval_shape(init), init
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    steps_per_epoch: int,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: dict[str, tuple[str, ...]] | None = None,
+    tx: optax.GradientTransformation | None = None,
+) -> tuple[TrainState, TrainState]:
+    """Step 0 of a run, born in its shardings (`jax.jit(init, out_shardings=...)` after
+    `jax.eval_shape`, so no device holds more than its shard), with the config.init_from
+    weights (without config.init_skip's paths) put straight into their shardings and the
+    EMA started from them.
+
+    `mesh` (default `create_mesh(config.mesh)`; one device is a mesh of one), `rules`
+    (default `rules_from_config(config)`), `tx` (default the config's AdamW).
+    Returns (state, its NamedSharding tree).
+    """
+    mesh = create_mesh(config.get("mesh")) if mesh is None else mesh
+    rules = rules_from_config(config) if rules is None else rules
+    abstract, init = abstract_train_state(config, model, steps_per_epoch, tx)
     shardings = state_shardings(abstract, mesh, rules)
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
@@ -344,8 +351,9 @@ def create_sharded_train_state(
 
 
 def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState) -> TrainState:
-    """`state` with the leaves of `loaded` ({'params', 'batch_stats'}, host arrays) put
-    into their shardings (and the EMA restarted from the new params)."""
+    """`state` with the leaves of `loaded` ({'params', 'batch_stats'}, host arrays, a
+    subset of the paths) put into their shardings in the state's dtypes, and the EMA
+    restarted from the new params and statistics."""
     names = ("params", "batch_stats")
     flat = traverse_util.flatten_dict({n: getattr(state, n) for n in names})
     targets = traverse_util.flatten_dict({n: getattr(shardings, n) for n in names})
@@ -366,19 +374,10 @@ def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
     """The online teacher and its weights: config.teacher.model with the architecture
     overrides its weights record, at the student's resolution (the position
-    embedding is resized) and compute dtype."""
+    embedding is resized) and compute dtype (`teacher_overrides`)."""
     if not config.teacher.model:
         return None, None
-    meta = read_metadata(config.teacher.init_from)
-    overrides = {**meta.get("overrides", {}), "img_size": config.img_size}
-    if config.dtype == "bfloat16":
-        overrides["dtype"] = jnp.bfloat16
-    teacher = create_model(config.teacher.model, **overrides)
-    if teacher.num_classes != config.dataset.num_classes:
-        raise ConfigError(
-            f"config.teacher: {config.teacher.init_from} predicts {teacher.num_classes} classes, "
-            f"the dataset has {config.dataset.num_classes}"
-        )
+    teacher = create_model(config.teacher.model, **teacher_overrides(config))
     return teacher, load_weights_into(config.teacher.init_from, teacher, config.teacher.model)
 
 
@@ -405,9 +404,9 @@ def create_train_input(config: ml_collections.ConfigDict, workdir: str) -> Any:
         std=tuple(config.std),
     )
     return create_train_dataset(
-        eval_lib.dataset_location(config, workdir),
+        dataset_location(config.dataset.name, config.dataset.data_dir, workdir),
         config.dataset.train_split,
-        batch_size=config.batch_size // jax.process_count(),
+        batch_size=config.train.batch_size // jax.process_count(),
         augment=augment,
         seed=config.seed,
         data_dir=config.dataset.data_dir,
@@ -459,22 +458,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_data = create_train_input(config, workdir)
     eval_data, _ = eval_lib.create_eval_batches(config, workdir)
     steps_per_epoch = train_data.steps_per_epoch
-    total_steps = (config.num_epochs + config.cooldown_epochs) * steps_per_epoch
+    total_steps = (config.train.num_epochs + config.train.cooldown_epochs) * steps_per_epoch
     last_step = min(total_steps, config.max_steps or total_steps)
 
     model = create_model(config.model, **model_overrides(config))
     ckpt = Checkpointer(join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+    # Where the train state comes from: the first of these that applies (the order matters).
+    # 1. The newest checkpoint in WORKDIR/checkpoints that restores: the same run resumed
+    #    (after preemption, a kill or a crash; a fine-tuning run too: config.init_from is
+    #    not read again). Restored straight into this run's shardings (the mesh may differ
+    #    from the saver's).
+    # 2. config.init_from: a new run from those weights (fine-tuning or new classes): the
+    #    position embedding resized to img_size, config.init_skip's paths and the optimizer
+    #    state fresh, the EMA started from the weights.
+    # 3. A new run from config.seed.
+    # 2 and 3 are `create_train_state`, born in the shardings as 1 is restored into them.
     restored = None
     if ckpt.latest_step is not None:
-        # Restored straight into this run's shardings: the mesh may differ from the saver's.
         abstract, _ = abstract_train_state(config, model, steps_per_epoch)
         shardings = state_shardings(abstract, mesh, rules)
         restored = ckpt.restore_latest(with_shardings(abstract, shardings))
-    if restored is not None:
+    if restored is not None:  # 1.
         state, restored_step = restored
         logging.info("resuming from step %d of %s", restored_step, ckpt.directory)
-    else:
-        state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh, rules)
+    else:  # 2. or 3.
+        state, shardings = create_train_state(config, model, steps_per_epoch, mesh, rules)
     teacher, teacher_variables = load_teacher(config)
     teacher_shardings = (
         None if teacher_variables is None else variables_shardings(teacher_variables, mesh, rules)
@@ -500,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh=mesh,
         writer=MetricWriter(workdir),
         ckpt=ckpt,
-        batch_size=config.batch_size,
+        batch_size=config.train.batch_size,
         log_every=config.log_every_steps,
         eval_every=config.eval_every_steps or steps_per_epoch,
         checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
@@ -513,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps_per_epoch,
         start,
         last_step,
-        config.batch_size,
+        config.train.batch_size,
         jax.device_count(),
     )
     logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
@@ -547,8 +555,6 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
         "batch_stats": state.batch_stats,
     }
     if jax.process_count() > 1:  # each process holds only its shards: gather whole arrays
-        from jax.experimental import multihost_utils
-
         variables = multihost_utils.process_allgather(variables, tiled=True)
     overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
     save_weights(
