@@ -162,3 +162,24 @@ def test_outlook_roofline_counts():
         assert not counted or (row["xla_cpu_gflop"] > 0 and row["xla_cpu_mb"] > 0)
         assert row["TPU v5e"]["bound_us"] > 0 and row["H100 SXM"]["bound_us"] > 0
     assert "pallas (ideal fused)" in roof.format_table(report)
+
+
+def test_bench_input_report_fields(tmp_path):
+    """bench_input on 8 small JPEGs, two batches of each pipeline, each in its own
+    subprocess: every pipeline reports a rate, and ours are compared with timm's."""
+    from benchmarks import bench_input
+
+    cfg = bench_input.Config(images=8, batch=4, batches=1, warmup=0, cores=1, image_size=(64, 48))
+    report = bench_input.run(cfg, bench_input.PIPELINES, tmp_path / "files", log=lambda _: None)
+    json.dumps(report)
+    assert report["files"]["count"] == 8 and report["config"]["cores"] == 1
+    for r in report["results"]:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["images_per_s"] > 0
+        assert r["batch_shape"][next(iter(r["batch_shape"]))][0] == 4
+    assert set(report["summary"]["ratios"]) == {
+        "ours_train/timm_train",
+        "ours_train_maps/timm_train",
+        "ours_eval/timm_eval",
+    }
+    assert "ours_train_maps" in bench_input.format_table(report)
