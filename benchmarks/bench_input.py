@@ -191,9 +191,25 @@ def _ours_eval(root: Path, cfg: Config) -> dict:
     return time_batches(ds.repeat().as_numpy_iterator(), cfg, lambda b: len(b["label"]))
 
 
+def _allow_posterize_to_zero_bits() -> None:
+    """timm's increasing posterize keeps 4 - floor(level / 10 * 4) bits: 0 at level 10,
+    which RandAugment's magnitude N(9, 0.5) reaches; Pillow 13 refuses 0 bits (older
+    Pillow returned a black image, as our `augment.posterize` does). Restores that."""
+    from PIL import Image, ImageOps
+
+    posterize = ImageOps.posterize
+
+    def posterize_from_zero(image: Image.Image, bits: int) -> Image.Image:
+        return image.point(lambda _: 0) if bits == 0 else posterize(image, bits)
+
+    ImageOps.posterize = posterize_from_zero
+
+
 def _timm(root: Path, cfg: Config, train: bool, cores: int) -> dict:
     import torch
     from timm.data import ImageDataset, create_transform
+
+    _allow_posterize_to_zero_bits()  # in the workers too: the DataLoader forks them
 
     if train:
         transform = create_transform(
