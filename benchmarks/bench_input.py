@@ -124,8 +124,27 @@ def make_image_folder(root: Path, count: int, size: tuple[int, int], quality: in
 # --------------------------------------------------------------------------- timing
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process's threads and its live child processes
+    (a DataLoader's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    me = os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == me or ppid == me:
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def time_batches(batches: Iterator[Any], cfg: Config, count: Callable[[Any], int]) -> dict:
-    """Times `cfg.batches` batches after the first and `cfg.warmup` more."""
+    """Times `cfg.batches` batches after the first and `cfg.warmup` more: wall time and
+    the CPU time the pipeline used (images per CPU-second is the per-core rate however
+    busy the machine is)."""
     start = time.perf_counter()
     first = next(batches)
     first_s = time.perf_counter() - start
@@ -133,13 +152,17 @@ def time_batches(batches: Iterator[Any], cfg: Config, count: Callable[[Any], int
     for _ in range(cfg.warmup):
         next(batches)
     times, images = [], 0
+    cpu_start = cpu_seconds()
     for _ in range(cfg.batches):
         tick = time.perf_counter()
         images += count(next(batches))
         times.append(time.perf_counter() - tick)
+    cpu_s = cpu_seconds() - cpu_start
     total = sum(times)
     return {
         "images_per_s": images / total,
+        "images_per_cpu_s": images / cpu_s,
+        "cpu_s": cpu_s,
         "first_batch_s": first_s,
         "batch_s": times,
         "batch_shape": shape,
@@ -315,7 +338,7 @@ def _ours_stages(root: Path, cfg: Config) -> dict:
         )
         ds = ds.batch(cfg.batch).prefetch(2).with_options(_train_options())
         timed = time_batches(ds.as_numpy_iterator(), cfg, lambda b: len(b))
-        results[name] = {"images_per_s": timed["images_per_s"]}
+        results[name] = {k: timed[k] for k in ("images_per_s", "images_per_cpu_s")}
     return {"stages": results}
 
 
@@ -426,14 +449,16 @@ def summarise(results: Sequence[dict], cores: int) -> dict:
     """Per pipeline: median img/s over rounds, per core, the spread; ours / timm ratios."""
     summary: dict[str, Any] = {}
     for name in dict.fromkeys(r["pipeline"] for r in results):
-        rates = [
-            r["images_per_s"] for r in results if r["pipeline"] == name and "images_per_s" in r
-        ]
-        if rates:
+        runs = [r for r in results if r["pipeline"] == name and "images_per_s" in r]
+        if runs:
+            rates = [r["images_per_s"] for r in runs]
+            per_cpu_s = [r["images_per_cpu_s"] for r in runs]
             summary[name] = {
                 "images_per_s": statistics.median(rates),
                 "images_per_s_per_core": statistics.median(rates) / cores,
+                "images_per_cpu_s": statistics.median(per_cpu_s),
                 "runs": rates,
+                "runs_per_cpu_s": per_cpu_s,
             }
     ratios = {}
     for ours, theirs in [
@@ -442,9 +467,10 @@ def summarise(results: Sequence[dict], cores: int) -> dict:
         ("ours_eval", "timm_eval"),
     ]:
         if ours in summary and theirs in summary:
-            ratios[f"{ours}/{theirs}"] = (
-                summary[ours]["images_per_s"] / summary[theirs]["images_per_s"]
-            )
+            ratios[f"{ours}/{theirs}"] = {
+                key: summary[ours][key] / summary[theirs][key]
+                for key in ("images_per_s", "images_per_cpu_s")
+            }
     summary["ratios"] = ratios
     return summary
 
@@ -454,12 +480,14 @@ def _summary(r: dict, cores: int) -> str:
         return f"{r['pipeline']:18s} {r['status']}: {r['reason'][-500:]}"
     if "stages" in r:
         return "\n".join(
-            f"  {name:28s} {s['images_per_s']:8.1f} img/s" for name, s in r["stages"].items()
+            f"  {name:42s} {s['images_per_s']:8.1f} img/s {s['images_per_cpu_s']:8.1f} img/CPU-s"
+            for name, s in r["stages"].items()
         )
     rate = r["images_per_s"]
     return (
         f"{r['pipeline']:18s} {rate:8.1f} img/s  {rate / cores:7.1f} img/s/core  "
-        f"first batch {r['first_batch_s']:.1f} s  load {r['loadavg'][0]}"
+        f"{r['images_per_cpu_s']:7.1f} img/CPU-s  first batch {r['first_batch_s']:.1f} s  "
+        f"load {r['loadavg'][0]}"
     )
 
 
@@ -468,18 +496,22 @@ def format_table(report: dict) -> str:
     lines = [
         f"{report['machine']['cpu_model']} ({report['machine']['cpu']}), {cores} core(s), "
         f"batch {report['config']['batch']}, {report['files'].get('count')} JPEGs",
-        "| pipeline | img/s | img/s per core | runs |",
-        "|---|---|---|---|",
+        "| pipeline | img/s | img/s per core | img per CPU-second | runs (img/s) |",
+        "|---|---|---|---|---|",
     ]
     for name, row in summary.items():
         if name == "ratios":
             continue
         runs = ", ".join(f"{v:.0f}" for v in row["runs"])
         lines.append(
-            f"| {name} | {row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} | {runs} |"
+            f"| {name} | {row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} | "
+            f"{row['images_per_cpu_s']:.0f} | {runs} |"
         )
     for name, value in summary["ratios"].items():
-        lines.append(f"{name}: {value:.2f}x")
+        lines.append(
+            f"{name}: {value['images_per_s']:.2f}x img/s, "
+            f"{value['images_per_cpu_s']:.2f}x img per CPU-second"
+        )
     return "\n".join(lines)
 
 

@@ -139,7 +139,9 @@ def random_resized_crop_box(
 
 def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """(H, W, 3) -> (size, size, 3) float in [0, 255], rounded like a uint8 image."""
-    out = tf.image.resize(tf.cast(image, tf.float32), (size, size), method, antialias=True)
+    if image.dtype != tf.uint8:  # uint8 goes in as it is: the same values, one pass less
+        image = tf.cast(image, tf.float32)
+    out = tf.image.resize(image, (size, size), method, antialias=True)
     return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 
