@@ -161,7 +161,8 @@ def time_batches(batches: Iterator[Any], cfg: Config, count: Callable[[Any], int
     total = sum(times)
     return {
         "images_per_s": images / total,
-        "images_per_cpu_s": images / cpu_s,
+        # /proc counts clock ticks (10 ms): a very short run can show none.
+        "images_per_cpu_s": images / cpu_s if cpu_s > 0 else float("nan"),
         "cpu_s": cpu_s,
         "first_batch_s": first_s,
         "batch_s": times,

@@ -164,19 +164,37 @@ def test_outlook_roofline_counts():
     assert "pallas (ideal fused)" in roof.format_table(report)
 
 
-def test_bench_input_report_fields(tmp_path):
-    """bench_input on 8 small JPEGs, two batches of each pipeline, each in its own
-    subprocess: every pipeline reports a rate, and ours are compared with timm's."""
+def _bench_input_report(tmp_path, pipelines):
     from benchmarks import bench_input
 
     cfg = bench_input.Config(images=8, batch=4, batches=1, warmup=0, cores=1, image_size=(64, 48))
-    report = bench_input.run(cfg, bench_input.PIPELINES, tmp_path / "files", log=lambda _: None)
+    report = bench_input.run(cfg, pipelines, tmp_path / "files", log=lambda _: None)
     json.dumps(report)
     assert report["files"]["count"] == 8 and report["config"]["cores"] == 1
     for r in report["results"]:
         assert r["status"] == "ok", r.get("reason")
-        assert r["images_per_s"] > 0
+        assert r["images_per_s"] > 0 and "images_per_cpu_s" in r
         assert r["batch_shape"][next(iter(r["batch_shape"]))][0] == 4
+    return report
+
+
+def test_bench_input_eval_pipelines(tmp_path):
+    """The harness end to end on the two eval pipelines (the quick ones): files written,
+    each pipeline in its own pinned subprocess, rates and the ratio reported."""
+    from benchmarks import bench_input
+
+    report = _bench_input_report(tmp_path, ["ours_eval", "timm_eval"])
+    assert set(report["summary"]["ratios"]) == {"ours_eval/timm_eval"}
+    assert "timm_eval" in bench_input.format_table(report)
+
+
+@pytest.mark.slow
+def test_bench_input_all_pipelines(tmp_path):
+    """Every pipeline, the training ones with RandAugment and token-label maps (tracing
+    the augmentation takes most of a minute on a 2-core machine)."""
+    from benchmarks import bench_input
+
+    report = _bench_input_report(tmp_path, bench_input.PIPELINES)
     assert set(report["summary"]["ratios"]) == {
         "ours_train/timm_train",
         "ours_train_maps/timm_train",
