@@ -8,13 +8,16 @@ Evaluation (:func:`create_eval_dataset`) reads either
   Class indices follow the sorted class-folder names, so an ImageNet folder with one
   ``nXXXXXXXX`` synset folder per class gets the standard ImageNet-1k indices.
 
-Images are decoded with PIL and preprocessed with :func:`~volo_jax.data.transforms.eval_transform`
-inside ``tf.numpy_function``, so pixels are bit-identical to timm's eval pipeline on the same
-encoded files. TensorFlow only runs on the CPU here; JAX owns the accelerators.
+Images are decoded, resized and cropped with PIL
+(:func:`~volo_jax.data.transforms.eval_resize_crop`) inside ``tf.numpy_function``, in
+parallel over the cores, and normalised in TensorFlow with the same float32 operations, so
+pixels are bit-identical to timm's eval pipeline on the same encoded files. TensorFlow only
+runs on the CPU here; JAX owns the accelerators.
 
 Training (:func:`create_train_dataset`) reads the same two kinds of sources, reshuffles them
-every epoch and augments them in TensorFlow (:mod:`volo_jax.data.augment`), deterministically
-given the seed and the step, so that a resumed run sees the data an uninterrupted one would.
+every epoch and augments them in TensorFlow (:mod:`volo_jax.data.augment`; of a JPEG only the
+random crop's window is decoded), deterministically given the seed and the step, so that a
+resumed run sees the data an uninterrupted one would.
 """
 
 import functools
