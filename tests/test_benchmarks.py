@@ -162,3 +162,42 @@ def test_outlook_roofline_counts():
         assert not counted or (row["xla_cpu_gflop"] > 0 and row["xla_cpu_mb"] > 0)
         assert row["TPU v5e"]["bound_us"] > 0 and row["H100 SXM"]["bound_us"] > 0
     assert "pallas (ideal fused)" in roof.format_table(report)
+
+
+def _bench_input_report(tmp_path, pipelines):
+    from benchmarks import bench_input
+
+    cfg = bench_input.Config(images=8, batch=4, batches=1, warmup=0, cores=1, image_size=(64, 48))
+    report = bench_input.run(cfg, pipelines, tmp_path / "files", log=lambda _: None)
+    json.dumps(report)
+    assert report["files"]["count"] == 8 and report["config"]["cores"] == 1
+    for r in report["results"]:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["images_per_s"] > 0 and "images_per_cpu_s" in r
+        assert r["batch_shape"][next(iter(r["batch_shape"]))][0] == 4
+    return report
+
+
+def test_bench_input_eval_pipelines(tmp_path):
+    """The harness end to end on the two eval pipelines (the quick ones): files written,
+    each pipeline in its own pinned subprocess, rates and the ratio reported."""
+    from benchmarks import bench_input
+
+    report = _bench_input_report(tmp_path, ["ours_eval", "timm_eval"])
+    assert set(report["summary"]["ratios"]) == {"ours_eval/timm_eval"}
+    assert "timm_eval" in bench_input.format_table(report)
+
+
+@pytest.mark.slow
+def test_bench_input_all_pipelines(tmp_path):
+    """Every pipeline, the training ones with RandAugment and token-label maps (tracing
+    the augmentation takes most of a minute on a 2-core machine)."""
+    from benchmarks import bench_input
+
+    report = _bench_input_report(tmp_path, bench_input.PIPELINES)
+    assert set(report["summary"]["ratios"]) == {
+        "ours_train/timm_train",
+        "ours_train_maps/timm_train",
+        "ours_eval/timm_eval",
+    }
+    assert "ours_train_maps" in bench_input.format_table(report)

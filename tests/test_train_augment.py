@@ -196,3 +196,50 @@ def test_token_label_maps_travel_with_their_images(tmp_path):
     assert cls.shape == (4, 4) and dense.shape == (4, 4, 4)
     # The official soft targets: softmax * (1 - s + s / K) + s / K, summing to 1 + s / K.
     np.testing.assert_allclose(np.asarray(dense).sum(-1), 1.0 + 0.1 / 4, rtol=1e-5)
+
+
+def _encoded(fmt: str) -> bytes:
+    """A 75 x 100 photograph crop as a JPEG (4:2:0, progressive, grey, 4:4:4, 4:2:2) or a
+    PNG."""
+    import io
+
+    from skimage import data
+
+    photo = Image.fromarray(data.chelsea()[40:190:2, 60:260:2])
+    if fmt == "grey":
+        photo = photo.convert("L")
+    buffer = io.BytesIO()
+    if fmt == "PNG":
+        photo.save(buffer, "PNG")
+    else:
+        subsampling = {"444": 0, "422": 1}.get(fmt, 2)
+        options = {"progressive": fmt == "progressive", "subsampling": subsampling}
+        photo.save(buffer, "JPEG", quality=85, **options)
+    return buffer.getvalue()
+
+
+# Traced once for all formats (RandAugment acts after the crop, the same in both paths).
+_CROP_ONLY = augment.TrainAugment(size=24, randaugment="")
+_FROM_FILE = tf.function(_CROP_ONLY.from_file)
+_ON_IMAGE = tf.function(_CROP_ONLY.__call__)
+_DECODE_CROP = tf.function(
+    lambda data, seed: augment.decode_random_crop(data, seed, (0.08, 1.0), (0.75, 1.33))
+)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "progressive", "grey", "444", "422", "PNG"])
+def test_from_file_decodes_only_the_crop_and_gives_the_same_pixels(fmt):
+    """TrainAugment.from_file (a JPEG's crop window decoded alone, the box drawn from the
+    header's size) is TrainAugment on the whole decoded image, bit for bit."""
+    data = tf.constant(_encoded(fmt))
+    whole = tf.io.decode_image(data, channels=3, expand_animations=False)
+    for i in range(16):
+        seed = tf.constant([7, i], tf.int64)
+        ours, reference = _FROM_FILE(data, seed), _ON_IMAGE(whole, seed)
+        assert set(ours) == set(reference) == {"image", "crop_box", "flip"}
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], reference[key], err_msg=f"{key}, seed {i}")
+        crop, box, shape = _DECODE_CROP(data, seed)
+        top, left, h, w = box.numpy()
+        np.testing.assert_array_equal(crop, whole[top : top + h, left : left + w])
+        np.testing.assert_array_equal(shape, tf.shape(whole)[:2])

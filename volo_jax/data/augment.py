@@ -102,8 +102,31 @@ def random_resized_crop_box(
 
 def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """(H, W, 3) -> (size, size, 3) float in [0, 255], rounded like a uint8 image."""
-    out = tf.image.resize(tf.cast(image, tf.float32), (size, size), method, antialias=True)
+    if image.dtype != tf.uint8:  # uint8 goes in as it is: the same values, one pass less
+        image = tf.cast(image, tf.float32)
+    out = tf.image.resize(image, (size, size), method, antialias=True)
     return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+
+
+def resize_crop(crop: tf.Tensor, seed: tf.Tensor, size: int, interpolation: str) -> tf.Tensor:
+    """An (h, w, 3) crop (uint8, or float with values in [0, 255]) -> float (size, size, 3)
+    in [0, 255]; `interpolation` 'random' picks bilinear or bicubic by `seed`."""
+    if interpolation != "random":
+        return resize(crop, size, interpolation)
+    return tf.cond(
+        _uniform(seed) < 0.5,
+        lambda: resize(crop, size, "bilinear"),
+        lambda: resize(crop, size, "bicubic"),
+    )
+
+
+def _box_fractions(box: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """int32 (top, left, crop_h, crop_w) -> float32 (y0, x0, y1, x1) fractions of the image."""
+    # In float64, then rounded: the nearest float32 to the exact fraction, however a
+    # graph optimiser rewrites the division (e.g. as a product with the reciprocal).
+    hw = tf.cast(tf.stack([height, width, height, width]), tf.float64)
+    corners = tf.stack([box[0], box[1], box[0] + box[2], box[1] + box[3]])
+    return tf.cast(tf.cast(corners, tf.float64) / hw, tf.float32)
 
 
 def crop_and_resize(
@@ -121,17 +144,48 @@ def crop_and_resize(
     shape = tf.shape(image)
     box = random_resized_crop_box(s_box, shape[0], shape[1], scale, ratio)
     crop = image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
-    if interpolation == "random":
-        out = tf.cond(
-            _uniform(s_interp) < 0.5,
-            lambda: resize(crop, size, "bilinear"),
-            lambda: resize(crop, size, "bicubic"),
+    out = resize_crop(crop, s_interp, size, interpolation)
+    return out, _box_fractions(box, shape[0], shape[1])
+
+
+_JPEG_MARGIN = 16  # pixels: the largest MCU (4:2:0 chroma subsampling)
+
+
+def decode_random_crop(
+    data: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Decodes only a random resized crop window of an encoded image: a JPEG's size comes
+    from its header and only the window is decoded (`decode_and_crop_jpeg`); other formats
+    are decoded whole and cropped. The box is the one `random_resized_crop_box` draws from
+    the image's size, so the pixels are those of decoding the whole image and cropping it.
+
+    Returns:
+        (uint8 (h, w, 3) crop, int32 (top, left, h, w) box, int32 (height, width) of the
+        image).
+    """
+
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        shape = tf.image.extract_jpeg_shape(data)[:2]
+        box = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+        # A window's last column (and row) is upsampled from subsampled chroma as an image
+        # edge: a margin of one MCU (16 pixels) around the box keeps its pixels those of
+        # the whole image.
+        start = tf.maximum(box[:2] - _JPEG_MARGIN, 0)
+        stop = tf.minimum(box[:2] + box[2:] + _JPEG_MARGIN, shape)
+        window = tf.image.decode_and_crop_jpeg(
+            data, tf.concat([start, stop - start], 0), channels=3
         )
-    else:
-        out = resize(crop, size, interpolation)
-    hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
-    frac = tf.cast(tf.stack([box[0], box[1], box[0] + box[2], box[1] + box[3]]), tf.float32) / hw
-    return out, frac
+        offset = box[:2] - start
+        crop = window[offset[0] : offset[0] + box[2], offset[1] : offset[1] + box[3]]
+        return crop, box, shape
+
+    def other() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        shape = tf.shape(image)[:2]
+        box = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+        return image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]], box, shape
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,11 +525,14 @@ def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
     eh, ew = eh[first], ew[first]
     top = _randint(s_top, 0, h - eh)
     left = _randint(s_left, 0, w - ew)
-    rows = tf.range(h)[:, None, None]
-    cols = tf.range(w)[None, :, None]
-    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-    erase = inside & tf.reduce_any(fits) & (_uniform(s_apply) < prob)
-    return tf.where(erase, tf.random.stateless_normal(shape, s_noise), image)
+
+    def erased() -> tf.Tensor:  # Noise is drawn only for the images that are erased.
+        rows = tf.range(h)[:, None, None]
+        cols = tf.range(w)[None, :, None]
+        inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+        return tf.where(inside, tf.random.stateless_normal(shape, s_noise), image)
+
+    return tf.cond(tf.reduce_any(fits) & (_uniform(s_apply) < prob), erased, lambda: image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,30 +558,70 @@ class TrainAugment:
         'label_map' (flipped and moved by RandAugment, as the image) with a score map, or
         'flip' (bool: the crop was mirrored after the box was taken) without one."""
         s_crop, s_flip, s_ra, s_erase = _seeds(seed, 4)
+        if label_map is None:  # timm's order: crop, flip, RandAugment
+            pixels, box = self._crop(image, s_crop)
+            return self._after_crop(pixels, box, s_flip, s_ra, s_erase)
+        # tlt's order: flip, RandAugment, crop last
         flip = _uniform(s_flip) < self.hflip
-        spec = parse_randaugment(self.randaugment) if self.randaugment else None
-        out: dict[str, tf.Tensor] = {}
-        if label_map is not None:  # tlt's order: flip, RandAugment, crop last
-            image = tf.cast(image, tf.float32)
-            image, label_map = tf.cond(
-                flip, lambda: (image[:, ::-1], label_map[..., ::-1]), lambda: (image, label_map)
-            )
-            if spec is not None:
-                image, label_map = rand_augment(image, s_ra, spec, label_map)
-            pixels, box = self._crop(image, s_crop)
-            out["label_map"] = label_map
-        else:  # timm's order: crop, flip, RandAugment
-            pixels, box = self._crop(image, s_crop)
-            pixels = tf.cond(flip, lambda: pixels[:, ::-1], lambda: pixels)
-            if spec is not None:
-                pixels = rand_augment(pixels, s_ra, spec)
-            out["flip"] = flip
+        spec = self._spec()
+        image = tf.cast(image, tf.float32)
+        image, label_map = tf.cond(
+            flip, lambda: (image[:, ::-1], label_map[..., ::-1]), lambda: (image, label_map)
+        )
+        if spec is not None:
+            image, label_map = rand_augment(image, s_ra, spec, label_map)
+        pixels, box = self._crop(image, s_crop)
+        return {
+            "image": self._normalise_and_erase(pixels, s_erase),
+            "crop_box": box,
+            "label_map": label_map,
+        }
+
+    def from_file(
+        self, data: tf.Tensor, seed: tf.Tensor, label_map: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
+        """The same as ``self(decoded image, seed, label_map)`` from the encoded image
+        (a string scalar: JPEG, PNG, BMP, GIF). Without a score map only the crop window of
+        a JPEG is decoded (:func:`decode_random_crop`); with one, RandAugment needs the
+        whole image."""
+        if label_map is not None:
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return self(image, seed, label_map)
+        s_crop, s_flip, s_ra, s_erase = _seeds(seed, 4)
+        s_box, s_interp = _seeds(s_crop, 2)
+        crop, box, shape = decode_random_crop(
+            data, s_box, tuple(self.crop_scale), tuple(self.crop_ratio)
+        )
+        pixels = resize_crop(crop, s_interp, self.size, self.interpolation)
+        return self._after_crop(
+            pixels, _box_fractions(box, shape[0], shape[1]), s_flip, s_ra, s_erase
+        )
+
+    def _spec(self) -> RandAugmentSpec | None:
+        return parse_randaugment(self.randaugment) if self.randaugment else None
+
+    def _after_crop(
+        self,
+        pixels: tf.Tensor,
+        box: tf.Tensor,
+        s_flip: tf.Tensor,
+        s_ra: tf.Tensor,
+        s_erase: tf.Tensor,
+    ) -> dict[str, tf.Tensor]:
+        """timm's steps after the crop: flip, RandAugment, normalisation, erasing."""
+        flip = _uniform(s_flip) < self.hflip
+        pixels = tf.cond(flip, lambda: pixels[:, ::-1], lambda: pixels)
+        spec = self._spec()
+        if spec is not None:
+            pixels = rand_augment(pixels, s_ra, spec)
+        return {"image": self._normalise_and_erase(pixels, s_erase), "crop_box": box, "flip": flip}
+
+    def _normalise_and_erase(self, pixels: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """float (S, S, 3) in [0, 255] -> float32 (S, S, 3) normalised, randomly erased."""
         pixels = (pixels / 255.0 - tf.constant(self.mean)) / tf.constant(self.std)
         if self.erase_prob > 0:
-            pixels = random_erase(pixels, s_erase, self.erase_prob)
-        out["image"] = tf.ensure_shape(pixels, (self.size, self.size, 3))
-        out["crop_box"] = box
-        return out
+            pixels = random_erase(pixels, seed, self.erase_prob)
+        return tf.ensure_shape(pixels, (self.size, self.size, 3))
 
     def _crop(self, image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return crop_and_resize(

@@ -8,13 +8,16 @@ Evaluation (:func:`create_eval_dataset`) reads either
   Class indices follow the sorted class-folder names, so an ImageNet folder with one
   ``nXXXXXXXX`` synset folder per class gets the standard ImageNet-1k indices.
 
-Images are decoded with PIL and preprocessed with :func:`~volo_jax.data.transforms.eval_transform`
-inside ``tf.numpy_function``, so pixels are bit-identical to timm's eval pipeline on the same
-encoded files. TensorFlow only runs on the CPU here; JAX owns the accelerators.
+Images are decoded, resized and cropped with PIL
+(:func:`~volo_jax.data.transforms.eval_resize_crop`) inside ``tf.numpy_function``, in
+parallel over the cores, and normalised in TensorFlow with the same float32 operations, so
+pixels are bit-identical to timm's eval pipeline on the same encoded files. TensorFlow only
+runs on the CPU here; JAX owns the accelerators.
 
 Training (:func:`create_train_dataset`) reads the same two kinds of sources, reshuffles them
-every epoch and augments them in TensorFlow (:mod:`volo_jax.data.augment`), deterministically
-given the seed and the step, so that a resumed run sees the data an uninterrupted one would.
+every epoch and augments them in TensorFlow (:mod:`volo_jax.data.augment`; of a JPEG only the
+random crop's window is decoded), deterministically given the seed and the step, so that a
+resumed run sees the data an uninterrupted one would.
 """
 
 import functools
@@ -33,9 +36,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from volo_jax.data.augment import TrainAugment
 from volo_jax.data.prepare import PREPARED_BY_COMMAND
 from volo_jax.data.score_maps import load_score_map, score_map_suffix
-from volo_jax.data.transforms import INTERPOLATIONS, decode_image, eval_transform
+from volo_jax.data.transforms import INTERPOLATIONS, decode_image, eval_resize_crop
 from volo_jax.errors import ConfigError, DatasetError
 
 IMAGE_EXTENSIONS = (
@@ -220,10 +224,8 @@ def _list_image_folder(split_dir: pathlib.Path) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def _folder_records(
-    root: pathlib.Path, split: str, num_examples: int | None, process_index: int, process_count: int
-) -> _Records:
-    """Encoded images and labels of this process's shard of ``root/split/<class>/*``."""
+def _folder_split(root: pathlib.Path, split: str) -> tuple[pathlib.Path, list[str], list[int]]:
+    """``root/split`` and its image paths and labels; DatasetError if it has none."""
     split_dir = root / split
     if not split_dir.is_dir():
         available = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
@@ -236,6 +238,14 @@ def _folder_records(
         raise DatasetError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {split_dir}/<class_name>/."
         )
+    return split_dir, paths, labels
+
+
+def _folder_records(
+    root: pathlib.Path, split: str, num_examples: int | None, process_index: int, process_count: int
+) -> _Records:
+    """Encoded images and labels of this process's shard of ``root/split/<class>/*``."""
+    _, paths, labels = _folder_split(root, split)
     if num_examples is not None:
         paths, labels = paths[:num_examples], labels[:num_examples]
     start, stop = _process_shard(len(paths), process_index, process_count)
@@ -271,9 +281,17 @@ def _empty_batches(num_batches: int, batch_size: int, input_size: int) -> tf.dat
     return tf.data.Dataset.from_tensors(batch).repeat(num_batches)
 
 
-def _decode_and_transform(data: bytes, source: bytes, **transform_kwargs) -> np.ndarray:
-    """Encoded image -> ``eval_transform`` output, float32 (S, S, 3). Runs in tf.numpy_function."""
-    return eval_transform(decode_image(data, source.decode()), **transform_kwargs)
+def _decode_resize_crop(data: bytes, source: bytes, **transform_kwargs) -> np.ndarray:
+    """Encoded image -> ``eval_resize_crop`` output, uint8 (S, S, 3). Runs in
+    tf.numpy_function (PIL's resampling is the reference; it releases the GIL)."""
+    return eval_resize_crop(decode_image(data, source.decode()), **transform_kwargs)
+
+
+def _normalize(pixels: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """uint8 (..., 3) -> float32 (pixels / 255 - mean) / std: the same float32 operations
+    as ``transforms.normalize``, so the same bits."""
+    scaled = tf.cast(pixels, tf.float32) / tf.constant(255.0, tf.float32)
+    return (scaled - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def create_eval_dataset(
@@ -351,23 +369,16 @@ def create_eval_dataset(
             process_count,
         )
 
-    preprocess = functools.partial(
-        _decode_and_transform,
-        input_size=input_size,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-        mean=tuple(mean),
-        std=tuple(std),
+    resize_crop = functools.partial(
+        _decode_resize_crop, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation
     )
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = tf.numpy_function(
-            preprocess, [example["data"], example["source"]], tf.float32, stateful=False
+        pixels = tf.numpy_function(
+            resize_crop, [example["data"], example["source"]], tf.uint8, stateful=False
         )
-        return {
-            "image": tf.ensure_shape(image, (input_size, input_size, 3)),
-            "label": example["label"],
-        }
+        pixels = tf.ensure_shape(pixels, (input_size, input_size, 3))
+        return {"image": _normalize(pixels, mean, std), "label": example["label"]}
 
     ds = records.dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
@@ -388,7 +399,8 @@ class _TrainRecords(NamedTuple):
     """This process's encoded training examples, in a new order every epoch.
 
     ``for_epoch(epoch)`` (epoch: an int64 scalar tensor) gives the epoch's examples
-    {'data': string, 'label': int32, 'label_path': string (token-label map, or '')}.
+    {'data': string (the encoded image) or 'path': string (its file), 'label': int32,
+    'label_path': string (token-label map, or '')}.
     """
 
     for_epoch: Callable[[tf.Tensor], tf.data.Dataset]
@@ -416,15 +428,7 @@ def _folder_train_records(
     process_count: int,
 ) -> _TrainRecords:
     """A fresh permutation of the folder's images per (seed, epoch), split over processes."""
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise DatasetError(
-            f"Image folder {root} has no split folder {split!r}; expected "
-            f"{split_dir}/<class_name>/<image>."
-        )
-    paths, labels = _list_image_folder(split_dir)
-    if not paths:
-        raise DatasetError(f"No images found in {split_dir}/<class_name>/.")
+    split_dir, paths, labels = _folder_split(root, split)
     suffix = score_map_suffix(token_label_dir) if token_label_dir else ""
     table = {
         "path": tf.constant(paths),
@@ -442,9 +446,10 @@ def _folder_train_records(
         order = tf.random.experimental.stateless_shuffle(
             tf.range(len(paths)), _epoch_seed(seed, epoch)
         )[start:stop]
+        # Files are read in TrainData's parallel map, with their decoding.
         return tf.data.Dataset.from_tensor_slices(order).map(
             lambda i: {
-                "data": tf.io.read_file(table["path"][i]),
+                "path": table["path"][i],
                 "label": table["label"][i],
                 "label_path": table["label_path"][i],
             }
@@ -478,12 +483,7 @@ def _tfds_train_records(
             f"Dataset {name!r} has no file_name feature to find token-label "
             "maps by; use an image folder instead."
         )
-    try:
-        num_total = builder.info.splits[split].num_examples
-    except (KeyError, ValueError) as e:
-        raise DatasetError(
-            f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}."
-        ) from e
+    num_total = _split_size(builder, split)
     shard = tfds.even_splits(split, n=process_count)[process_index]
     records = builder.as_dataset(
         split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
@@ -515,6 +515,16 @@ def _load_token_label(path: bytes) -> np.ndarray:
     return load_score_map(path.decode())
 
 
+def _train_options() -> tf.data.Options:
+    """tf.data options of the training pipeline: the order is part of the exact resume
+    (deterministic); images are processed in parallel, each op on one thread (an op's own
+    threads would compete with the other images' for the same cores)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
 class TrainData:
     """Augmented training batches of this JAX process, a deterministic function of
     (seed, step): epoch e is ordered by (seed, e) and its example i is augmented with
@@ -526,7 +536,7 @@ class TrainData:
         records: _TrainRecords,
         batch_size: int,
         process_count: int,
-        augment: Callable[..., dict[str, tf.Tensor]],
+        augment: TrainAugment,
         seed: int,
         process_index: int,
         token_labels: bool,
@@ -553,15 +563,16 @@ class TrainData:
     def _preprocess(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         counter = (self._process_index * 2**20 + example["epoch"]) * 2**32 + example["index"]
         seed = tf.stack([tf.constant(self._seed, tf.int64), counter])
-        image = tf.io.decode_image(example["data"], channels=3, expand_animations=False)
+        data = tf.io.read_file(example["path"]) if "path" in example else example["data"]
         if not self._token_labels:
-            return {"image": self._augment(image, seed)["image"], "label": example["label"]}
+            image = self._augment.from_file(data, seed)["image"]
+            return {"image": image, "label": example["label"]}
         label_map = tf.numpy_function(
             _load_token_label, [example["label_path"]], tf.float32, stateful=False
         )
         # The score map goes through the flip and RandAugment with its image (the official
         # token-labeling order); the crop is applied to it on the accelerator.
-        out = self._augment(image, seed, tf.ensure_shape(label_map, [2, None, None, None]))
+        out = self._augment.from_file(data, seed, tf.ensure_shape(label_map, [2, None, None, None]))
         return {
             "image": out["image"],
             "label": example["label"],
@@ -575,7 +586,8 @@ class TrainData:
         ds = tf.data.Dataset.range(epoch, 2**31).flat_map(self._epoch)
         ds = ds.skip(offset * self._batch_size)
         ds = ds.map(self._preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(self._batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(self._batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(_train_options())
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """NumPy batches {'image' float32 (b, S, S, 3), 'label' int32 (b,), and with token
@@ -593,7 +605,7 @@ def create_train_dataset(
     dataset: str,
     split: str,
     batch_size: int,
-    augment: Callable[..., dict[str, tf.Tensor]],
+    augment: TrainAugment,
     seed: int,
     data_dir: str | None = None,
     image_key: str = "image",
@@ -610,9 +622,8 @@ def create_train_dataset(
         dataset: a TFDS dataset name or an image-folder directory (as create_eval_dataset).
         split: the training split ('train').
         batch_size: examples per batch of this process.
-        augment: (uint8 (H, W, 3) image, int64 (2,) seed[, score map [2, T, h, w]]) ->
-            {'image', 'crop_box', ['label_map']}, e.g.
-            ``volo_jax.data.augment.TrainAugment`` (the token-labeling order with a map).
+        augment: the augmentation (``TrainAugment.from_file`` of each encoded image with
+            its seed; the token-labeling order with a map).
         seed: the run's seed; shuffling and augmentation derive from it and the step.
         shuffle_buffer: TFDS only (folders are fully permuted every epoch).
         token_label_dir: precomputed token-label maps, one .npy or official .pt per image

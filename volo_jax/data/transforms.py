@@ -126,6 +126,43 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
+def eval_resize_crop(
+    image: np.ndarray | Image.Image,
+    input_size: int,
+    crop_pct: float,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """timm's eval transform up to the crop: resize the shorter side to
+    floor(input_size / crop_pct) with PIL, centre crop (zero-padding a smaller image).
+
+    Args:
+        image, input_size, crop_pct, interpolation: see :func:`eval_transform`.
+
+    Returns:
+        uint8 array of shape (input_size, input_size, 3).
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"Unsupported interpolation {interpolation!r}; expected one of {INTERPOLATIONS}."
+        )
+    if crop_pct <= 0:
+        raise ValueError(f"crop_pct must be positive, got {crop_pct}.")
+    scale_size = math.floor(input_size / crop_pct)
+    resized = _resize_shorter_side(_to_pil_rgb(image), scale_size, interpolation)
+    return _center_crop(np.asarray(resized), input_size)
+
+
+def normalize(
+    pixels: np.ndarray,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> np.ndarray:
+    """uint8 (..., 3) -> float32 (pixels / 255 - mean) / std, as torchvision's ToTensor and
+    Normalize (float32, in this order)."""
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 def eval_transform(
     image: np.ndarray | Image.Image,
     input_size: int,
@@ -148,17 +185,7 @@ def eval_transform(
     Returns:
         float32 array of shape (input_size, input_size, 3).
     """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"Unsupported interpolation {interpolation!r}; expected one of {INTERPOLATIONS}."
-        )
-    if crop_pct <= 0:
-        raise ValueError(f"crop_pct must be positive, got {crop_pct}.")
-    scale_size = math.floor(input_size / crop_pct)
-    resized = _resize_shorter_side(_to_pil_rgb(image), scale_size, interpolation)
-    cropped = _center_crop(np.asarray(resized), input_size)
-    pixels = cropped.astype(np.float32) / np.float32(255)
-    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return normalize(eval_resize_crop(image, input_size, crop_pct, interpolation), mean, std)
 
 
 def imagenet_class_names() -> list[str]:
