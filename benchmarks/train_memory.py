@@ -72,7 +72,7 @@ def measure(setting: Setting) -> dict[str, Any]:
     config.model_overrides.remat = setting.remat
     config.dtype = setting.dtype
     model = create_model(config.model, **model_overrides(config))
-    state = jax.eval_shape(functools.partial(train.create_train_state, config, model, 1000))
+    state, _ = train.abstract_train_state(config, model, 1000)
     step = functools.partial(
         train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
     )
