@@ -37,6 +37,7 @@ from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    logical_axes,
     maybe_initialize_distributed,
     replicated,
     rules_from_config,
@@ -259,7 +260,8 @@ def initial_variables(model: nn.Module, img_size: int, rng: jax.Array) -> dict[s
     """Fresh {'params', 'batch_stats'} of `model` for (B, img_size, img_size, 3) inputs
     (jitted once per model: compiling the initializers takes seconds on the CPU)."""
     dummy = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
-    return dict(model.init({"params": rng}, dummy, train=False))
+    # The parameters come boxed with their logical axes; the state holds plain arrays.
+    return dict(nn.unbox(model.init({"params": rng}, dummy, train=False)))
 
 
 def merge_weights(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +337,7 @@ def create_sharded_train_state(
     `jax.eval_shape`, so no device holds more than its shard), then the config.init_from
     weights put straight into their shardings. Returns (state, its NamedSharding tree)."""
     abstract, init = abstract_train_state(config, model, steps_per_epoch)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = state_shardings(abstract, logical_axes(model), mesh, rules)
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
@@ -468,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if ckpt.latest_step is not None:
         # Restored straight into this run's shardings: the mesh may differ from the saver's.
         abstract, _ = abstract_train_state(config, model, steps_per_epoch)
-        shardings = state_shardings(abstract, mesh, rules)
+        shardings = state_shardings(abstract, logical_axes(model), mesh, rules)
         restored = ckpt.restore_latest(with_shardings(abstract, shardings))
     if restored is not None:
         state, restored_step = restored
@@ -477,7 +479,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, shardings = create_sharded_train_state(config, model, steps_per_epoch, mesh, rules)
     teacher, teacher_variables = load_teacher(config)
     teacher_shardings = (
-        None if teacher_variables is None else variables_shardings(teacher_variables, mesh, rules)
+        None
+        if teacher_variables is None
+        else variables_shardings(teacher_variables, logical_axes(teacher), mesh, rules)
     )
     teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 
