@@ -1,5 +1,5 @@
 """Logical axes declared where the parameters are made: every variable of every
-registered model (and of every token-mixer variant of VOLO) has them, every name has a
+registered architecture (and of every token-mixer variant of VOLO) has them, every name has a
 rule, and the layouts they give are those of the path regexes they replaced."""
 
 from __future__ import annotations
@@ -18,10 +18,21 @@ from volo_jax.layers import with_axes
 from volo_jax.models import create_model, list_models
 from volo_jax.models.volo import MIXER_NAMES
 from volo_jax.sharding.rules import DEFAULT_RULES, axes_of, logical_axes, preset_rules, spec_for
+from volo_jax.weights import variant
 
-#: The token-mixer variants: VOLO-D1 with each mixer in its outlooker stage.
-MIXER_VARIANTS = [("volo_d1_224", {"token_mixer": name}) for name in MIXER_NAMES[1:]]
-MODELS = [(name, {}) for name in list_models()] + MIXER_VARIANTS
+#: One model of each architecture (the resolutions of a variant share every layer); in
+#: the default run one of each family, the larger ones with `-m slow` (the same layers).
+_FAST = ("volo_d1_224", "halonet26t", "rednet26")
+_ARCHITECTURES = {variant(name): name for name in reversed(list_models())}
+#: The token-mixer variants: VOLO-D1 (one block a stage) with each mixer in its outlooker
+#: stage.
+MIXER_VARIANTS = [
+    ("volo_d1_224", {"token_mixer": name, "layers": (1, 1, 1, 1)}) for name in MIXER_NAMES[1:]
+]
+MODELS = [
+    pytest.param((name, {}), marks=() if name in _FAST else pytest.mark.slow)
+    for name in sorted(_ARCHITECTURES.values())
+] + MIXER_VARIANTS
 
 
 class FakeMesh:
@@ -93,7 +104,7 @@ def _traced(name: str, overrides: tuple) -> tuple[dict, dict]:
 
 def _id(case: tuple) -> str:
     name, overrides = case
-    return name + "".join(f"-{v}" for v in overrides.values())
+    return "-".join((name, *([overrides["token_mixer"]] if overrides else [])))
 
 
 @pytest.mark.parametrize("case", MODELS, ids=_id)
