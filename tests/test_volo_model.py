@@ -94,7 +94,7 @@ def test_bf16_compute_keeps_float32_params():
     model = volo_jax.create_model("volo_d1_224", dtype=jnp.bfloat16, **TINY)
     reference_model = volo_jax.create_model("volo_d1_224", **TINY)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
     chex.assert_trees_all_equal_dtypes(
         variables["params"],
         jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables["params"]),
