@@ -200,6 +200,7 @@ def jax_rows(
 ) -> list[dict[str, Any]]:
     """Every JAX row: forward and forward+backward, timed, with XLA's cost analysis;
     `emit` gets each row as soon as it is measured."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -306,17 +307,17 @@ def jax_rows(
             (params, arr["x"]),
             arr["g"],
         )
-    # The other token mixers at the same (B, H, W, C), stride 1, their
+    # The other local token mixers at the same (B, H, W, C), stride 1, their
     # parameters freshly initialised: the operators VOLO's outlook attention is compared with.
     for mixer_name, factory in TOKEN_MIXERS.items():
-        if mixer_name == "outlook":
+        if mixer_name in ("outlook", "self_attention"):
             continue
         kwargs = {}
         if mixer_name == "halo":  # blocks must tile the grid: the largest divisor <= 7
             block = max(d for d in range(1, 8) if n % d == 0)
             kwargs = {"block_size": block, "halo_size": min(3, block)}
         mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype, **kwargs)
-        mixer_vars = jax.jit(mixer.init)(jax.random.key(0), arr["x"])
+        mixer_vars = nn.unbox(jax.jit(mixer.init)(jax.random.key(0), arr["x"]))
         cases[f"{mixer_name} layer (flax)"] = (
             lambda prm, x, mixer=mixer: cpu_kernels(mixer.apply)(prm, x),
             (mixer_vars, arr["x"]),

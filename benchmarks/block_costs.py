@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -70,7 +71,7 @@ def block_rows(model_name: str, batch: int, reps: int) -> list[dict[str, Any]]:
     rows = []
     for name, block, shape, count in blocks:
         x = jax.random.normal(key, shape)
-        variables = jax.jit(block.init)(key, x)
+        variables = nn.unbox(jax.jit(block.init)(key, x))
         # As the model runs on this machine's platform (the CPU's kernels on a CPU).
         apply = jax.jit(for_platform(cpu_kernels(block.apply), jax.devices()[0].platform))
         stats, _ = compile_stats(apply, variables, x)

@@ -25,6 +25,7 @@ from volo_jax.models import create_model, model_kwargs
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    logical_axes,
     preset_rules,
     replicated,
     state_shardings,
@@ -70,7 +71,7 @@ def measure(
     model = create_model(config.model, **model_overrides(config))
     template, _ = train.abstract_train_state(config, model, 1000)
     mesh = create_mesh(dict(zip(("data", "fsdp", "model"), mesh_sizes, strict=True)))
-    shardings = state_shardings(template, mesh, preset_rules(preset))
+    shardings = state_shardings(template, logical_axes(model), mesh, preset_rules(preset))
     result = {
         name: per_device_bytes(getattr(template, name), getattr(shardings, name)) / MIB
         for name in ("params", "opt_state", "ema_params")

@@ -12,6 +12,7 @@ import argparse
 import json
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +30,7 @@ def measure(model_name: str, mixer: str) -> dict[str, Any]:
     model = volo_jax.create_model(model_name, token_mixer=mixer)
     size = model.img_size
     x = jnp.zeros((1, size, size, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
     mixer_params = variables["params"]["network_0_0"]["attn"]
     return {
         "mixer": mixer,

@@ -29,6 +29,7 @@ from volo_jax.ops.cpu import for_platform
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    logical_axes,
     preset_rules,
     replicated,
     shard_batch,
@@ -105,7 +106,7 @@ def compiled_fns(mesh, rules_name: str = "auto"):
     """(state shardings, jitted train step, jitted eval step) of `template()` on `mesh`,
     built as the trainer builds them (cached by mesh: the checks share compilations)."""
     config, model, abstract = template()
-    shardings = state_shardings(abstract, mesh, preset_rules(rules_name))
+    shardings = state_shardings(abstract, logical_axes(model), mesh, preset_rules(rules_name))
     step = jax.jit(
         for_platform(
             functools.partial(
@@ -262,12 +263,13 @@ def check_resume() -> dict:
 
 def check_layout() -> dict:
     """The presets put a qkv kernel (and its Adam moments) where they say."""
-    _, _, abstract = template()
+    _, model, abstract = template()
     host = initial_state().replace(tx=abstract.tx, apply_fn=abstract.apply_fn)
+    axes = logical_axes(model)
     specs = {}
     for preset, shape in (("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8)), ("auto", (2, 2, 2))):
         mesh = mesh_of(shape)
-        state = jax.device_put(host, state_shardings(abstract, mesh, preset_rules(preset)))
+        state = jax.device_put(host, state_shardings(abstract, axes, mesh, preset_rules(preset)))
         qkv = state.params["network_2_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
         mu = state.opt_state[0].mu["network_2_0"]["attn"]["qkv"]["kernel"]
         specs[preset] = [
@@ -290,8 +292,9 @@ def check_checkpoint() -> dict:
     init = make_init(config, model)
     abstract = jax.eval_shape(init)
     mesh_a, mesh_b = mesh_of((2, 2, 2)), mesh_of((1, 1, 8))
-    sh_a = state_shardings(abstract, mesh_a, preset_rules("auto"))
-    sh_b = state_shardings(abstract, mesh_b, preset_rules("tensor"))
+    axes = logical_axes(model)
+    sh_a = state_shardings(abstract, axes, mesh_a, preset_rules("auto"))
+    sh_b = state_shardings(abstract, axes, mesh_b, preset_rules("tensor"))
     state = jax.jit(init, out_shardings=sh_a)()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Checkpointer(os.path.join(tmp, "ckpt"), keep=1)

@@ -87,7 +87,7 @@ def test_no_bfloat16_output_products_on_the_cpu():
         pytest.skip("the rule applies on the CPU")
     layer = nn.Dense(16, dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 12))
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
 
     def loss(p, x):
         return jnp.sum(cpu.cpu_kernels(layer.apply)(p, x).astype(jnp.float32))
@@ -119,7 +119,7 @@ def test_low_precision_products_stay_low_precision_after_compilation(dtype):
         pytest.skip("the rule applies on the CPU")
     layer = nn.Dense(384, dtype=dtype)
     x = jnp.ones((8, 196, 192))
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
 
     @cpu.cpu_kernels
     def forward(p, x):
@@ -353,7 +353,7 @@ def test_for_platform_takes_one_branch_while_tracing(platform):
     program (no `case` over platforms), the CPU's rules only for 'cpu'."""
     layer = nn.Dense(8, dtype=jnp.bfloat16)
     x = jnp.ones((2, 4))
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
     forward = cpu.cpu_kernels(layer.apply)
     decided = jax.jit(cpu.for_platform(forward, platform)).trace(params, x).jaxpr
     undecided = jax.jit(forward).trace(params, x).jaxpr

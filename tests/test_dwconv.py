@@ -3,14 +3,15 @@ DWNet's block against a PyTorch module written like the official one."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from volo_jax.convert import torch_to_flax
+from volo_jax.layers import ConvNormAct, conv2d
 from volo_jax.ops import TOKEN_MIXERS, DWBlock, DynamicDWConv, dynamic_depthwise_conv
-from volo_jax.ops.dwconv import ConvNormAct, conv2d
 
 
 def _loop_depthwise(x, kernels, bias, k, stride, padding):
@@ -33,7 +34,7 @@ def test_static_depthwise_conv_equals_the_formula():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 7, c)).astype(np.float32)
     conv = conv2d(c, k, groups=c, use_bias=True)
-    params = conv.init(jax.random.key(0), x)
+    params = nn.unbox(conv.init(jax.random.key(0), x))
     params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias
     kernel = np.asarray(params["params"]["kernel"])  # (K, K, 1, C)
     expected = _loop_depthwise(
@@ -78,7 +79,7 @@ def test_dynamic_dwconv_layer_equals_numpy():
     c, k = 8, 3
     x = np.random.default_rng(3).standard_normal((2, 6, 6, c)).astype(np.float32)
     layer = DynamicDWConv(c, k)
-    variables = layer.init(jax.random.key(0), x)
+    variables = nn.unbox(layer.init(jax.random.key(0), x))
     variables = jax.tree_util.tree_map(lambda a: a + 0.2, variables)  # BN stats, bias != 0
     params, stats = variables["params"], variables["batch_stats"]
     hidden = x.mean(axis=(1, 2)) @ np.asarray(params["conv1"]["kernel"])[0, 0]
@@ -161,7 +162,7 @@ def test_dwblock_equals_official_style_torch_block(dynamic):
 def test_token_mixers_keep_the_shape_and_update_bn_stats(name):
     mixer = TOKEN_MIXERS[name](32, 4)
     x = jax.random.normal(jax.random.key(0), (2, 14, 14, 32))
-    variables = mixer.init(jax.random.key(1), x)
+    variables = nn.unbox(mixer.init(jax.random.key(1), x))
     out, updates = mixer.apply(variables, x, train=True, mutable=["batch_stats"])
     assert out.shape == x.shape
     changed = jax.tree_util.tree_map(
@@ -172,7 +173,7 @@ def test_token_mixers_keep_the_shape_and_update_bn_stats(name):
 
 def test_conv_norm_act_names_and_bias_rule():
     x = jnp.ones((1, 8, 8, 3))
-    with_norm = ConvNormAct(4, 3, 2).init(jax.random.key(0), x)
+    with_norm = nn.unbox(ConvNormAct(4, 3, 2).init(jax.random.key(0), x))
     assert set(with_norm["params"]) == {"conv", "bn"} and "bias" not in with_norm["params"]["conv"]
-    without = ConvNormAct(4, 1, norm=False, act=None).init(jax.random.key(0), x)
+    without = nn.unbox(ConvNormAct(4, 1, norm=False, act=None).init(jax.random.key(0), x))
     assert set(without["params"]["conv"]) == {"kernel", "bias"} and "batch_stats" not in without

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +99,7 @@ def test_train_mode_traces_with_batch_stats_and_drop_path():
     x = jax.ShapeDtypeStruct((2, 256, 256, 3), np.float32)
 
     def train_step():
-        variables = model.init(jax.random.key(0), jnp.zeros(x.shape))
+        variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros(x.shape)))
         rngs = {"dropout": jax.random.key(1)}
         return model.apply(variables, jnp.zeros(x.shape), True, mutable=["batch_stats"], rngs=rngs)
 

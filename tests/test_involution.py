@@ -4,6 +4,7 @@ written like the official one (converted weights), gradients of both implementat
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +78,7 @@ def test_layer_equals_numpy_kernel_generation(stride):
     dim, k, g = 32, 7, 2
     layer = Involution(dim, k, stride)
     x = np.random.default_rng(2).standard_normal((2, 8, 8, dim)).astype(np.float32)
-    variables = layer.init(jax.random.key(0), x)
+    variables = nn.unbox(layer.init(jax.random.key(0), x))
     # Non-trivial BatchNorm statistics.
     stats = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
@@ -138,7 +139,7 @@ def test_layer_equals_official_style_torch_module():
 def test_token_mixer_keeps_the_shape_and_trains():
     mixer = TOKEN_MIXERS["involution"](48, 3)
     x = jnp.ones((2, 14, 14, 48))
-    variables = mixer.init(jax.random.key(0), x)
+    variables = nn.unbox(mixer.init(jax.random.key(0), x))
     out, updates = mixer.apply(variables, x, train=True, mutable=["batch_stats"])
     assert out.shape == x.shape and "batch_stats" in updates
     assert mixer.num_groups == 3

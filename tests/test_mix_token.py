@@ -6,6 +6,7 @@ tests/_sharding_worker.py."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,7 +189,7 @@ def test_model_mixes_per_group_and_unmixes_the_aux_logits():
     depend only on its own stem output) the un-mixed aux logits equal the plain ones."""
     model = _tiny_volo()
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x[:1]))
 
     def zero_branches(path, leaf):
         names = [getattr(p, "key", "") for p in path]

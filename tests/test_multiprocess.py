@@ -327,13 +327,20 @@ def without_stem(tree: Any) -> Any:
 def checkpoint(workdir: str, step: int) -> Any:
     """The training state of WORKDIR's checkpoint `step` (the runs' config), restored
     onto this process's one device."""
-    from volo_jax.sharding import create_mesh, rules_from_config, state_shardings, with_shardings
+    from volo_jax.sharding import (
+        create_mesh,
+        logical_axes,
+        rules_from_config,
+        state_shardings,
+        with_shardings,
+    )
     from volo_jax.training.checkpointing import Checkpointer
 
     config, model = start_config()
     abstract, _ = train.abstract_train_state(config, model, steps_per_epoch=10)
     target = with_shardings(
-        abstract, state_shardings(abstract, create_mesh(), rules_from_config(config))
+        abstract,
+        state_shardings(abstract, logical_axes(model), create_mesh(), rules_from_config(config)),
     )
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=10)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -41,7 +42,9 @@ def _ops(text: str) -> list[str]:
 
 def _forward_case():
     model = create_model("volo_d1_224", dtype=jnp.bfloat16)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    variables = nn.unbox(
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    )
     images = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
     return cpu_kernels(model.apply), (variables, images)
 

@@ -3,6 +3,7 @@ checkpoints, forward / train behaviour."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +70,7 @@ def test_forward_train_and_round_trip():
 
     model = create_model("rednet26", num_classes=10, img_size=32, depths=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(1), x))
     train_step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     logits, updates = train_step(variables, x)
     assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()

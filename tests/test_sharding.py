@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,14 +20,14 @@ from jax.sharding import PartitionSpec as P
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.sharding import (
+    axes_of,
     create_mesh,
-    logical_axes,
     mesh_shape,
     param_specs,
     preset_rules,
     rules_from_config,
 )
-from volo_jax.sharding.rules import path_str, spec_for
+from volo_jax.sharding.rules import spec_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,28 +42,17 @@ class FakeMesh:
 
 @functools.cache
 def abstract_variables(name: str = "volo_d1_224"):
+    """(plain abstract variables, their logical axes) of a registered model."""
     model = create_model(name)
     size = model.img_size
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
-
-
-def test_every_volo_d1_parameter_matches_a_rule():
-    flat = jax.tree_util.tree_flatten_with_path(abstract_variables())[0]
-    unmatched = [path_str(p) for p, x in flat if logical_axes(path_str(p), x.ndim) is None]
-    assert not unmatched
-    assert logical_axes("params/network_2_0/attn/qkv/kernel", 2) == ("embed", "heads")
-    assert logical_axes("params/network_2_0/mlp/fc2/kernel", 2) == ("mlp", "embed")
-    assert logical_axes("params/network_1/proj/kernel", 4) == (
-        "conv_height",
-        "conv_width",
-        "conv_in",
-        "embed",
-    )
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+    return nn.unbox(boxed), axes_of(boxed)
 
 
 def test_specs_for_a_mesh():
     mesh = FakeMesh(data=2, fsdp=2, model=2)
-    specs = param_specs(abstract_variables()["params"], preset_rules("auto"), mesh)
+    variables, axes = abstract_variables()
+    specs = param_specs(variables["params"], axes["params"], preset_rules("auto"), mesh)
     assert specs["network_2_0"]["attn"]["qkv"]["kernel"] == P("fsdp", "model")
     assert specs["network_2_0"]["attn"]["proj"]["kernel"] == P("model", "fsdp")
     assert specs["network_2_0"]["mlp"]["fc1"]["bias"] == P("model")
@@ -70,23 +60,28 @@ def test_specs_for_a_mesh():
     assert specs["head"]["kernel"] == P("fsdp")
     assert specs["norm"]["scale"] == P()
     assert specs["pos_embed"] == P(None, None, None, "fsdp")
-    fsdp = param_specs(abstract_variables()["params"], preset_rules("fsdp"), mesh)
+    fsdp = param_specs(variables["params"], axes["params"], preset_rules("fsdp"), mesh)
     assert fsdp["network_2_0"]["attn"]["qkv"]["kernel"] == P("fsdp")
-    tensor = param_specs(abstract_variables()["params"], preset_rules("tensor"), mesh)
+    tensor = param_specs(variables["params"], axes["params"], preset_rules("tensor"), mesh)
     assert tensor["network_2_0"]["attn"]["qkv"]["kernel"] == P(None, "model")
-    none = param_specs(abstract_variables()["params"], preset_rules("replicated"), mesh)
+    none = param_specs(variables["params"], axes["params"], preset_rules("replicated"), mesh)
     assert all(
         s == P() for s in jax.tree_util.tree_leaves(none, is_leaf=lambda x: isinstance(x, P))
     )
+    with pytest.raises(ValueError, match=r"params: no logical axes for \['extra'\]"):
+        param_specs({**variables["params"], "extra": jnp.zeros(3)}, axes["params"], {}, mesh)
 
 
 def test_non_divisible_dimension_stays_whole():
     rules = preset_rules("auto")
     # Outlook attention's weight generator: 486 = 3^4 x 6 outputs, not divisible by 4.
-    path = "params/network_0_0/attn/attn/kernel"
-    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=8, model=4)) == P("fsdp")
-    assert spec_for(path, (192, 486), rules, FakeMesh(data=1, fsdp=1, model=2)) == P(None, "model")
-    assert spec_for("params/head/kernel", (12, 10), rules, FakeMesh(data=1, fsdp=8, model=1)) == P()
+    qkv = ("embed", "heads")
+    assert spec_for(qkv, (192, 486), rules, FakeMesh(data=1, fsdp=8, model=4)) == P("fsdp")
+    assert spec_for(qkv, (192, 486), rules, FakeMesh(data=1, fsdp=1, model=2)) == P(None, "model")
+    head = ("embed", "classes")
+    assert spec_for(head, (12, 10), rules, FakeMesh(data=1, fsdp=8, model=1)) == P()
+    with pytest.raises(ValueError, match="do not fit shape"):
+        spec_for(qkv, (12,), rules, FakeMesh(data=1, fsdp=8, model=1))
 
 
 def test_mesh_shapes_and_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +57,7 @@ def test_unmixed_aux_logits_match_with_identity_blocks():
     stem output, so MixToken's un-mixing must give back the un-mixed logits exactly."""
     model = tiny_volo()
     images = jax.random.normal(jax.random.PRNGKey(0), (4, 16 * GRID, 16 * GRID, 3))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(1), images[:1])
+    variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), images[:1]))
 
     def zero_branches(path, leaf):  # attention and MLP outputs of the outlooker/transformers
         names = [getattr(p, "key", "") for p in path]

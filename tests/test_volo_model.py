@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,9 @@ BF16_LOGIT_ERROR = 0.03
 
 def _param_count(model) -> int:
     size = model.img_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    shapes = nn.unbox(
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    )
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes["params"]))
 
 
@@ -79,7 +82,7 @@ def test_unknown_names_and_arguments_are_clear_errors():
 
 def test_wrong_input_size_is_a_clear_error():
     model = volo_jax.create_model("volo_d1_224", **TINY)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     with pytest.raises(ValueError, match="img_size 32"):
         model.apply(variables, jnp.zeros((1, 3, 32, 32)))
 
@@ -91,7 +94,7 @@ def test_bf16_compute_keeps_float32_params():
     model = volo_jax.create_model("volo_d1_224", dtype=jnp.bfloat16, **TINY)
     reference_model = volo_jax.create_model("volo_d1_224", **TINY)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
     chex.assert_trees_all_equal_dtypes(
         variables["params"],
         jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables["params"]),
@@ -112,7 +115,7 @@ def test_bf16_compute_keeps_float32_params():
 def test_stochastic_depth_and_batchnorm_in_train_mode():
     model = volo_jax.create_model("volo_d1_224", drop_path_rate=0.5, **TINY)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = nn.unbox(model.init(jax.random.key(0), x))
 
     def train_logits(seed):
         (cls, _), state = model.apply(
@@ -145,7 +148,7 @@ def test_eval_mode_uses_the_running_statistics():
     uses its running statistics); in train mode they do (the batch's)."""
     model = volo_jax.create_model("volo_d1_224", **TINY)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = nn.unbox(model.init(jax.random.key(0), x))
     np.testing.assert_allclose(
         model.apply(variables, x[:2]), model.apply(variables, x)[:2], atol=1e-6
     )
@@ -172,7 +175,7 @@ def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
     logits come out mirrored, and the un-mixed aux map is back in batch order."""
     model = volo_jax.create_model("volo_d1_224", **TINY)
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = nn.unbox(model.init(jax.random.key(0), x))
     cls, aux = model.apply(variables, x, return_dense=True)
     full = jnp.array([0, 0, 2, 2], jnp.int32)  # the token grid is 2x2 at 32 px
     mixed_cls, mixed_aux = model.apply(variables, x, return_dense=True, mix_box=full)
@@ -188,7 +191,7 @@ def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
 def test_remat_gives_the_same_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     plain = volo_jax.create_model("volo_d1_224", **TINY)
-    variables = plain.init(jax.random.key(0), x)
+    variables = nn.unbox(plain.init(jax.random.key(0), x))
     remat = volo_jax.create_model("volo_d1_224", remat=True, **TINY)
 
     def grads(model):
@@ -214,9 +217,9 @@ def test_every_token_mixer_runs_in_the_outlooker_stage(mixer):
         "volo_d1_224", token_mixer=mixer, token_mixer_kwargs=kwargs, **TINY
     )
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    baseline = jax.eval_shape(
-        volo_jax.create_model("volo_d1_224", **TINY).init, jax.random.key(0), x
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
+    baseline = nn.unbox(
+        jax.eval_shape(volo_jax.create_model("volo_d1_224", **TINY).init, jax.random.key(0), x)
     )
     outside = lambda v: {
         k: jax.tree_util.tree_map(jnp.shape, t)

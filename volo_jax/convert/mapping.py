@@ -92,7 +92,8 @@ def abstract_variables(model: nn.Module, inputs: Any = None) -> dict[str, Any]:
     by default an image batch of the model's `img_size`.
     """
     x = example_input(model) if inputs is None else inputs
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+    return nn.unbox(boxed)  # plain ShapeDtypeStructs, without the logical axes
 
 
 def torch_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

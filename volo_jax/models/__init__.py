@@ -1,4 +1,7 @@
-"""Model families and the registry that names them."""
+"""The model families and the registry that names them: `volo.py` (VOLO-D1..D5 and its
+token-mixer variants), `halonet.py` (halonet26t, halonet50ts), `rednet.py` (RedNet-26/38/50),
+`registry.py` (`create_model`, `list_models`, pretrained configs). Layers they share with
+the operators: `volo_jax.layers`; the operators: `volo_jax.ops`."""
 
 from volo_jax.models import halonet as halonet  # registers halonet26t, halonet50ts
 from volo_jax.models import rednet as rednet  # registers rednet26, rednet38, rednet50

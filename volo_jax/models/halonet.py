@@ -18,34 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from volo_jax.models.layers import DropPath
-from volo_jax.ops.dwconv import ConvNormAct, batch_norm, get_act
+from volo_jax.layers import ClassifierHead, ConvNormAct, DropPath, batch_norm, get_act
 from volo_jax.ops.halo import HaloAttn, make_divisible
 
 Dtype = Any
-
-
-class ClassifierHead(nn.Module):
-    """Global average pool -> dropout -> Linear `fc`. (B, H, W, C) -> (B, num_classes)."""
-
-    num_classes: int
-    drop_rate: float = 0.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
-        x = jnp.mean(x, axis=(1, 2))
-        if pre_logits:
-            return x
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
-            name="fc",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )(x)
 
 
 class TieredStem(nn.Module):

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.models.halonet import ClassifierHead
-from volo_jax.ops.dwconv import ConvNormAct, batch_norm, conv2d
+from volo_jax.layers import ClassifierHead, ConvNormAct, batch_norm, conv2d
 from volo_jax.ops.involution import Involution
 
 Dtype = Any

@@ -17,16 +17,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.models.layers import (
-    Attention,
+from volo_jax.layers import (
     DropPath,
     Mlp,
     TorchLayerNorm,
-    dense_init,
-    dot_product_attention,
+    batch_norm,
+    conv2d,
+    dense,
+    patchify,
+    with_axes,
 )
 from volo_jax.ops import TOKEN_MIXERS
-from volo_jax.ops.outlook import OutlookAttention
+from volo_jax.ops.attention import Attention, dot_product_attention
 
 Dtype = Any
 
@@ -40,17 +42,8 @@ JAX_ONLY_FIELDS = (
     "param_dtype",
 )
 
-#: Token mixers the outlooker stage can use (`VOLO(token_mixer=...)`).
-MIXER_NAMES = ("outlook", "self_attention", *sorted(set(TOKEN_MIXERS) - {"outlook"}))
-
-
-def patchify(
-    features: int, patch: int, dtype: Dtype | None, param_dtype: Dtype, name: str
-) -> nn.Conv:
-    """Non-overlapping patch projection: a conv with kernel = stride = `patch`."""
-    return nn.Conv(
-        features, (patch, patch), patch, "VALID", dtype=dtype, param_dtype=param_dtype, name=name
-    )
+#: Token mixers the outlooker stage can use (`VOLO(token_mixer=...)`): `TOKEN_MIXERS`.
+MIXER_NAMES = tuple(TOKEN_MIXERS)
 
 
 class PatchEmbed(nn.Module):
@@ -68,23 +61,16 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = dict(
-            use_running_average=not train,
-            momentum=0.9,  # PyTorch's momentum 0.1
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...
-        x = nn.Conv(
-            self.hidden_dim, (7, 7), self.stem_stride, ((3, 3), (3, 3)), name="conv_0", **conv
-        )(x)
-        x = nn.relu(nn.BatchNorm(name="conv_1", **norm)(x))
-        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_3", **conv)(x)
-        x = nn.relu(nn.BatchNorm(name="conv_4", **norm)(x))
-        x = nn.Conv(self.hidden_dim, (3, 3), 1, ((1, 1), (1, 1)), name="conv_6", **conv)(x)
-        x = nn.relu(nn.BatchNorm(name="conv_7", **norm)(x))
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...; the
+        # convolutions keep flax's default init (timm leaves PyTorch's).
+        conv = dict(kernel_init=nn.linear.default_kernel_init, **dt)
+        x = conv2d(self.hidden_dim, 7, self.stem_stride, 3, name="conv_0", **conv)(x)
+        x = nn.relu(batch_norm(train, "conv_1", **dt)(x))
+        x = conv2d(self.hidden_dim, 3, 1, 1, name="conv_3", **conv)(x)
+        x = nn.relu(batch_norm(train, "conv_4", **dt)(x))
+        x = conv2d(self.hidden_dim, 3, 1, 1, name="conv_6", **conv)(x)
+        x = nn.relu(batch_norm(train, "conv_7", **dt)(x))
         k = self.patch_size // self.stem_stride
         return patchify(self.embed_dim, k, self.dtype, self.param_dtype, name="proj")(x)
 
@@ -118,9 +104,10 @@ def _mixer_mlp_residuals(block: Any, mixer: nn.Module, x: jax.Array, train: bool
 class Outlooker(nn.Module):
     """Pre-norm token-mixer block + MLP block. (B, H, W, C) -> (B, H, W, C).
 
-    The mixer is outlook attention, or for the ablation of the VOLO paper and
-    "Demystifying Local ViT" any name of `TOKEN_MIXERS` or 'self_attention'
-    (global multi-head self-attention); it is named 'attn' either way.
+    The mixer, named 'attn', is `TOKEN_MIXERS[token_mixer]`: outlook attention, or for
+    the ablation of the VOLO paper and "Demystifying Local ViT" any other local operator
+    or global self-attention. It gets the block's settings its registry entry takes
+    (`TokenMixer.block_settings`), then `token_mixer_kwargs`.
     """
 
     dim: int
@@ -139,23 +126,19 @@ class Outlooker(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _mixer(self) -> nn.Module:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
-        if self.token_mixer == "outlook":
-            return OutlookAttention(
-                self.dim,
-                self.num_heads,
-                self.kernel_size,
-                self.padding,
-                self.stride,
-                qkv_bias=self.qkv_bias,
-                attn_drop=self.attn_drop,
-                impl=self.outlook_impl,
-                **dt,
-            )
-        if self.token_mixer == "self_attention":
-            return Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, **dt)
-        kwargs = dict(self.token_mixer_kwargs)
-        return TOKEN_MIXERS[self.token_mixer](self.dim, self.num_heads, **kwargs, **dt)
+        settings = dict(
+            kernel_size=self.kernel_size,
+            padding=self.padding,
+            stride=self.stride,
+            qkv_bias=self.qkv_bias,
+            attn_drop=self.attn_drop,
+            impl=self.outlook_impl,
+        )
+        mixer = TOKEN_MIXERS[self.token_mixer]
+        kwargs = {k: settings[k] for k in mixer.block_settings}
+        kwargs.update(self.token_mixer_kwargs)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return mixer(self.dim, self.num_heads, name="attn", **kwargs, **dt)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -195,18 +178,19 @@ class ClassAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init())
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, _ = x.shape
         head_dim = self.head_dim or self.dim // self.num_heads
         inner = head_dim * self.num_heads
-        kv = nn.Dense(2 * inner, use_bias=self.qkv_bias, name="kv", **dense)(x)
+        in_proj = dict(use_bias=self.qkv_bias, **dt)
+        kv = dense(2 * inner, ("embed", "heads"), name="kv", **in_proj)(x)
         kv = kv.reshape(b, n, 2, self.num_heads, head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]  # 2 x (B, N, heads, hd)
-        q = nn.Dense(inner, use_bias=self.qkv_bias, name="q", **dense)(x[:, :1])
+        q = dense(inner, ("embed", "heads"), name="q", **in_proj)(x[:, :1])
         q = q.reshape(b, 1, self.num_heads, head_dim)
         attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
         cls = dot_product_attention(q, k, v, attn_drop).reshape(b, 1, inner)
-        cls = nn.Dense(self.dim, name="proj", **dense)(cls)
+        cls = dense(self.dim, ("heads", "embed"), name="proj", **dt)(cls)
         return nn.Dropout(self.proj_drop, deterministic=not train)(cls)
 
 
@@ -399,7 +383,10 @@ class VOLO(nn.Module):
         grid = self.img_size // self.patch_size // self.pooling_scale
         init = nn.initializers.truncated_normal(0.02)
         self.pos_embed = self.param(
-            "pos_embed", init, (1, grid, grid, self.embed_dims[-1]), self.param_dtype
+            "pos_embed",
+            with_axes(init, None, "height", "width", "embed"),
+            (1, grid, grid, self.embed_dims[-1]),
+            self.param_dtype,
         )
         outlooker = nn.remat(Outlooker, static_argnums=(2,)) if self.remat else Outlooker
         transformer = nn.remat(Transformer, static_argnums=(2,)) if self.remat else Transformer
@@ -455,14 +442,16 @@ class VOLO(nn.Module):
         ]
         if self.post_layers:
             self.cls_token = self.param(
-                "cls_token", init, (1, 1, self.embed_dims[-1]), self.param_dtype
+                "cls_token",
+                with_axes(init, None, None, "embed"),
+                (1, 1, self.embed_dims[-1]),
+                self.param_dtype,
             )
         self.norm = TorchLayerNorm(**dt)
         self.head_drop = nn.Dropout(self.drop_rate)
-        dense = dict(kernel_init=dense_init(), **dt)
-        self.head = nn.Dense(self.num_classes, **dense)
+        self.head = dense(self.num_classes, ("embed", "classes"), **dt)
         if self.use_aux_head:
-            self.aux_head = nn.Dense(self.num_classes, **dense)
+            self.aux_head = dense(self.num_classes, ("embed", "classes"), **dt)
 
     def _check(self) -> None:
         n = len(self.layers)

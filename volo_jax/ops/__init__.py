@@ -1,13 +1,26 @@
-"""Local operators: the shared unfold/fold primitives and the token mixers built on them."""
+"""Local operators and the token mixers built on them.
+
+Window primitives: `geometry.py` (the window geometry every primitive shares),
+`patches.py` (unfold / fold), `slices.py` (windows as strided slices), `planes.py`
+(windows as unit-stride slices of stride planes, the CPU's layout). Operators:
+`outlook.py` and `outlook_pallas.py` (outlook attention; its Pallas kernels),
+`attention.py` (global self-attention), `halo.py`, `involution.py`, `dwconv.py`,
+`window.py`; `cpu.py` (what a program runs where it is lowered for the CPU).
+
+`TOKEN_MIXERS` is the one registry of token mixers: VOLO's outlooker stage builds its
+mixer from it (`VOLO(token_mixer=...)`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 
-from volo_jax.ops.dwconv import ConvNormAct, DWBlock, DynamicDWConv, dynamic_depthwise_conv
+from volo_jax.ops.attention import Attention, dot_product_attention
+from volo_jax.ops.dwconv import DWBlock, DynamicDWConv, dynamic_depthwise_conv
 from volo_jax.ops.halo import HaloAttn, PosEmbedRel, make_divisible, relative_logits
 from volo_jax.ops.involution import Involution, involution_aggregate
 from volo_jax.ops.outlook import OutlookAttention, outlook_aggregate
@@ -19,6 +32,39 @@ from volo_jax.ops.window import (
     window_partition,
     window_reverse,
 )
+
+#: Settings of the enclosing block (VOLO's `Outlooker`) a mixer may take: outlook
+#: attention's window geometry and implementation, the attention options.
+BLOCK_SETTINGS = ("kernel_size", "padding", "stride", "qkv_bias", "attn_drop", "impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMixer:
+    """A registry entry: `entry(dim, num_heads, **kw)` builds a (B, H, W, C) ->
+    (B, H, W, C) module, called as `mixer(x, train)`; keyword arguments override the
+    defaults of `build`. `block_settings`: which of `BLOCK_SETTINGS` the block passes
+    on (the others are the mixer's own defaults, as in the ablation)."""
+
+    build: Callable[..., nn.Module]
+    block_settings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.block_settings) - set(BLOCK_SETTINGS)
+        if unknown:
+            raise ValueError(f"block settings {sorted(unknown)} not among {BLOCK_SETTINGS}")
+
+    def __call__(self, dim: int, num_heads: int, **kw: Any) -> nn.Module:
+        return self.build(dim, num_heads, **kw)
+
+
+def _outlook(dim: int, num_heads: int, **kw: Any) -> nn.Module:
+    """Outlook attention with VOLO's window: K = 3, padding 1, stride 2."""
+    return OutlookAttention(dim, num_heads, **{"kernel_size": 3, "padding": 1, "stride": 2, **kw})
+
+
+def _self_attention(dim: int, num_heads: int, **kw: Any) -> nn.Module:
+    """Global multi-head self-attention over all tokens."""
+    return Attention(dim, num_heads, **kw)
 
 
 def _involution(dim: int, num_heads: int, **kw: Any) -> nn.Module:
@@ -48,31 +94,31 @@ def _window(dim: int, num_heads: int, **kw: Any) -> nn.Module:
     return WindowAttention(dim, num_heads, **{"window_size": 7, **kw})
 
 
-def _outlook(dim: int, num_heads: int, **kw: Any) -> nn.Module:
-    return OutlookAttention(dim, num_heads, **{"kernel_size": 3, "padding": 1, **kw})
-
-
-#: name -> factory f(dim, num_heads, **kw) of a (B, H, W, C) -> (B, H, W, C) mixer,
-#: called as `mixer(x, train)`; keyword arguments override the defaults above.
-TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {
-    "outlook": _outlook,
-    "involution": _involution,
-    "halo": _halo,
-    "dwconv": _dwconv,
-    "dynamic_dwconv": _dynamic_dwconv,
-    "window": _window,
+#: name -> `TokenMixer`; 'outlook' first (VOLO's), then global self-attention, then the
+#: other local operators.
+TOKEN_MIXERS: dict[str, TokenMixer] = {
+    "outlook": TokenMixer(_outlook, BLOCK_SETTINGS),
+    "self_attention": TokenMixer(_self_attention, ("qkv_bias", "attn_drop")),
+    "dwconv": TokenMixer(_dwconv),
+    "dynamic_dwconv": TokenMixer(_dynamic_dwconv),
+    "halo": TokenMixer(_halo),
+    "involution": TokenMixer(_involution),
+    "window": TokenMixer(_window),
 }
 
 __all__ = [
+    "BLOCK_SETTINGS",
     "TOKEN_MIXERS",
-    "ConvNormAct",
+    "Attention",
     "DWBlock",
     "DynamicDWConv",
     "HaloAttn",
     "Involution",
     "OutlookAttention",
     "PosEmbedRel",
+    "TokenMixer",
     "WindowAttention",
+    "dot_product_attention",
     "dynamic_depthwise_conv",
     "fold",
     "involution_aggregate",

@@ -43,7 +43,7 @@ from jax import lax
 from jax._src import source_info_util  # keeps op names through the rewrite (profiles)
 from jax.extend import core as jex
 
-from volo_jax.ops.patches import fold_planes, planes_unfold, planes_window_slices, to_planes
+from volo_jax.ops.planes import fold_planes, planes_unfold, planes_window_slices, to_planes
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -441,7 +441,7 @@ def conv_general_dilated(
 #: (benchmarks/bench_ops.py; docs/performance.md).
 OUTLOOK_IMPLEMENTATION = "planes"
 
-#: How `models.layers.dot_product_attention` runs in the CPU branch: 'explicit' forms the
+#: How `ops.attention.dot_product_attention` runs in the CPU branch: 'explicit' forms the
 #: weights with heads-major products, (B, heads, N, d) operands, which XLA:CPU's batched
 #: products take without a copy per operand; `jax.nn.dot_product_attention`'s token-major
 #: einsums add two layout copies per block forward and eight per gradient, about 15% of a

@@ -1,6 +1,6 @@
-"""Convolution blocks: conv + BatchNorm + activation, depth-wise convolution and the
-dynamic depth-wise convolution of "Demystifying Local Vision Transformer" (Han et al.,
-arXiv 2106.04263; DWNet, github Atten4Vis/DemystifyLocalViT).
+"""Depth-wise convolution token mixers: DWNet's block with a static or a dynamic
+depth-wise convolution, from "Demystifying Local Vision Transformer" (Han et al., arXiv
+2106.04263; github Atten4Vis/DemystifyLocalViT). Conv, BatchNorm: `volo_jax.layers`.
 
 Parameter names follow the PyTorch modules they port (`conv`, `bn`, DWNet's `conv0`,
 `bn0`, ...), so `volo_jax.convert.torch_to_flax` converts their state dicts.
@@ -8,109 +8,17 @@ Parameter names follow the PyTorch modules they port (`conv`, `bn`, DWNet's `con
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.ops.patches import unfold, window_slices
+from volo_jax.layers import batch_norm, conv2d, with_axes
+from volo_jax.ops.patches import unfold
+from volo_jax.ops.slices import window_slices
 
 Dtype = Any
-
-#: He-normal over fan-out, the init of timm's / mmcv's convolutions.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-}
-
-
-def get_act(name: str | None) -> Callable[[jax.Array], jax.Array]:
-    """An activation by name ('relu', 'silu', 'gelu'), or the identity for None / ''."""
-    if not name:
-        return lambda x: x
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def batch_norm(train: bool, name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1)."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-def conv2d(
-    features: int,
-    kernel_size: int,
-    stride: int = 1,
-    padding: int | None = None,
-    groups: int = 1,
-    use_bias: bool = False,
-    name: str | None = None,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-) -> nn.Conv:
-    """PyTorch's `Conv2d` in NHWC: symmetric padding, (k - 1) // 2 unless given."""
-    pad = (kernel_size - 1) // 2 if padding is None else padding
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
-        use_bias=use_bias,
-        kernel_init=conv_init,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-class ConvNormAct(nn.Module):
-    """conv -> BatchNorm -> activation, named `conv`, `bn` (timm's `ConvNormAct`,
-    mmcv's `ConvModule`). Without the norm the conv gets a bias (mmcv's bias='auto').
-
-    Input (B, H, W, C_in) -> (B, H / stride, W / stride, features).
-    """
-
-    features: int
-    kernel_size: int = 1
-    stride: int = 1
-    padding: int | None = None
-    groups: int = 1
-    norm: bool = True
-    act: str | None = "relu"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(
-            self.features,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.groups,
-            use_bias=not self.norm,
-            name="conv",
-            **dt,
-        )(x)
-        if self.norm:
-            x = batch_norm(train, "bn", **dt)(x)
-        return get_act(self.act)(x)
 
 
 def dynamic_depthwise_conv(
@@ -179,7 +87,8 @@ class DynamicDWConv(nn.Module):
         padding = k // 2 if self.padding is None else self.padding
         out = dynamic_depthwise_conv(x, kernels, k, self.stride, padding, self.impl)
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.param_dtype)
+            init = with_axes(nn.initializers.zeros, "conv_bias")
+            bias = self.param("bias", init, (self.dim,), self.param_dtype)
             out = out + bias.astype(out.dtype)
         return out
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from volo_jax.layers import conv2d, dense, with_axes
 from volo_jax.ops.patches import unfold
 
 Dtype = Any
@@ -63,7 +64,7 @@ class PosEmbedRel(nn.Module):
     @nn.compact
     def __call__(self, q: jax.Array) -> jax.Array:
         """q: (..., bq, bq, dim_head) -> (..., bq * bq, win * win)."""
-        init = nn.initializers.truncated_normal(self.dim_head**-0.5)
+        init = with_axes(nn.initializers.truncated_normal(self.dim_head**-0.5), "rel_pos", None)
         shape = (2 * self.win_size - 1, self.dim_head)
         height_rel = self.param("height_rel", init, shape, self.param_dtype)
         width_rel = self.param("width_rel", init, shape, self.param_dtype)
@@ -121,14 +122,14 @@ class HaloAttn(nn.Module):
         nh, nw = height // bs, width // bs
 
         conv = dict(
+            padding=0,
             use_bias=self.qkv_bias,
-            padding="VALID",
             kernel_init=nn.initializers.truncated_normal(self.dim**-0.5),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        q = nn.Conv(heads * dqk, (1, 1), (q_stride, q_stride), name="q", **conv)(x)
-        kv = nn.Conv(heads * (dqk + dv), (1, 1), name="kv", **conv)(x)
+        q = conv2d(heads * dqk, 1, q_stride, name="q", **conv)(x)
+        kv = conv2d(heads * (dqk + dv), 1, name="kv", **conv)(x)
 
         # Queries: (B, nh, nw, heads, bq, bq, dqk); channels are head-major.
         q = q.reshape(b, nh, bq, nw, bq, heads, dqk).transpose(0, 1, 3, 5, 2, 4, 6)
@@ -150,11 +151,6 @@ class HaloAttn(nn.Module):
         if use_pool:
             out = nn.avg_pool(out, (2, 2), (2, 2))
         if self.proj:
-            out = nn.Dense(
-                dim_out,
-                kernel_init=nn.initializers.truncated_normal(0.02),
-                name="proj",
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )(out)
+            dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            out = dense(dim_out, ("heads", "embed"), name="proj", **dt)(out)
         return out

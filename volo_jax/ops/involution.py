@@ -18,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.ops.dwconv import ConvNormAct
-from volo_jax.ops.patches import unfold, window_slices
+from volo_jax.layers import ConvNormAct, dense
+from volo_jax.ops.patches import unfold
+from volo_jax.ops.slices import window_slices
 
 Dtype = Any
 
@@ -122,7 +123,5 @@ class Involution(nn.Module):
         pad = self.dilation * (k - 1) // 2
         out = involution_aggregate(x, kernels, k, s, pad, self.dilation, self.impl)
         if self.proj:
-            out = nn.Dense(
-                self.dim, kernel_init=nn.initializers.truncated_normal(0.02), name="proj", **dt
-            )(out)
+            out = dense(self.dim, ("heads", "embed"), name="proj", **dt)(out)
         return out

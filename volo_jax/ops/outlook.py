@@ -10,9 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.layers import dense
 from volo_jax.ops import cpu
 from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas, outlook_attention_pallas
-from volo_jax.ops.patches import fold, fold_slices, unfold, window_slices
+from volo_jax.ops.patches import fold, unfold
+from volo_jax.ops.slices import fold_slices, window_slices
 
 Dtype = Any
 
@@ -130,18 +132,14 @@ class OutlookAttention(nn.Module):
             )
         k, s = self.kernel_size, self.stride
         scale = (self.dim // self.num_heads) ** -0.5
-        dense = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.truncated_normal(0.02),
-        )
-        v = nn.Dense(self.dim, use_bias=self.qkv_bias, name="v", **dense)(x)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        v = dense(self.dim, ("embed", "heads"), use_bias=self.qkv_bias, name="v", **dt)(x)
         # Average pool with kernel = stride = s, ceil mode: partial windows average
         # only the positions they cover, as PyTorch's AvgPool2d(ceil_mode=True).
         pad = ((0, -height % s), (0, -width % s))
         pooled = nn.avg_pool(x, (s, s), (s, s), padding=pad, count_include_pad=False)
         h, w = pooled.shape[1:3]
-        logits = nn.Dense(k**4 * self.num_heads, name="attn", **dense)(pooled)
+        logits = dense(k**4 * self.num_heads, ("embed", "heads"), name="attn", **dt)(pooled)
         logits = logits.reshape(b, h, w, self.num_heads, k * k, k * k) * scale
         impl = resolve_implementation(self.impl)
         dropout = nn.Dropout(self.attn_drop, deterministic=not train)
@@ -151,5 +149,5 @@ class OutlookAttention(nn.Module):
         else:
             attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
             x = outlook_aggregate(v, dropout(attn), k, s, self.padding, impl)
-        x = nn.Dense(self.dim, name="proj", **dense)(x)
+        x = dense(self.dim, ("heads", "embed"), name="proj", **dt)(x)
         return nn.Dropout(self.proj_drop, deterministic=not train)(x)

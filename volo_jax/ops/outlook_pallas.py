@@ -80,6 +80,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from volo_jax.ops.geometry import PatchGeometry
+
 #: Backward VMEM footprint a TPU band may use, and the scoped VMEM limit requested.
 TPU_VMEM_BUDGET = 12 * 2**20
 TPU_VMEM_LIMIT = 32 * 2**20
@@ -89,8 +91,11 @@ TRITON_TILE_BUDGET = 64 * 2**10
 TRITON_CHANNEL_BLOCK = 64
 
 
-def _windows(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def _window_grid(
+    height: int, width: int, kernel: int, stride: int, padding: int
+) -> tuple[int, int]:
+    """(h, w): the windows on an (height, width) input (`ops.geometry`)."""
+    return PatchGeometry(kernel, stride, padding).out_size(height, width)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -129,11 +134,11 @@ class TpuPlan:
 
     @property
     def h(self) -> int:
-        return _windows(self.height, self.kernel, self.stride, self.padding)
+        return _window_grid(self.height, self.width, self.kernel, self.stride, self.padding)[0]
 
     @property
     def w(self) -> int:
-        return _windows(self.width, self.kernel, self.stride, self.padding)
+        return _window_grid(self.height, self.width, self.kernel, self.stride, self.padding)[1]
 
     @property
     def kk(self) -> int:
@@ -231,7 +236,7 @@ def tpu_plan(
     _, height, width, channels = shape
     itemsize = jnp.dtype(dtype).itemsize
     geometry = (height, width, channels, heads, kernel, stride, padding, itemsize)
-    h = _windows(height, kernel, stride, padding)
+    h, _ = _window_grid(height, width, kernel, stride, padding)
     whole = max(h, -(-height // stride))
 
     def make(t: int) -> TpuPlan:
@@ -627,7 +632,7 @@ def _triton_gather_kernel(
     of the logits (forward only)."""
     k, s, p = geometry
     height, width, channels = shape
-    h, w = _windows(height, k, s, p), _windows(width, k, s, p)
+    h, w = _window_grid(height, width, k, s, p)
     kk, hd = k * k, channels // heads
     b, row, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     c = cb * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
@@ -699,7 +704,7 @@ def _triton_logits_kernel(
     over the head's channels, then the softmax VJP (P recomputed)."""
     k, s, p = geometry
     height, width, channels = shape
-    w = _windows(width, k, s, p)
+    _, w = _window_grid(height, width, k, s, p)
     kk, hd = k * k, channels // heads
     b, y, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     x = jax.lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
@@ -731,8 +736,41 @@ def _triton_logits_kernel(
     jax.lax.fori_loop(0, kk, output_offset, 0)
 
 
-def _triton_params(num_warps: int = 4) -> pltriton.CompilerParams:
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+def _triton_call(
+    body,
+    image_shape: tuple[int, ...],
+    heads: int,
+    geometry: tuple[int, int, int],
+    softmax: bool,
+    *,
+    out_shape: jax.ShapeDtypeStruct,
+    grid: tuple[int, ...],
+    cost: pl.CostEstimate,
+    interpret: bool,
+    name: str,
+    **tiles: int | bool,
+):
+    """The `pallas_call` of a Triton kernel `body` on an image of `image_shape` (B, H, W, C)
+    with `heads` heads: the geometry (K, stride, padding), softmax flag and `tiles` bound
+    as its static arguments; 4 warps, one pipeline stage (no shared memory requested)."""
+    _, height, width, channels = image_shape
+    kernel = functools.partial(
+        body,
+        geometry=geometry,
+        shape=(height, width, channels),
+        heads=heads,
+        softmax=softmax,
+        **tiles,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        cost_estimate=cost,
+        interpret=interpret,
+        name=name,
+    )
 
 
 def _triton_block(channels: int, tile: int) -> int:
@@ -757,27 +795,22 @@ def triton_tile_bytes(shape, heads: int, kernel: int, stride: int) -> int:
 
 def _gather_call(weights, x, out_dtype, geometry, *, softmax, transpose, interpret):
     b, height, width, channels = x.shape
-    heads = weights.shape[3]
     k, s, _ = geometry
     tile = _next_pow2(-(-width // s))
     block = _triton_block(channels, tile)
-    kernel = functools.partial(
+    windows = weights.shape[1] * weights.shape[2]
+    return _triton_call(
         _triton_gather_kernel,
-        geometry=geometry,
-        shape=(height, width, channels),
-        heads=heads,
-        softmax=softmax,
+        x.shape,
+        weights.shape[3],
+        geometry,
+        softmax,
         transpose=transpose,
         tile=tile,
         block=block,
-    )
-    windows = weights.shape[1] * weights.shape[2]
-    return pl.pallas_call(
-        kernel,
         out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
         grid=(b, height, -(-channels // block)),
-        compiler_params=_triton_params(),
-        cost_estimate=pl.CostEstimate(
+        cost=pl.CostEstimate(
             flops=2 * b * windows * k**4 * channels,
             transcendentals=b * windows * k**4 * channels if softmax else 0,
             bytes_accessed=2 * x.size * x.dtype.itemsize + weights.size * weights.dtype.itemsize,
@@ -807,24 +840,19 @@ def triton_backward(v, logits, g, kernel, stride, padding, *, softmax=True, inte
     dv = _gather_call(
         attn, g, v.dtype, geometry, softmax=False, transpose=True, interpret=interpret
     )
-    b, height, width, channels = v.shape
+    b, _, _, channels = v.shape
     _, h, w, heads = logits.shape[:4]
-    hd = channels // heads
-    kernel_fn = functools.partial(
+    dl = _triton_call(
         _triton_logits_kernel,
-        geometry=geometry,
-        shape=(height, width, channels),
-        heads=heads,
-        softmax=softmax,
+        v.shape,
+        heads,
+        geometry,
+        softmax,
         tile=_next_pow2(w),
-        hd_tile=_next_pow2(hd),
-    )
-    dl = pl.pallas_call(
-        kernel_fn,
+        hd_tile=_next_pow2(channels // heads),
         out_shape=jax.ShapeDtypeStruct(logits.shape, jnp.float32),
         grid=(b, h, heads),
-        compiler_params=_triton_params(),
-        cost_estimate=pl.CostEstimate(
+        cost=pl.CostEstimate(
             flops=2 * b * h * w * kernel**4 * channels,
             transcendentals=b * h * w * kernel**4 * heads if softmax else 0,
             bytes_accessed=2 * v.size * v.dtype.itemsize + 2 * logits.size * 4,
@@ -838,35 +866,33 @@ def triton_backward(v, logits, g, kernel, stride, padding, *, softmax=True, inte
 # ------------------------------------------------------------------------ dispatch
 
 
+def _on_platform(args, geometry, softmax: bool, mosaic_fn, triton_fn):
+    """`mosaic_fn(*args, *geometry)` lowered for TPU, `triton_fn` for CUDA, and the Mosaic
+    kernels in Pallas' generic interpreter on every other platform."""
+
+    def tpu(*a):
+        return mosaic_fn(*a, *geometry, softmax=softmax)
+
+    def cuda(*a):
+        return triton_fn(*a, *geometry, softmax=softmax)
+
+    def default(*a):
+        return mosaic_fn(*a, *geometry, softmax=softmax, interpret="generic")
+
+    return jax.lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=default)
+
+
 def _forward(v, logits, geometry, softmax):
-    def tpu(v, logits):
-        return tpu_forward(v, logits, *geometry, softmax=softmax)
-
-    def cuda(v, logits):
-        return triton_forward(v, logits, *geometry, softmax=softmax)
-
-    def default(v, logits):
-        return tpu_forward(v, logits, *geometry, softmax=softmax, interpret="generic")
-
-    return jax.lax.platform_dependent(v, logits, tpu=tpu, cuda=cuda, default=default)
+    return _on_platform((v, logits), geometry, softmax, tpu_forward, triton_forward)
 
 
 def _backward(v, logits, g, geometry, softmax):
-    def tpu(v, logits, g):
-        return tpu_backward(v, logits, g, *geometry, softmax=softmax)
-
-    def cuda(v, logits, g):
-        return triton_backward(v, logits, g, *geometry, softmax=softmax)
-
-    def default(v, logits, g):
-        return tpu_backward(v, logits, g, *geometry, softmax=softmax, interpret="generic")
-
-    return jax.lax.platform_dependent(v, logits, g, tpu=tpu, cuda=cuda, default=default)
+    return _on_platform((v, logits, g), geometry, softmax, tpu_backward, triton_backward)
 
 
 def _check(v: jax.Array, weights: jax.Array, kernel: int, stride: int, padding: int) -> None:
     b, height, width, channels = v.shape
-    h, w = _windows(height, kernel, stride, padding), _windows(width, kernel, stride, padding)
+    h, w = _window_grid(height, width, kernel, stride, padding)
     kk = kernel * kernel
     if weights.ndim != 6 or weights.shape[:3] != (b, h, w) or weights.shape[4:] != (kk, kk):
         raise ValueError(

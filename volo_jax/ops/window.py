@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from volo_jax.layers import dense, with_axes
+
 Dtype = Any
 
 
@@ -87,14 +89,10 @@ class WindowAttention(nn.Module):
                 f"WindowAttention(dim={self.dim}, window={m}, shift={shift}) got {c} channels"
             )
         head_dim = self.head_dim or self.dim // heads
-        dense = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.truncated_normal(0.02),
-        )
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         table = self.param(
             "relative_position_bias_table",
-            nn.initializers.truncated_normal(0.02),
+            with_axes(nn.initializers.truncated_normal(0.02), "rel_pos", None),
             ((2 * m - 1) ** 2, heads),
             self.param_dtype,
         )
@@ -105,7 +103,9 @@ class WindowAttention(nn.Module):
         windows = window_partition(x, m)  # (B, h, w, N, C)
         nh, nw, n = windows.shape[1:4]
 
-        qkv = nn.Dense(3 * heads * head_dim, use_bias=self.qkv_bias, name="qkv", **dense)(windows)
+        qkv = dense(
+            3 * heads * head_dim, ("embed", "heads"), use_bias=self.qkv_bias, name="qkv", **dt
+        )(windows)
         q, k, v = jnp.moveaxis(qkv.reshape(b, nh, nw, n, 3, heads, head_dim), 4, 0)
         logits = jnp.einsum("bijqhd,bijkhd->bijhqk", q * head_dim**-0.5, k)
         bias = table[relative_position_index(m)].transpose(2, 0, 1)  # (heads, N, N)
@@ -116,7 +116,7 @@ class WindowAttention(nn.Module):
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
         out = jnp.einsum("bijhqk,bijkhd->bijqhd", attn, v).reshape(b, nh, nw, n, heads * head_dim)
-        out = nn.Dense(self.dim, name="proj", **dense)(out)
+        out = dense(self.dim, ("heads", "embed"), name="proj", **dt)(out)
         out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
         x = window_reverse(out, m)[:, :height, :width]
         if shift:

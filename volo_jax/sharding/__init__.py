@@ -1,4 +1,6 @@
-"""Device meshes, the logical axes of the parameters and the shardings they give."""
+"""Device meshes (`mesh.py`) and how variables are laid out on them (`rules.py`: the
+logical -> mesh axis rules, in one table, and the shardings of a train state). The
+logical axes themselves are declared where each parameter is made (`volo_jax.layers`)."""
 
 from volo_jax.sharding.distributed import maybe_initialize_distributed
 from volo_jax.sharding.mesh import (
@@ -16,8 +18,8 @@ from volo_jax.sharding.mesh import (
 )
 from volo_jax.sharding.rules import (
     DEFAULT_RULES,
-    PARAM_AXES,
     PRESETS,
+    axes_of,
     logical_axes,
     param_specs,
     preset_rules,
@@ -35,8 +37,8 @@ __all__ = [
     "FSDP_AXIS",
     "MESH_AXES",
     "MODEL_AXIS",
-    "PARAM_AXES",
     "PRESETS",
+    "axes_of",
     "batch_sharding",
     "create_mesh",
     "logical_axes",

@@ -1,16 +1,14 @@
-"""Logical axis names of every parameter, declared once, and their mapping to the mesh.
+"""How the model variables are laid out on the mesh: the logical -> mesh rules, in one
+table, and the shardings of a train state they give.
 
-Two tables, in the style of MaxText:
-
-* `PARAM_AXES`: (regex on the 'params/network_2_0/attn/qkv/kernel' path, logical axes
-  per dimension). The first rule whose regex matches and whose rank equals the array's
-  applies. Column-parallel Dense kernels are ('embed', 'heads' | 'mlp' | 'classes'),
-  row-parallel ones ('heads' | 'mlp', 'embed'); conv kernels split their output
-  channels over 'embed'; norms and BatchNorm statistics are replicated.
-* logical -> mesh rules (`config.sharding_rules`, `DEFAULT_RULES`): 'batch' over
-  ('data', 'fsdp'), 'embed' over 'fsdp', 'heads' and 'mlp' over 'model', anything else
-  replicated. `config.sharding` ('replicated' | 'fsdp' | 'tensor' | 'auto') keeps only
-  the parameter mappings onto those mesh axes.
+Every parameter is made with its logical axes, one name a dimension, where it is
+defined (`volo_jax.layers.with_axes`, flax's logical partitioning): column-parallel
+Dense kernels are ('embed', 'heads' | 'mlp' | 'classes'), row-parallel ones ('heads' |
+'mlp', 'embed'); convolution kernels ('conv_height', 'conv_width', 'conv_in', 'embed');
+norms and BatchNorm statistics 'norm'. `logical_axes(model)` reads them from an abstract
+`model.init`; `DEFAULT_RULES` (`config.sharding_rules`) maps each name onto mesh axes;
+`config.sharding` ('replicated' | 'fsdp' | 'tensor' | 'auto') keeps only the parameter
+mappings onto those mesh axes.
 
 A dimension that its mesh axes do not divide stays whole (logged once per parameter).
 """
@@ -18,11 +16,13 @@ A dimension that its mesh axes do not divide stays whole (logged once per parame
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,43 +30,29 @@ from volo_jax.errors import ConfigError
 from volo_jax.sharding.mesh import FSDP_AXIS, MODEL_AXIS, axis_size
 
 if TYPE_CHECKING:  # a training dependency; the shardings themselves need only JAX
+    import flax.linen as nn
     import ml_collections
 
 LogicalAxes = tuple[str | None, ...]
 Rules = Mapping[str, tuple[str, ...]]
 
-#: (path regex, logical axes per dimension); first match with the right rank wins.
-PARAM_AXES: tuple[tuple[str, LogicalAxes], ...] = (
-    # Column-parallel Dense: attention inputs (self-, class- and outlook attention).
-    (r"/attn/(qkv|kv|q|v|attn)/kernel$", ("embed", "heads")),
-    (r"/attn/(qkv|kv|q|v|attn)/bias$", ("heads",)),
-    (r"/mlp/fc1/kernel$", ("embed", "mlp")),
-    (r"/mlp/fc1/bias$", ("mlp",)),
-    (r"^params/(head|aux_head)/kernel$", ("embed", "classes")),
-    (r"^params/(head|aux_head)/bias$", ("classes",)),
-    # Row-parallel Dense: their outputs are summed over the split dimension.
-    (r"/attn/proj/kernel$", ("heads", "embed")),
-    (r"/mlp/fc2/kernel$", ("mlp", "embed")),
-    (r"/(attn/proj|mlp/fc2)/bias$", ("embed",)),
-    # Convolutions (stem, patch projection, downsample): output channels.
-    (r"/kernel$", ("conv_height", "conv_width", "conv_in", "embed")),
-    (r"/proj/bias$", ("embed",)),
-    # LayerNorm / BatchNorm scales and biases, BatchNorm statistics.
-    (r"/(norm\d*|conv_\d+)/(scale|bias)$", ("norm",)),
-    (r"^batch_stats/.*/(mean|var)$", ("norm",)),
-    # Embeddings: the channels go with 'embed'.
-    (r"^params/pos_embed$", (None, "height", "width", "embed")),
-    (r"^params/cls_token$", (None, None, "embed")),
-)
-
-#: The default logical -> mesh mapping (`config.sharding_rules`).
+#: Logical axis -> the mesh axes it is split over (`config.sharding_rules`), for every
+#: logical name a variable is declared with (tested). () keeps a dimension whole.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "heads": ("model",),
-    "mlp": ("model",),
+    "batch": ("data", "fsdp"),  # the batch of the inputs
+    "embed": ("fsdp",),  # the model width; conv output channels
+    "heads": ("model",),  # attention heads x head dim (q, k, v, outlook weights)
+    "mlp": ("model",),  # the MLP's hidden features
     "classes": (),
-    "norm": (),
+    "norm": (),  # LayerNorm / BatchNorm scales and biases, BatchNorm statistics
+    "pooled": (),  # the pooled features a convnet's `ClassifierHead` reads
+    "conv_height": (),
+    "conv_width": (),
+    "conv_in": (),
+    "conv_bias": (),  # biases of convolutions other than patch projections
+    "height": (),  # the token grid of a position embedding
+    "width": (),
+    "rel_pos": (),  # relative-position tables (halo, window attention)
 }
 
 #: `config.sharding` -> the mesh axes the parameters may be split over.
@@ -87,7 +73,7 @@ def _log_once(message: str) -> None:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """A jax key path -> 'params/network_2_0/attn/qkv/kernel'."""
+    """A jax key path (or a tuple of names) -> 'params/network_2_0/attn/qkv/kernel'."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -99,12 +85,38 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def logical_axes(path: str, ndim: int) -> LogicalAxes | None:
-    """The logical axes of the parameter at `path` with `ndim` dims (None: no rule)."""
-    for pattern, axes in PARAM_AXES:
-        if len(axes) == ndim and re.search(pattern, path):
-            return axes
-    return None
+def axes_of(boxed_variables: Any) -> Any:
+    """The logical axes of a variables tree made by `init` (values boxed with their names):
+    the same tree with a `PartitionSpec` of logical names at each leaf. ValueError for a
+    leaf made without names, or with one name too few or many."""
+
+    def one(path: Sequence[Any], leaf: Any) -> P:
+        names = getattr(leaf, "names", None)
+        value = getattr(leaf, "value", leaf)
+        if not isinstance(leaf, meta.AxisMetadata) or names is None:
+            raise ValueError(
+                f"{path_str(path)} {tuple(getattr(value, 'shape', ()))} has no logical axes: "
+                "make it with `volo_jax.layers.with_axes` (or a layer of volo_jax.layers)"
+            )
+        if len(names) != len(value.shape):
+            raise ValueError(
+                f"{path_str(path)}: {len(names)} logical axes {names} for shape {value.shape}"
+            )
+        return P(*names)
+
+    return jax.tree_util.tree_map_with_path(one, boxed_variables, is_leaf=meta.is_axis_metadata)
+
+
+def logical_axes(model: nn.Module, inputs: Any = None) -> dict[str, Any]:
+    """The logical axes of every variable of `model` ({'params': ..., 'batch_stats': ...},
+    a `PartitionSpec` of logical names at each leaf), read from `model.init` traced
+    abstractly (nothing is computed). `inputs`: what init is traced with (an array or
+    ShapeDtypeStruct); by default one NHWC image of the model's `img_size`, `in_chans`."""
+    if inputs is None:
+        size = model.img_size
+        inputs = jax.ShapeDtypeStruct((1, size, size, model.in_chans), jnp.float32)
+    boxed = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), inputs)
+    return dict(axes_of(boxed))
 
 
 def preset_rules(preset: str, rules: Rules | None = None) -> dict[str, tuple[str, ...]]:
@@ -132,16 +144,18 @@ def _as_axes(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh) -> P:
-    """The PartitionSpec of one array: its logical axes mapped by `rules` onto `mesh`.
+def spec_for(
+    axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh: Mesh, path: str = ""
+) -> P:
+    """The PartitionSpec of one array whose dimensions have the logical `axes`: each name
+    mapped by `rules` onto `mesh`.
 
     A mesh axis missing from the mesh, of size 1, or already used by an earlier dimension
-    is left out; mesh axes that do not divide the dimension leave it whole (logged once).
+    is left out; mesh axes that do not divide the dimension leave it whole (logged once,
+    naming `path`).
     """
-    axes = logical_axes(path, len(shape))
-    if axes is None:
-        _log_once(f"sharding: no rule for {path} {tuple(shape)}; replicated")
-        return P()
+    if len(axes) != len(shape):
+        raise ValueError(f"{path}: logical axes {tuple(axes)} do not fit shape {tuple(shape)}")
     used: set[str] = set()
     spec: list[tuple[str, ...] | str | None] = []
     for dim, name in zip(shape, axes, strict=True):
@@ -163,16 +177,30 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh) -> P:
     return P(*spec)
 
 
-def param_specs(abstract_params: Any, rules: Rules, mesh: Mesh, prefix: str = "params") -> Any:
-    """PartitionSpec tree of a params tree ({'network_0_0': ...}, arrays or
-    ShapeDtypeStructs; paths are matched as '<prefix>/network_0_0/...')."""
-
-    def one(path: Sequence[Any], leaf: Any) -> P:
-        return spec_for(
-            f"{prefix}/{path_str(path)}" if prefix else path_str(path), leaf.shape, rules, mesh
+def param_specs(abstract: Any, axes: Any, rules: Rules, mesh: Mesh, prefix: str = "params") -> Any:
+    """PartitionSpec tree of a variables tree ({'network_0_0': ...}, arrays or
+    ShapeDtypeStructs) whose logical axes are `axes` (the same tree, a PartitionSpec of
+    logical names a leaf: `logical_axes(model)[prefix]`). ValueError where the trees differ."""
+    flat_axes = traverse_util.flatten_dict(_as_dict(axes))
+    flat = traverse_util.flatten_dict(_as_dict(abstract))
+    missing = sorted("/".join(k) for k in flat.keys() - flat_axes.keys())
+    if missing:
+        raise ValueError(
+            f"{prefix}: no logical axes for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+            "the variables are not those of the model the axes were read from"
         )
+    specs = {
+        path: spec_for(flat_axes[path], leaf.shape, rules, mesh, "/".join((prefix, *path)))
+        for path, leaf in flat.items()
+    }
+    return traverse_util.unflatten_dict(specs)
 
-    return jax.tree_util.tree_map_with_path(one, abstract_params)
+
+def _as_dict(tree: Any) -> Any:
+    """Nested mappings (FrozenDict, ConfigDict-free) -> nested dicts."""
+    if isinstance(tree, Mapping):
+        return {k: _as_dict(v) for k, v in tree.items()}
+    return tree
 
 
 def _mirror_specs(tree: Any, params: Any, specs: Any) -> Any:
@@ -197,11 +225,12 @@ def _mirror_specs(tree: Any, params: Any, specs: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_specs(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+def state_specs(abstract_state: Any, axes: Mapping[str, Any], mesh: Mesh, rules: Rules) -> Any:
     """PartitionSpec tree of a train state with fields params, opt_state, batch_stats,
-    ema_params, ema_batch_stats (each optional) and any others (step, rng: replicated)."""
+    ema_params, ema_batch_stats (each optional) and any others (step, rng: replicated);
+    `axes`: the model's `logical_axes`."""
     params = getattr(abstract_state, "params", None)
-    pspecs = param_specs(params, rules, mesh) if params is not None else None
+    pspecs = param_specs(params, axes["params"], rules, mesh) if params is not None else None
     fields = {}
     for name in ("params", "opt_state", "ema_params", "batch_stats", "ema_batch_stats"):
         value = getattr(abstract_state, name, None)
@@ -210,7 +239,8 @@ def state_specs(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
         if name in ("params", "ema_params"):
             fields[name] = pspecs
         elif name in ("batch_stats", "ema_batch_stats"):
-            fields[name] = param_specs(value, rules, mesh, prefix="batch_stats")
+            stats_axes = axes.get("batch_stats", {})
+            fields[name] = param_specs(value, stats_axes, rules, mesh, prefix="batch_stats")
         else:
             fields[name] = _mirror_specs(value, params, pspecs)
     others = {
@@ -228,16 +258,19 @@ def to_shardings(specs: Any, mesh: Mesh) -> Any:
     )
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+def state_shardings(abstract_state: Any, axes: Mapping[str, Any], mesh: Mesh, rules: Rules) -> Any:
     """NamedSharding tree of a train state (see `state_specs`): params, their EMA and
     the optimizer moments per the rules; counts, step, RNG and scalars replicated."""
-    return to_shardings(state_specs(abstract_state, mesh, rules), mesh)
+    return to_shardings(state_specs(abstract_state, axes, mesh, rules), mesh)
 
 
-def variables_shardings(abstract_variables: Mapping[str, Any], mesh: Mesh, rules: Rules) -> Any:
-    """NamedSharding tree of model variables {'params': ..., 'batch_stats': ...}."""
+def variables_shardings(
+    abstract_variables: Mapping[str, Any], axes: Mapping[str, Any], mesh: Mesh, rules: Rules
+) -> Any:
+    """NamedSharding tree of model variables {'params': ..., 'batch_stats': ...} whose
+    logical axes are `axes` (`logical_axes(model)`)."""
     return {
-        name: to_shardings(param_specs(tree, rules, mesh, prefix=name), mesh)
+        name: to_shardings(param_specs(tree, axes.get(name, {}), rules, mesh, prefix=name), mesh)
         for name, tree in abstract_variables.items()
     }
 

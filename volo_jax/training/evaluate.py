@@ -27,6 +27,7 @@ from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    logical_axes,
     maybe_initialize_distributed,
     replicated,
     rules_from_config,
@@ -142,7 +143,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
     variables = load_weights_into(
         config.init_from, model, config.model, skip=tuple(config.init_skip)
     )
-    shardings = variables_shardings(variables, mesh, rules_from_config(config))
+    rules = rules_from_config(config)
+    shardings = variables_shardings(variables, logical_axes(model), mesh, rules)
     variables = jax.device_put(variables, shardings)
     logging.info(
         "evaluating %s on %s/%s: %d examples",

@@ -39,6 +39,7 @@ from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    logical_axes,
     maybe_initialize_distributed,
     replicated,
     rules_from_config,
@@ -267,7 +268,8 @@ def initial_variables(model: nn.Module, img_size: int, rng: jax.Array) -> dict[s
     """Fresh {'params', 'batch_stats'} of `model` for (B, img_size, img_size, 3) inputs
     (jitted once per model: compiling the initializers takes seconds on the CPU)."""
     dummy = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
-    return dict(model.init({"params": rng}, dummy, train=False))
+    # The parameters come boxed with their logical axes; the state holds plain arrays.
+    return dict(nn.unbox(model.init({"params": rng}, dummy, train=False)))
 
 
 def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> dict[str, Any]:
@@ -342,7 +344,7 @@ def create_train_state(
     mesh = create_mesh(config.get("mesh")) if mesh is None else mesh
     rules = rules_from_config(config) if rules is None else rules
     abstract, init = abstract_train_state(config, model, steps_per_epoch, tx)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = state_shardings(abstract, logical_axes(model), mesh, rules)
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
@@ -476,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = None
     if ckpt.latest_step is not None:
         abstract, _ = abstract_train_state(config, model, steps_per_epoch)
-        shardings = state_shardings(abstract, mesh, rules)
+        shardings = state_shardings(abstract, logical_axes(model), mesh, rules)
         restored = ckpt.restore_latest(with_shardings(abstract, shardings))
     if restored is not None:  # 1.
         state, restored_step = restored
@@ -485,7 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, shardings = create_train_state(config, model, steps_per_epoch, mesh, rules)
     teacher, teacher_variables = load_teacher(config)
     teacher_shardings = (
-        None if teacher_variables is None else variables_shardings(teacher_variables, mesh, rules)
+        None
+        if teacher_variables is None
+        else variables_shardings(teacher_variables, logical_axes(teacher), mesh, rules)
     )
     teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 

@@ -1,0 +1,274 @@
+"""Layers shared by the models (`volo_jax.models`) and the operators (`volo_jax.ops`).
+
+Convolutions and BatchNorm with PyTorch's conventions (`conv2d`, `BatchNorm`,
+`ConvNormAct`, `get_act`), LayerNorm with PyTorch's epsilon, Dense layers with timm's
+init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets.
+
+Every parameter is made with its logical axes, one name a dimension (`with_axes`, flax's
+logical partitioning): 'embed' the model width, 'heads' and 'mlp' the dimensions tensor
+parallelism splits, 'classes', 'norm' and the conv_* names. `volo_jax.sharding.rules`
+maps the names onto the device mesh. `model.init` returns the values boxed with their
+names; `unbox` (`flax.linen.unbox`) strips them where variables are made, so that
+`apply`, optax, orbax and the converter see plain arrays.
+
+This module imports nothing from `volo_jax.models` or `volo_jax.ops`: both import it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import meta
+
+Dtype = Any
+Initializer = Callable[..., Any]
+
+#: Unboxes a variables tree made by `init`: the plain arrays that `apply`, optax,
+#: orbax and the converter take (`flax.core.meta.unbox`).
+unbox = meta.unbox
+
+
+def with_axes(init: Initializer, *names: str | None) -> Initializer:
+    """`init` whose value carries the logical axis `names`, one a dimension (flax's
+    `nn.with_logical_partitioning`); None: a dimension that is never split."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense_init() -> nn.initializers.Initializer:
+    """timm's init for Linear weights: truncated normal, std 0.02 (biases zero)."""
+    return nn.initializers.truncated_normal(0.02)
+
+
+#: He-normal over fan-out, the init of timm's / mmcv's convolutions.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+#: Logical axes of a convolution kernel (kh, kw, C_in / groups, C_out).
+CONV_AXES = ("conv_height", "conv_width", "conv_in", "embed")
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool = True,
+    kernel_init: Initializer | None = None,
+    name: str | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.Dense:
+    """`nn.Dense` whose kernel (in, out) has the logical `axes` and whose bias has the
+    output's; kernel init timm's truncated normal (std 0.02) unless given."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=with_axes(kernel_init or dense_init(), *axes),
+        bias_init=with_axes(nn.initializers.zeros, axes[1]),
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    groups: int = 1,
+    use_bias: bool = False,
+    name: str | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = conv_init,
+    bias_axis: str = "conv_bias",
+) -> nn.Conv:
+    """PyTorch's `Conv2d` in NHWC: symmetric padding, (k - 1) // 2 unless given; kernel
+    init He-normal over fan-out unless given. Kernel axes `CONV_AXES`, bias `bias_axis`.
+
+    (B, H, W, C_in) -> (B, H', W', features), H' = (H + 2 padding - k) // stride + 1.
+    """
+    pad = (kernel_size - 1) // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=with_axes(kernel_init, *CONV_AXES),
+        bias_init=with_axes(nn.initializers.zeros, bias_axis),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def patchify(
+    features: int, patch: int, dtype: Dtype | None, param_dtype: Dtype, name: str
+) -> nn.Conv:
+    """Non-overlapping patch projection: a conv with kernel = stride = `patch`, with bias
+    (flax's default init); its bias goes with the width ('embed')."""
+    return conv2d(
+        features,
+        patch,
+        patch,
+        padding=0,
+        use_bias=True,
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.linear.default_kernel_init,
+        bias_axis="embed",
+    )
+
+
+class BatchNorm(nn.BatchNorm):
+    """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1: flax's 0.9), its scale,
+    bias and running statistics on the logical axis 'norm'. (..., C) -> (..., C)."""
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    scale_init: Initializer = with_axes(nn.initializers.ones, "norm")
+    bias_init: Initializer = with_axes(nn.initializers.zeros, "norm")
+
+    @nn.nowrap
+    def variable(self, col: str, name: str, init_fn: Any = None, *init_args: Any, **kw: Any) -> Any:
+        # flax's BatchNorm makes its running statistics here, without metadata.
+        if col == "batch_stats" and init_fn is not None:
+            init_fn = with_axes(init_fn, "norm")
+        return super().variable(col, name, init_fn, *init_args, **kw)
+
+
+def batch_norm(train: bool, name: str, dtype: Dtype | None, param_dtype: Dtype) -> BatchNorm:
+    """`BatchNorm` normalising with the batch's statistics when `train`, else the running ones."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+#: PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm'.
+TorchLayerNorm = functools.partial(
+    nn.LayerNorm,
+    epsilon=1e-5,
+    scale_init=with_axes(nn.initializers.ones, "norm"),
+    bias_init=with_axes(nn.initializers.zeros, "norm"),
+)
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+}
+
+
+def get_act(name: str | None) -> Callable[[jax.Array], jax.Array]:
+    """An activation by name ('relu', 'silu', 'gelu'), or the identity for None / ''."""
+    if not name:
+        return lambda x: x
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class ConvNormAct(nn.Module):
+    """conv -> BatchNorm -> activation, named `conv`, `bn` (timm's `ConvNormAct`,
+    mmcv's `ConvModule`). Without the norm the conv gets a bias (mmcv's bias='auto').
+
+    Input (B, H, W, C_in) -> (B, H / stride, W / stride, features).
+    """
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    padding: int | None = None
+    groups: int = 1
+    norm: bool = True
+    act: str | None = "relu"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = conv2d(
+            self.features,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.groups,
+            use_bias=not self.norm,
+            name="conv",
+            **dt,
+        )(x)
+        if self.norm:
+            x = batch_norm(train, "bn", **dt)(x)
+        return get_act(self.act)(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> dropout -> Linear `fc` (timm's `ClassifierHead` of the
+    convnets). (B, H, W, C) -> (B, num_classes); `pre_logits`: the pooled (B, C).
+
+    The kernel's input axis is 'pooled' (kept whole by the default rules)."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        x = jnp.mean(x, axis=(1, 2))
+        if pre_logits:
+            return x
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return dense(
+            self.num_classes,
+            ("pooled", "classes"),
+            kernel_init=nn.initializers.normal(0.01),
+            name="fc",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample (rng 'dropout').
+
+    Input (B, ...) -> same shape; survivors are scaled by 1 / (1 - rate).
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        broadcast = tuple(range(1, x.ndim))
+        return nn.Dropout(self.rate, broadcast_dims=broadcast, deterministic=False)(x)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> dropout -> fc2 -> dropout. (..., C) -> (..., out_dim or C).
+
+    fc1 is column-parallel ('embed', 'mlp'), fc2 row-parallel ('mlp', 'embed')."""
+
+    hidden_dim: int
+    out_dim: int | None = None
+    drop: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_dim = self.out_dim or x.shape[-1]
+        x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **dt)(x)
+        x = nn.gelu(x, approximate=False)
+        x = nn.Dropout(self.drop, deterministic=not train)(x)
+        x = dense(out_dim, ("mlp", "embed"), name="fc2", **dt)(x)
+        return nn.Dropout(self.drop, deterministic=not train)(x)
