@@ -40,11 +40,12 @@ RTOL = 1e-5  # losses
 GRAD_RTOL = 1e-4
 UPDATE_RTOL = 1e-4
 FLOOR = 1e-3
-# Known: on this run's first digits batch, the 8-device train step's gradients of the first
-# stem layers (patch_embed conv_0, conv_1, conv_3, conv_4/bias) are 0.7-2% away from the
-# same step computed in float64, while the 1-device step is within 1e-6 of it; the loss and
-# every other leaf agree. Random-image batches do not show it (tests/_sharding_worker.py
-# compares 8 devices with 1 per leaf at 2e-5).
+# Known: on this run's first digits batch, with XLA's default LLVM optimization, the 8-device
+# train step's gradients of the first stem layers (patch_embed conv_0, conv_1, conv_3,
+# conv_4/bias) are 0.7-2% away from the same step in float64, while the 1-device step is
+# within 1e-6 of it; compiled with --xla_backend_optimization_level=0 (as the tests are,
+# see conftest.py) the 8-device step is within 1e-6 too. If it shows, it is reported as an
+# expected failure once every other leaf has been checked.
 STEM_8_DEVICES = "patch_embed"
 TIMEOUT_S = 400
 
