@@ -29,7 +29,7 @@ resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at r
 and differ from PIL by sub-pixel offsets; enhancement ops round to integers but use
 float blends; random erasing uses 10 candidate boxes drawn at once (the first that
 fits wins, as timm's loop). The score-map ops match `tlt`'s exactly
-(tests/test_official_token_labeling.py).
+(tests/training/test_official_token_labeling.py).
 """
 
 from __future__ import annotations
