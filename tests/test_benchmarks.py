@@ -13,16 +13,10 @@ import pytest
 pytest.importorskip("timm")
 
 from benchmarks import bench_ops, bench_volo
+from tests.support.small import TINY_VOLO
 from volo_jax.cli import MALLOC_TUNABLES, MALLOC_TUNABLES_SWITCH
 
-TINY = dict(
-    layers=(1, 1, 1, 1),
-    embed_dims=(16, 32, 32, 32),
-    num_heads=(2, 4, 4, 4),
-    img_size=32,
-    num_classes=10,
-    stem_hidden_dim=8,
-)
+TINY = {**TINY_VOLO, "num_classes": 10}
 
 
 def test_bench_volo_report_fields(tmp_path):

@@ -1,13 +1,11 @@
 """volo_jax.cli: the process setup every training run starts with (glibc malloc tunables by
 a restart, synchronous CPU dispatch)."""
 
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import run_python
 from volo_jax.cli import MALLOC_TUNABLES, MALLOC_TUNABLES_SWITCH, with_malloc_tunables
 
 OURS = ":".join(MALLOC_TUNABLES)
@@ -41,18 +39,8 @@ _PROBE = (
 
 
 def _probe(**env: str) -> list[str]:
-    base = {
-        k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", MALLOC_TUNABLES_SWITCH)
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env={**base, "PYTHONPATH": REPO, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.split()
+    unset = {"GLIBC_TUNABLES": None, MALLOC_TUNABLES_SWITCH: None}
+    return run_python("-c", _PROBE, env={**unset, **env}, timeout=60, check=True).stdout.split()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables: Linux only")
@@ -72,12 +60,5 @@ def test_synchronous_cpu_dispatch_switches_off_async_dispatch():
         "synchronous_cpu_dispatch(); jax.numpy.ones(2).block_until_ready(); "
         "print(jax.config.values['jax_cpu_enable_async_dispatch'])"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = run_python("-c", code, timeout=60, check=True)
     assert out.stdout.split()[-1] == "False"

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import subprocess
-import sys
 import tomllib
 
 import numpy as np
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, run_python
 from volo_jax.extras import EXTRA_MODULES
 
 NAME = "volo_d1_224"
@@ -73,17 +71,11 @@ atexit.register(_audit)
 """
 
 
-def run_python(code: str, block: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+def run_core(code: str, block: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh process where importing a module of `block` fails (an extra not
+    installed); at exit it prints the extras' modules that were imported."""
     prelude = _PRELUDE.format(block=block, extra_only=EXTRA_ONLY)
-    return subprocess.run(
-        [sys.executable, "-c", prelude + code],
-        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=REPO,
-    )
+    return run_python("-c", prelude + code, env={"JAX_PLATFORMS": "cpu", **env}, timeout=300)
 
 
 def imported_extras(done: subprocess.CompletedProcess) -> list[str]:
@@ -93,7 +85,7 @@ def imported_extras(done: subprocess.CompletedProcess) -> list[str]:
 
 def test_core_entry_points_import_no_extra():
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in CORE_MODULES)
-    done = run_python(code)
+    done = run_core(code)
     assert done.returncode == 0, done.stderr
     # tensorflow, tensorflow_datasets, torch, sklearn, matplotlib, gcsfs, absl, optax, ...
     assert imported_extras(done) == []
@@ -101,7 +93,7 @@ def test_core_entry_points_import_no_extra():
 
 def test_the_audit_sees_an_extra_imported():
     # The check above can fail: the training code imports extras (ml_collections here).
-    done = run_python("import volo_jax.training.config")
+    done = run_core("import volo_jax.training.config")
     assert done.returncode == 0, done.stderr
     assert "ml_collections" in imported_extras(done)
 
@@ -133,7 +125,7 @@ try:
 except SystemExit as exit:
     assert not exit.code, exit.code
 """
-    done = run_python(code, block=tuple(EXTRA_ONLY))
+    done = run_core(code, block=tuple(EXTRA_ONLY))
     assert done.returncode == 0, done.stderr
     assert imported_extras(done) == []
     from volo_jax.data import imagenet_class_names
@@ -160,7 +152,7 @@ def test_reading_a_pth_tar_or_a_gs_path_without_its_extra_names_it(tmp_path):
         "    except MissingExtraError as err:\n"
         "        print('error:', err)\n"
     )
-    done = run_python(code, block=("torch", "gcsfs"))
+    done = run_core(code, block=("torch", "gcsfs"))
     assert done.returncode == 0, done.stderr
     pth, gs = [ln for ln in done.stdout.splitlines() if ln.startswith("error: ")]
     assert pth.startswith(
@@ -176,7 +168,7 @@ def test_main_py_without_the_train_extra_names_it():
         "sys.argv = ['main.py', '--config=configs/default.py', '--workdir=/tmp/unused']\n"
         "runpy.run_path('main.py', run_name='__main__')\n"
     )
-    done = run_python(code, block=("tensorflow", "tensorflow_datasets"))
+    done = run_core(code, block=("tensorflow", "tensorflow_datasets"))
     assert done.returncode == 1, done.stderr
     assert "training and evaluation (main.py) needs tensorflow-cpu, tensorflow-datasets" in (
         done.stderr
@@ -207,17 +199,10 @@ def test_console_script_usage_names_the_command(tmp_path):
         "from volo_jax.convert.__main__ import run\n"
         "run()\n"
     )
-    done = run_python(code)
+    done = run_core(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: volo-jax-convert [-h] --model MODEL"), done.stdout
-    done = subprocess.run(
-        [sys.executable, "-m", "volo_jax.predict", "--help"],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    done = run_python("-m", "volo_jax.predict", "--help", check=True)
     assert done.stdout.startswith("usage: python -m volo_jax.predict [-h]"), done.stdout
 
 

@@ -4,16 +4,13 @@ metadata, errors, and what loading a file imports (no orbax, tensorstore, Tensor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.support import REPO, timm_pairs
+from tests.support import run_python, timm_pairs
 from volo_jax.convert.mapping import abstract_variables
 from volo_jax.errors import CheckpointError
 from volo_jax.weights import (
@@ -135,13 +132,6 @@ def test_loading_a_file_imports_neither_orbax_nor_tensorflow(tmp_path, model_and
         "heavy = ('orbax', 'tensorstore', 'tensorflow', 'torch')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_python("-c", code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout

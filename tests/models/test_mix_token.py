@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from tests.support.small import tiny_volo
 from volo_jax.errors import ConfigError
-from volo_jax.models import create_model
 from volo_jax.models.volo import (
     MIX_GROUP_SIZE,
     mix_box_lam,
@@ -172,15 +172,7 @@ def test_group_count_of_a_batch():
 
 
 def _tiny_volo():
-    return create_model(
-        "volo_d1_224",
-        layers=(1, 1, 1, 1),
-        embed_dims=(16, 32, 32, 32),
-        num_heads=(1, 2, 2, 2),
-        stem_hidden_dim=8,
-        img_size=32,
-        num_classes=5,
-    )
+    return tiny_volo(num_heads=(1, 2, 2, 2))
 
 
 def test_model_mixes_per_group_and_unmixes_the_aux_logits():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import volo_jax
+from tests.support.small import tiny_volo
 from volo_jax.errors import ConfigError, UnknownModelError
 from volo_jax.models.volo import MIXER_NAMES, mix_box_lam, mix_token_mask, sample_mix_box
 
@@ -28,18 +29,9 @@ TIMM_PARAM_COUNTS = {
     "volo_d5_512": 296_091_488,
 }
 
-TINY = dict(
-    layers=(1, 1, 1, 1),
-    embed_dims=(16, 32, 32, 32),
-    num_heads=(2, 4, 4, 4),
-    stem_hidden_dim=8,
-    num_classes=5,
-    img_size=32,
-)
-
 
 #: bf16 logits' largest error relative to the float32 logits' largest value (0.0086
-#: measured for TINY: 0.0017 on logits up to 0.20; one bf16 rounding is up to 2**-9).
+#: measured for the tiny VOLO: 0.0017 on logits up to 0.20; one bf16 rounding is up to 2**-9).
 BF16_LOGIT_ERROR = 0.03
 
 
@@ -81,7 +73,7 @@ def test_unknown_names_and_arguments_are_clear_errors():
 
 
 def test_wrong_input_size_is_a_clear_error():
-    model = volo_jax.create_model("volo_d1_224", **TINY)
+    model = tiny_volo()
     variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     with pytest.raises(ValueError, match="img_size 32"):
         model.apply(variables, jnp.zeros((1, 3, 32, 32)))
@@ -91,8 +83,8 @@ def test_bf16_compute_keeps_float32_params():
     """dtype=bfloat16: float32 parameters and gradients, bf16 activations, and logits
     within bf16 rounding of the float32 model's, relative to their scale (the logits of
     this model are at most 0.2: an absolute tolerance of 0.1 would take anything)."""
-    model = volo_jax.create_model("volo_d1_224", dtype=jnp.bfloat16, **TINY)
-    reference_model = volo_jax.create_model("volo_d1_224", **TINY)
+    model = tiny_volo(dtype=jnp.bfloat16)
+    reference_model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
     chex.assert_trees_all_equal_dtypes(
@@ -113,7 +105,7 @@ def test_bf16_compute_keeps_float32_params():
 
 
 def test_stochastic_depth_and_batchnorm_in_train_mode():
-    model = volo_jax.create_model("volo_d1_224", drop_path_rate=0.5, **TINY)
+    model = tiny_volo(drop_path_rate=0.5)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     variables = nn.unbox(model.init(jax.random.key(0), x))
 
@@ -146,7 +138,7 @@ def test_stochastic_depth_and_batchnorm_in_train_mode():
 def test_eval_mode_uses_the_running_statistics():
     """In eval mode an image's logits do not depend on the rest of the batch (BatchNorm
     uses its running statistics); in train mode they do (the batch's)."""
-    model = volo_jax.create_model("volo_d1_224", **TINY)
+    model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     variables = nn.unbox(model.init(jax.random.key(0), x))
     np.testing.assert_allclose(
@@ -173,7 +165,7 @@ def test_mix_box_sampling_and_mask():
 def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
     """With a box covering everything, every image becomes its batch mirror: class
     logits come out mirrored, and the un-mixed aux map is back in batch order."""
-    model = volo_jax.create_model("volo_d1_224", **TINY)
+    model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
     variables = nn.unbox(model.init(jax.random.key(0), x))
     cls, aux = model.apply(variables, x, return_dense=True)
@@ -190,9 +182,9 @@ def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
 
 def test_remat_gives_the_same_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    plain = volo_jax.create_model("volo_d1_224", **TINY)
+    plain = tiny_volo()
     variables = nn.unbox(plain.init(jax.random.key(0), x))
-    remat = volo_jax.create_model("volo_d1_224", remat=True, **TINY)
+    remat = tiny_volo(remat=True)
 
     def grads(model):
         return jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(
@@ -213,14 +205,10 @@ def test_every_token_mixer_runs_in_the_outlooker_stage(mixer):
         "dwconv": {"kernel_size": 3},
         "dynamic_dwconv": {"kernel_size": 3},
     }.get(mixer, {})
-    model = volo_jax.create_model(
-        "volo_d1_224", token_mixer=mixer, token_mixer_kwargs=kwargs, **TINY
-    )
+    model = tiny_volo(token_mixer=mixer, token_mixer_kwargs=kwargs)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
-    baseline = nn.unbox(
-        jax.eval_shape(volo_jax.create_model("volo_d1_224", **TINY).init, jax.random.key(0), x)
-    )
+    baseline = nn.unbox(jax.eval_shape(tiny_volo().init, jax.random.key(0), x))
     outside = lambda v: {
         k: jax.tree_util.tree_map(jnp.shape, t)
         for k, t in v["params"].items()
@@ -248,6 +236,4 @@ def test_every_token_mixer_runs_in_the_outlooker_stage(mixer):
 
 def test_unknown_token_mixer_lists_the_choices():
     with pytest.raises(ValueError, match="self_attention"):
-        volo_jax.create_model("volo_d1_224", token_mixer="conv", **TINY).init(
-            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
-        )
+        tiny_volo(token_mixer="conv").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

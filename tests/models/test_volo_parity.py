@@ -42,7 +42,7 @@ def _check(name: str, overrides: dict, batch: int = 2, registered: bool = False)
 
 
 #: One registered name per architecture (d1 .. d5); the others differ from these only in
-#: img_size (and their parameter counts are checked in test_volo_model.py).
+#: img_size (and their parameter counts are checked in tests/models/test_volo.py).
 REPRESENTATIVES = ["volo_d1_224", "volo_d2_224", "volo_d3_224", "volo_d4_224", "volo_d5_224"]
 #: What timm's named constructors let us shrink: the images (2 x 2 tokens after the stem).
 SMALL_INPUT = {"img_size": 32, "num_classes": 17}

@@ -25,7 +25,6 @@ import numpy as np
 from configs.default import get_config
 from tests.support.trees import adam_mu, worst_leaf
 from volo_jax.models import create_model
-from volo_jax.ops.cpu import for_platform
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
@@ -107,20 +106,7 @@ def compiled_fns(mesh, rules_name: str = "auto"):
     built as the trainer builds them (cached by mesh: the checks share compilations)."""
     config, model, abstract = template()
     shardings = state_shardings(abstract, logical_axes(model), mesh, preset_rules(rules_name))
-    step = jax.jit(
-        for_platform(
-            functools.partial(
-                train.train_step,
-                model=model,
-                teacher=None,
-                opts=train.StepOptions.from_config(config),
-            ),
-            mesh.devices.flat[0].platform,  # as the trainer builds it
-        ),
-        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step = train.jit_train_step(config, model, mesh, shardings)  # as the trainer builds it
     var_sh = {"params": shardings.params, "batch_stats": shardings.batch_stats}
     eval_fn = jax.jit(
         functools.partial(eval_lib.eval_step, model=model),
@@ -319,19 +305,7 @@ def compiled_step_text(config, mesh, batch: int) -> str:
     rules = preset_rules("auto")
     with use_mesh(mesh):
         state, shardings = train.create_train_state(config, model, 10, mesh, rules)
-        step = jax.jit(
-            for_platform(
-                functools.partial(
-                    train.train_step,
-                    model=model,
-                    teacher=None,
-                    opts=train.StepOptions.from_config(config),
-                ),
-                mesh.devices.flat[0].platform,  # as the trainer builds it
-            ),
-            in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-            out_shardings=(shardings, replicated(mesh)),
-        )
+        step = train.jit_train_step(config, model, mesh, shardings, donate=False)
         images = jax.ShapeDtypeStruct((batch, 32, 32, 3), np.float32)
         labels = jax.ShapeDtypeStruct((batch,), np.int32)
         return step.lower(state, {"image": images, "label": labels}, None).compile().as_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs.volo_d1 import get_config
-from volo_jax.models import create_model
+from tests.support.small import tiny_volo
 from volo_jax.training.optim import create_learning_rate_fn, create_optimizer, weight_decay_mask
 
 STEPS_PER_EPOCH = 1251  # ImageNet-1k at batch 1024
@@ -60,15 +60,7 @@ def test_schedule_scales_with_batch():
 
 
 def _small_params():
-    model = create_model(
-        "volo_d1_224",
-        layers=(1, 1, 1, 1),
-        embed_dims=(32, 64, 64, 64),
-        num_heads=(1, 2, 2, 2),
-        stem_hidden_dim=8,
-        img_size=32,
-        num_classes=3,
-    )
+    model = tiny_volo(embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), num_classes=3)
     variables = nn.unbox(
         jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -64,23 +63,16 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def _smoke_steps(**changes):
     """(initial state, jitted train step) of configs/smoke.py with `changes`, 4 classes."""
-    from configs.smoke import get_config
+    from tests.support.small import smoke_config
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import for_platform
+    from volo_jax.sharding import create_mesh
     from volo_jax.training.config import model_overrides
 
-    config = get_config()
-    config.dataset.num_classes = 4
-    config.token_label.mix_group_size = 4
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        setattr(config[section] if section else config, name, value)
+    config = smoke_config(**{"token_label.mix_group_size": 4, **changes})
     model = create_model(config.model, **model_overrides(config))
-    state, _ = train.create_train_state(config, model, steps_per_epoch=10)
-    step = functools.partial(
-        train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
-    )
-    return state, jax.jit(for_platform(step, jax.devices()[0].platform))
+    mesh = create_mesh(config.mesh)
+    state, shardings = train.create_train_state(config, model, 10, mesh)
+    return state, train.jit_train_step(config, model, mesh, shardings, donate=False)
 
 
 def _batch() -> dict[str, jax.Array]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs.smoke import get_config
 from tests.support import programs
+from tests.support.small import smoke_config
+from tests.support.trees import worst_leaf
 from volo_jax.models import create_model
-from volo_jax.ops.cpu import for_platform
+from volo_jax.sharding import create_mesh
 from volo_jax.training import train
 from volo_jax.training.config import matmul_precision, model_overrides
 from volo_jax.training.losses import smooth_targets
@@ -22,13 +22,8 @@ from volo_jax.weights import save_weights
 
 
 def tiny_config(**changes):
-    config = get_config()
-    config.dataset.num_classes = 4
-    config.model_overrides.drop_path_rate = 0.0
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        setattr(config[section] if section else config, name, value)
-    return config
+    """configs/smoke.py, 4 classes, no drop path (steps compare exactly), then `changes`."""
+    return smoke_config(**{"model_overrides.drop_path_rate": 0.0, **changes})
 
 
 def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
@@ -38,12 +33,9 @@ def fixed_batch(size: int = 8) -> dict[str, jnp.ndarray]:
 
 def make_step(config, teacher=None, tx=None):
     model = create_model(config.model, **model_overrides(config))
-    state, _ = train.create_train_state(config, model, steps_per_epoch=10, tx=tx)
-    step = functools.partial(
-        train.train_step, model=model, teacher=teacher, opts=train.StepOptions.from_config(config)
-    )
-    step = jax.jit(for_platform(step, jax.devices()[0].platform))  # as the trainer builds it
-    return model, state, step
+    mesh = create_mesh(config.mesh)
+    state, shardings = train.create_train_state(config, model, 10, mesh, tx=tx)
+    return model, state, train.jit_train_step(config, model, mesh, shardings, teacher, donate=False)
 
 
 def test_steps_lower_the_loss_on_a_fixed_batch():
@@ -133,12 +125,8 @@ def step_gradient(config, batch):
 def assert_trees_close(got, want, rtol: float) -> None:
     """Every leaf within `rtol` of its own largest value (so a small leaf is held to its own
     size, not to the largest one's)."""
-    for (path, g), w in zip(
-        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want), strict=True
-    ):
-        scale = float(jnp.abs(w).max())
-        diff = float(jnp.abs(g - w).max())
-        assert diff <= rtol * scale, (jax.tree_util.keystr(path), diff, scale)
+    ratio, path = worst_leaf(got, want, rtol)
+    assert ratio <= 1.0, (path, ratio)
 
 
 def test_accumulated_gradient_is_the_whole_batch_gradient():

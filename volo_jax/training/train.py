@@ -352,6 +352,30 @@ def create_train_state(
     return state, shardings
 
 
+def jit_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    mesh: jax.sharding.Mesh,
+    shardings: TrainState,
+    teacher: nn.Module | None = None,
+    teacher_shardings: Any = None,
+    donate: bool = True,
+) -> Any:
+    """`train_step` for `config` and `model`, jitted for `mesh` as the trainer runs it:
+    (state, batch, teacher variables) -> (state, metrics), the state in `shardings`
+    (donated unless `donate=False`), the batch split over the batch axes, the CPU's kernels
+    only where the mesh's devices are CPUs."""
+    step = functools.partial(
+        train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
+    )
+    return jax.jit(
+        for_platform(step, mesh.devices.flat[0].platform),
+        in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
 def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState) -> TrainState:
     """`state` with the leaves of `loaded` ({'params', 'batch_stats'}, host arrays, a
     subset of the paths) put into their shardings in the state's dtypes, and the EMA
@@ -493,15 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
 
-    step = functools.partial(
-        train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
-    )
-    step_fn = jax.jit(
-        for_platform(step, mesh.devices.flat[0].platform),
-        in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = jit_train_step(config, model, mesh, shardings, teacher, teacher_shardings)
     variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
     loop = _Loop(
         step_fn=step_fn,
