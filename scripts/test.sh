@@ -3,9 +3,11 @@
 # e.g. scripts/test.sh -m slow  for the long tests. PYTEST_WORKERS=N sets the number of
 # pytest-xdist workers (default 2; 0 runs in one process). The torch/timm reference tests
 # must run here: VOLO_JAX_REQUIRE_REFERENCE=1 makes a missing package a failure, not a skip.
+# --dist loadfile: the tests of one file run in one worker, so a module fixture (a training
+# run, the 8-device worker) runs once.
 set -euo pipefail
 source "$(dirname "$0")/env.sh" train,torch,test
 export VOLO_JAX_REQUIRE_REFERENCE=1
 ruff check volo_jax tests main.py configs benchmarks
 ruff format --check volo_jax tests main.py configs benchmarks
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=25 "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"

@@ -22,6 +22,8 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import pytest
@@ -33,6 +35,16 @@ _inherited = re.sub(
     r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
 ).strip()
 os.environ["XLA_FLAGS"] = f"{_inherited} {TEST_XLA_FLAGS}".strip()
+
+# One XLA compilation cache for the whole run, shared by its processes (pytest-xdist's
+# workers, the training runs of main.py, the multi-device workers): a program the suite
+# compiles again (the same train step in several tests and processes) is read back.
+# Made by the first process (xdist's controller), inherited by the others, removed at the
+# end. Its key covers the program, the XLA flags and the versions.
+_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _CACHE_OWNER:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="volo_jax_tests_xla_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402  (after the environment above: JAX reads it when it starts)
 
@@ -74,3 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"VOLO_JAX_REQUIRE_REFERENCE=1 but {', '.join(missing)} not installed: "
                 "pip install -r requirements-test.txt (or unset it to skip their tests)"
             )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -208,7 +208,7 @@ def identify_model(state_dict: Mapping[str, np.ndarray]) -> list[str]:
     names = {n for n in state_dict if not n.endswith(IGNORED_TORCH_SUFFIXES)}
     found = []
     for candidate in list_models():
-        expected = torch_shapes(create_model(candidate))
+        expected = _registered_torch_shapes(create_model(candidate))
         if set(expected) != names:
             continue
         if all(
@@ -216,6 +216,21 @@ def identify_model(state_dict: Mapping[str, np.ndarray]) -> list[str]:
         ):
             found.append(candidate)
     return found
+
+
+#: torch_shapes of the registered models, by architecture, for this process (tracing
+#: every registered model takes seconds each).
+_ARCHITECTURE_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def _registered_torch_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """`torch_shapes(model)`, traced once for the models that differ only in resolution
+    (volo_d1_224 and volo_d1_384): the shapes that depend on it (the position grid) are
+    compared by width only (`_fits`)."""
+    key = repr(model.clone(img_size=0)) if hasattr(model, "img_size") else repr(model)
+    if key not in _ARCHITECTURE_SHAPES:
+        _ARCHITECTURE_SHAPES[key] = torch_shapes(model)
+    return _ARCHITECTURE_SHAPES[key]
 
 
 def _fits(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> bool:
