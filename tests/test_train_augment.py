@@ -95,8 +95,15 @@ def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
     ("op", "arg", "coefficients"),
     [
         (augment.rotate, 20.0, _rotation(20.0, 64, 48)),
+        (augment.rotate, -27.0, _rotation(-27.0, 64, 48)),
         (augment.shear_x, 0.2, (1, 0.2, 0, 0, 1, 0)),
+        (augment.shear_x, -0.3, (1, -0.3, 0, 0, 1, 0)),
+        (augment.shear_y, 0.27, (1, 0, 0, 0.27, 1, 0)),
+        (augment.shear_y, -0.13, (1, 0, 0, -0.13, 1, 0)),
+        (augment.translate_x, 0.3, (1, 0, 19.2, 0, 1, 0)),
+        (augment.translate_x, -0.111, (1, 0, -0.111 * 64, 0, 1, 0)),
         (augment.translate_y, -0.25, (1, 0, 0, 0, 1, -12)),
+        (augment.translate_y, 0.4, (1, 0, 0, 0, 1, 0.4 * 48)),
     ],
 )
 def test_geometric_ops_follow_pil(op, arg, coefficients):
@@ -124,6 +131,9 @@ def test_geometric_ops_follow_pil(op, arg, coefficients):
     inside = (source_x >= 1) & (source_x <= 62) & (source_y >= 1) & (source_y <= 46)
     assert inside.mean() > 0.5
     assert np.abs(got - expected)[inside].max() <= 1, np.abs(got - expected)[inside].max()
+    # Pixels whose source is over a pixel outside the image are the fill colour.
+    outside = (source_x < -1) | (source_x > 64) | (source_y < -1) | (source_y > 48)
+    np.testing.assert_array_equal(got[outside], np.broadcast_to(augment.FILL, got[outside].shape))
     # The same comparison sees a shift of one pixel (green rises 4 levels a column).
     moved = ours(op, np.roll(SMOOTH, 1, axis=1), arg)
     assert np.median(np.abs(moved - expected)[inside][:, 1]) >= 3

@@ -380,26 +380,102 @@ def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return tf.concat([image[:1], middle, image[-1:]], axis=0)
 
 
+def _shear_rows(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Output (x, y) <- input (x + factor y, y), as `_affine` with a horizontal shear
+    (bilinear, the fill colour beyond the image, truncated) in a few passes: row y is
+    shifted by factor y, a whole number of pixels gathered from the row bordered with
+    the fill colour and a fraction blended, one per row."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shifts = factor * tf.cast(tf.range(height), tf.float32)  # (H,)
+    whole = tf.floor(shifts)
+    frac = (shifts - whole)[:, None, None]
+    # Every source index (whole + x and one more) lies within `border` of the image.
+    border = tf.cast(tf.reduce_max(tf.abs(whole)), tf.int32) + 1
+    values = tf.cast(image, tf.float32)
+    side = tf.broadcast_to(tf.constant(FILL, tf.float32), tf.stack([height, border, 3]))
+    bordered = tf.concat([side, values, side], axis=1)
+    index = tf.cast(whole, tf.int32)[:, None] + border + tf.range(width + 1)[None]
+    extended = tf.gather(bordered, index, axis=1, batch_dims=1)  # (H, W + 1, 3)
+    low, high = extended[:, :-1], extended[:, 1:]
+    return tf.cast(low + frac * (high - low), tf.uint8)  # within [low, high]: no clip
+
+
 @_on_uint8
 def shear_x(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]))
+    return _shear_rows(image, factor)
+
+
+def _shear_columns(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Output (x, y) <- input (x, y + factor x): `_shear_rows` along columns, the rows
+    gathered from the flattened image (a transpose there and back costs more)."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shifts = factor * tf.cast(tf.range(width), tf.float32)  # (W,)
+    whole = tf.floor(shifts)
+    frac = (shifts - whole)[None, :, None]
+    border = tf.cast(tf.reduce_max(tf.abs(whole)), tf.int32) + 1
+    values = tf.cast(image, tf.float32)
+    side = tf.broadcast_to(tf.constant(FILL, tf.float32), tf.stack([border, width, 3]))
+    bordered = tf.reshape(tf.concat([side, values, side], axis=0), [-1, 3])
+    rows = tf.range(height + 1)[:, None] + tf.cast(whole, tf.int32)[None] + border
+    extended = tf.gather(bordered, rows * width + tf.range(width)[None])  # (H + 1, W, 3)
+    low, high = extended[:-1], extended[1:]
+    return tf.cast(low + frac * (high - low), tf.uint8)  # within [low, high]: no clip
 
 
 @_on_uint8
 def shear_y(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]))
+    return _shear_columns(image, factor)
+
+
+def _translate(image: tf.Tensor, pixels: tf.Tensor, axis: int) -> tf.Tensor:
+    """Output index i <- input index i + pixels along `axis` (0: rows, 1: columns), as
+    `_affine` with a translation (bilinear, the fill colour beyond the image, truncated)
+    but in a few passes: the image shifted by floor(pixels) and by one more, blended by
+    the fractional part."""
+    shape = tf.shape(image)
+    size = shape[axis]
+    whole = tf.floor(pixels)
+    frac = pixels - whole
+    shift = tf.cast(whole, tf.int32)
+    # Input indices shift .. shift + size (size + 1 of them); outside the image, the fill.
+    start = tf.clip_by_value(shift, 0, size)
+    stop = tf.clip_by_value(shift + size + 1, 0, size)
+    before = tf.clip_by_value(-shift, 0, size + 1)
+    after = size + 1 - before - (stop - start)
+    values = tf.cast(image, tf.float32)
+    fill = tf.constant(FILL, tf.float32)
+    if axis == 0:
+        inside = values[start:stop]
+        before_shape, after_shape = [before, shape[1], 3], [after, shape[1], 3]
+    else:
+        inside = values[:, start:stop]
+        before_shape, after_shape = [shape[0], before, 3], [shape[0], after, 3]
+    extended = tf.concat(
+        [
+            tf.broadcast_to(fill, tf.stack(before_shape)),
+            inside,
+            tf.broadcast_to(fill, tf.stack(after_shape)),
+        ],
+        axis=axis,
+    )
+    if axis == 0:
+        low, high = extended[:-1], extended[1:]
+    else:
+        low, high = extended[:, :-1], extended[:, 1:]
+    # low + frac * (high - low) stays within [low, high] in float32 (frac < 1): no clip.
+    return tf.cast(low + frac * (high - low), tf.uint8)
 
 
 @_on_uint8
 def translate_x(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
-    pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-    return _affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]))
+    return _translate(image, fraction * tf.cast(tf.shape(image)[1], tf.float32), axis=1)
 
 
 @_on_uint8
 def translate_y(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
-    pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]))
+    return _translate(image, fraction * tf.cast(tf.shape(image)[0], tf.float32), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
