@@ -26,9 +26,15 @@ fill with the ImageNet mean colour. No well-kept library implements timm's varia
 tf-models-official pins its own TensorFlow), hence this one. Differences from timm's
 PIL code: TensorFlow decoders and `tf.image.resize(antialias=True)` instead of PIL
 resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at random)
-and differ from PIL by sub-pixel offsets; enhancement ops round to integers but use
-float blends; random erasing uses 10 candidate boxes drawn at once (the first that
-fits wins, as timm's loop). The score-map ops match `tlt`'s exactly
+and differ from PIL by sub-pixel offsets; random erasing uses 10 candidate boxes drawn
+at once (the first that fits wins, as timm's loop). The RandAugment ops run on uint8
+images, as PIL's: the point and enhancement ops give PIL's output bit for bit, the
+geometric ops truncate their bilinear samples as PIL does (tests/test_train_augment.py).
+They are written for TensorFlow's CPU kernels: same-shape or scalar operands (a (3,)
+vector broadcast over an image costs about 10 times as much), no `tf.where` over
+images, `tf.reverse` for the flip, translations and shears as shifted slices and row
+gathers (ImageProjectiveTransformV3, kept for rotation, costs 3-4 ms per 224 x 224
+image). The score-map ops match `tlt`'s exactly
 (tests/test_official_token_labeling.py).
 """
 
@@ -235,15 +241,20 @@ def _grey(image: tf.Tensor, channels: int = 1) -> tf.Tensor:
     return tf.floor((weighted + 32768.0) / 65536.0)
 
 
-def _apply_luts(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
-    """uint8 (H, W, 3) image, uint8 (3, 256) lookup table per channel -> uint8 (H, W, 3)."""
-    index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512])
+def _lut_index(image: tf.Tensor) -> tf.Tensor:
+    """uint8 (H, W, 3) -> int32 (H, W, 3): channel c's level v as 256 c + v, the index of
+    a (3, 256) table flattened (`bias_add`: cheaper than a broadcast add of a (3,) vector)."""
+    return tf.nn.bias_add(tf.cast(image, tf.int32), tf.constant([0, 256, 512]))
+
+
+def _apply_luts(index: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
+    """int32 (H, W, 3) `_lut_index`, uint8 (3, 256) lookup table per channel -> uint8
+    (H, W, 3)."""
     return tf.gather(tf.reshape(luts, [-1]), index)
 
 
-def _histograms(image: tf.Tensor) -> tf.Tensor:
-    """int32 (3, 256): each channel's histogram of a uint8 (H, W, 3) image."""
-    index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512])
+def _histograms(index: tf.Tensor) -> tf.Tensor:
+    """int32 (3, 256): each channel's histogram, from the image's `_lut_index`."""
     counts = tf.math.bincount(tf.reshape(index, [-1]), minlength=768, maxlength=768)
     return tf.reshape(counts, [3, 256])
 
@@ -285,14 +296,15 @@ def auto_contrast(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
     levels = tf.range(256, dtype=tf.float64)[None]
     stretched = tf.clip_by_value(tf.cast(levels * scale - lo * scale, tf.int32), 0, 255)
     luts = tf.where(hi > lo, stretched, tf.cast(levels, tf.int32))
-    return _apply_luts(image, tf.cast(luts, tf.uint8))
+    return _apply_luts(_lut_index(image), tf.cast(luts, tf.uint8))
 
 
 @_on_uint8
 def equalize(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
     """PIL ImageOps.equalize: per channel, step = (pixels - count of the top level) // 255,
     level i -> (step // 2 + pixels below i) // step (the identity where step is 0)."""
-    hist = _histograms(image)
+    index = _lut_index(image)
+    hist = _histograms(index)
     levels = tf.range(256)
     top = 255 - tf.argmax(tf.cast(hist[:, ::-1] > 0, tf.int32), axis=1, output_type=tf.int32)
     top_count = tf.gather(hist, top, batch_dims=1)
@@ -300,7 +312,7 @@ def equalize(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
     below = tf.cumsum(hist, axis=1, exclusive=True)
     luts = (below + (step // 2)[:, None]) // tf.maximum(step, 1)[:, None]
     luts = tf.where((step > 0)[:, None], tf.clip_by_value(luts, 0, 255), levels[None])
-    return _apply_luts(image, tf.cast(luts, tf.uint8))
+    return _apply_luts(index, tf.cast(luts, tf.uint8))
 
 
 @_on_uint8
