@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from tests.support import REPO
 from volo_jax.cli import MALLOC_TUNABLES, MALLOC_TUNABLES_SWITCH, with_malloc_tunables
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = ":".join(MALLOC_TUNABLES)
 
 

@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from volo_jax.extras import EXTRA_MODULES
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "volo_d1_224"
 
 #: Modules of the extras that the core's own dependencies bring too (flax needs optax, which
@@ -113,7 +112,7 @@ def test_convert_and_predict_run_without_the_extras(tmp_path):
     from PIL import Image
     from safetensors.numpy import save_file
 
-    from tests import timm_pairs
+    from tests.support import timm_pairs
     from tests.test_weights import random_variables
     from volo_jax.convert.mapping import flax_to_torch
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import volo_jax
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # Start-up lines of TensorFlow (oneDNN, cpu_feature_guard, TF-TRT, CUDA plugins), absl's
 # native logging and JAX's backend probing.
 NOISE = (

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
+
 # The test's inputs (timm weights, a sample image) and the notebook runner; all are in the
 # test extra.
 pytest.importorskip("timm", reason="needs timm (and torch) to make the .safetensors weights")
@@ -21,8 +23,7 @@ pytest.importorskip("ipykernel", reason="needs ipykernel to run the notebook")
 nbformat = pytest.importorskip("nbformat", reason="needs nbformat to run the notebook")
 nbclient = pytest.importorskip("nbclient", reason="needs nbclient to run the notebook")
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
+NOTEBOOK = REPO / "notebooks" / "colab_tpu.ipynb"
 DEVICES = 8
 
 # A `!command` that exits non-zero raises (IPython only records it in `_exit_code`), so a
@@ -93,7 +94,7 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
 
     # The kernel and its `!python` subprocesses: this interpreter, the checkout, 8 CPU devices.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv(
         "XLA_FLAGS",
@@ -102,7 +103,7 @@ def test_colab_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     )
     client.execute()  # raises CellExecutionError on the first failing cell
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 skimage_data = pytest.importorskip("skimage.data")
 
-from tests import timm_pairs  # noqa: E402
+from tests.support import timm_pairs  # noqa: E402
 from volo_jax.predict import load_classifier, predict  # noqa: E402
 
 NAME = "volo_d1_224"

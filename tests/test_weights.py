@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests import timm_pairs
+from tests.support import REPO, timm_pairs
 from volo_jax.convert.mapping import abstract_variables
 from volo_jax.errors import CheckpointError
 from volo_jax.weights import (
@@ -24,7 +24,6 @@ from volo_jax.weights import (
     weights_exist,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "volo_d1_224"
 #: A shrunk volo_d1 at 64 px: a 4 x 4 token grid, seconds to compile.
 OVERRIDES = {**timm_pairs.shrunk_overrides(NAME, factor=8), "img_size": 64}

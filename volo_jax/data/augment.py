@@ -29,13 +29,13 @@ resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at r
 and differ from PIL by sub-pixel offsets; random erasing uses 10 candidate boxes drawn
 at once (the first that fits wins, as timm's loop). The RandAugment ops run on uint8
 images, as PIL's: the point and enhancement ops give PIL's output bit for bit, the
-geometric ops truncate their bilinear samples as PIL does (tests/test_train_augment.py).
+geometric ops truncate their bilinear samples as PIL does (tests/data/test_augment.py).
 They are written for TensorFlow's CPU kernels: same-shape or scalar operands (a (3,)
 vector broadcast over an image costs about 10 times as much), no `tf.where` over
 images, `tf.reverse` for the flip, translations and shears as shifted slices and row
 gathers (ImageProjectiveTransformV3, kept for rotation, costs 3-4 ms per 224 x 224
 image). The score-map ops match `tlt`'s exactly
-(tests/test_official_token_labeling.py).
+(tests/training/test_official_token_labeling.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("timm")
 
-from tests import timm_pairs
+from tests.support import timm_pairs
 from volo_jax.convert import torch_to_flax
 from volo_jax.convert.resize import resize_pos_embed
 from volo_jax.models import list_models

@@ -20,10 +20,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from volo_jax.errors import ConfigError
 from volo_jax.paths import as_path, is_remote, join
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "bucket"
 
 
@@ -41,7 +41,8 @@ def gcs(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "_gcs_emulator.py"), str(port), BUCKET],
+        [sys.executable, "-m", "tests.support.gcs_emulator", str(port), BUCKET],
+        cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
-from tests import timm_pairs  # noqa: E402
+from tests.support import timm_pairs  # noqa: E402
 from volo_jax.convert import read_state_dict, torch_to_flax  # noqa: E402
 from volo_jax.errors import CheckpointError  # noqa: E402
 from volo_jax.weights import load_weights, load_weights_into  # noqa: E402

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from volo_jax.data import score_maps
 from volo_jax.data.score_maps import ScoreMapError, read_torch_tensor
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Written by PyTorch in a subprocess (PyTorch and TensorFlow must not share a process):
 # <name>.pt and <name>.ref.npy (torch.load(...).numpy()) for each file.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from tests import _programs as programs
+from tests.support import programs
 from volo_jax.ops import cpu
 
 SPECS = [

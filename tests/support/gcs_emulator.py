@@ -1,6 +1,6 @@
-"""Runs gcp-storage-emulator (a GCS server) on loopback for tests/test_cloud_paths.py.
+"""Runs gcp-storage-emulator (a GCS server) on loopback for tests/test_paths.py.
 
-python tests/_gcs_emulator.py PORT BUCKET
+python tests/support/gcs_emulator.py PORT BUCKET
 
 One gap of the emulator is filled first: real GCS sends an object's generation with its
 content (the x-goog-generation and x-goog-metageneration headers of a media download),

@@ -90,7 +90,7 @@ def test_layer_matches_timm(impl, size):
     torch = pytest.importorskip("torch")
     from timm.models.volo import OutlookAttention as TimmOutlookAttention
 
-    from tests.timm_pairs import randomize_, state_dict_numpy
+    from tests.support.timm_pairs import randomize_, state_dict_numpy
     from volo_jax.convert import torch_to_flax
 
     dim, heads = 24, 3

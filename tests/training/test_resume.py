@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from volo_jax.errors import CheckpointError, TrainingDivergedError
 from volo_jax.training import train
 from volo_jax.training.checkpointing import Checkpointer, needs_snapshot
 from volo_jax.training.preemption import PreemptionWatch, check_finite
 from volo_jax.weights import load_weights
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_state(value: float) -> dict[str, jax.Array]:

@@ -1,7 +1,7 @@
-"""One process of a training run for tests/test_multiprocess.py: `train_and_evaluate` on
+"""One process of a training run for tests/sharding/test_multiprocess.py: `train_and_evaluate` on
 a few steps of configs/smoke.py, then one line 'RESULT {json}' with what the process saw.
 
-  python -m tests._multiprocess_worker '{"workdir": ..., "data_dir": ..., "max_steps": 4}'
+  python -m tests.support.multiprocess_worker '{"workdir": ..., "data_dir": ..., "max_steps": 4}'
 
 Keys of the JSON spec: workdir, data_dir, max_steps; optional mesh ({axis: size}),
 sharding, coordinator + num_processes + process_id (a multi-process run), and

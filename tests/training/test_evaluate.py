@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs.smoke import get_config
+from tests.support import REPO
 from volo_jax.data import eval_transform, load_image
 from volo_jax.errors import CheckpointError, DatasetError
 from volo_jax.models import create_model
@@ -19,7 +20,6 @@ from volo_jax.training import evaluate, train
 from volo_jax.training.config import model_overrides
 from volo_jax.weights import save_weights
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, PER_CLASS = 6, 2
 
 

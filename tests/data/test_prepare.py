@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support import REPO
 from volo_jax.data import prepare
 from volo_jax.errors import DatasetError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-REPO = Path(__file__).resolve().parents[1]
 # Train classes (tench, goldfish, great white shark: ImageNet indices 0, 1, 2).
 SYNSETS = ("n01440764", "n01443537", "n01484850")
 IMAGES_PER_CLASS = 3

@@ -14,13 +14,13 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from tests.support import REPO
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.training.config import model_overrides, token_grid, validate_config
 from volo_jax.training.optim import peak_learning_rate
 from volo_jax.training.train import StepOptions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
     os.path.basename(p)[:-3]
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))

@@ -1,14 +1,14 @@
 """Multi-host training for real: `train_and_evaluate` in 2 processes of 4 CPU devices
 each (gloo collectives, a localhost coordinator), compared with one process of 8
 devices and with one device; then a second 2-process launch that resumes the first's
-orbax checkpoint on an fsdp mesh. The runs are subprocesses (tests/_multiprocess_worker.py).
+orbax checkpoint on an fsdp mesh. The runs are subprocesses (tests/support/multiprocess_worker.py).
 
 Each process reads its own half of every global batch, so a single process is fed the
 two halves concatenated (the worker's `emulate_processes`) to see the same batches; the
 loss and BatchNorm statistics are means over the batch, so the order of its examples
 does not matter. Adam's eps is 1 in these runs (see the worker's `make_config`). Runs are
 compared by their gradients (Adam's first moment in the last checkpoint) and their
-parameter updates (final - initial), each leaf against its own size (tests/_trees.py).
+parameter updates (final - initial), each leaf against its own size (tests/support/trees.py).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import pytest
 
-from tests._trees import adam_mu, worst_leaf
+from tests.support import REPO
+from tests.support.trees import adam_mu, worst_leaf
 from volo_jax.errors import ConfigError
 from volo_jax.sharding.distributed import distributed_settings, maybe_initialize_distributed
 from volo_jax.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # losses
 # Gradients and updates, each leaf against its own size: 2 processes and 1 process of the
 # same 8 devices agree to ~1e-6 (reduction order), so 1e-4 (a zeroed or doubled gradient is
@@ -167,13 +167,13 @@ print("GATHERED", multihost_utils.process_allgather(np.int32(jax.process_index()
 def test_cpu_collectives_are_switched_on():
     """Without cross-process CPU collectives (gloo), any computation over both processes
     fails ('Multiprocess computations aren't implemented on the CPU backend')."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     address = f"localhost:{free_port()}"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", GATHER, address, str(i)],
-            cwd=ROOT,
+            cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -193,7 +193,7 @@ def launch(specs: list[dict[str, Any]], devices: int, cache_dir: str) -> list[di
     others are killed: they would wait for it until the coordinator's timeout)."""
     env = dict(
         os.environ,
-        PYTHONPATH=ROOT,
+        PYTHONPATH=REPO,
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
@@ -205,8 +205,8 @@ def launch(specs: list[dict[str, Any]], devices: int, cache_dir: str) -> list[di
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in specs]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "tests._multiprocess_worker", json.dumps(spec)],
-                cwd=ROOT,
+                [sys.executable, "-m", "tests.support.multiprocess_worker", json.dumps(spec)],
+                cwd=REPO,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -335,8 +335,8 @@ def checkpoint(workdir: str, step: int) -> Any:
 
 
 def start_config() -> tuple[Any, Any]:
-    """The runs' config (tests/_multiprocess_worker.py) and model."""
-    from tests._multiprocess_worker import make_config
+    """The runs' config (tests/support/multiprocess_worker.py) and model."""
+    from tests.support.multiprocess_worker import make_config
     from volo_jax.models import create_model
     from volo_jax.training.config import model_overrides
 

@@ -1,7 +1,7 @@
 """Runs the official token-labeling code on given inputs, in its own process (PyTorch; the
 tests that call it import TensorFlow, and the two in one process can crash).
 
-  python tests/_official_token_labeling_worker.py IN.npz OUT.npz
+  python tests/support/official_token_labeling_worker.py IN.npz OUT.npz
 
 The official code is the `tlt` package (TokenLabeling, which sail-sg/volo trains with; on
 PyPI as `tlt`); its `tlt.loss.TokenLabelCrossEntropy(ground_truth=...)` computes what

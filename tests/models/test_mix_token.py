@@ -2,7 +2,7 @@
 batch: mirror pairing per group, one box and one lam per group, the aux logits un-mixed back
 into batch order, and the group size's config checks. The 8-device checks (the same step on
 every mesh, no collective-permute when the groups stay on their device) are in
-tests/_sharding_worker.py."""
+tests/support/sharding_worker.py."""
 
 from __future__ import annotations
 

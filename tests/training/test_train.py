@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs.smoke import get_config
-from tests import _programs as programs
+from tests.support import programs
 from volo_jax.models import create_model
 from volo_jax.ops.cpu import for_platform
 from volo_jax.training import train

@@ -1,17 +1,16 @@
 """The token-labeling data path against the official code: `tlt` (TokenLabeling, the
 package sail-sg/volo trains with), run in its own process by
-tests/_official_token_labeling_worker.py on inputs made here. Exact: the score-map ops of
+tests/support/official_token_labeling_worker.py on inputs made here. Exact: the score-map ops of
 RandAugment, the flip, the crop coordinates, the roi_align targets (`p * on + off`), the
 loss with and without --ground-truth. Distributions over seeded draws (the random number
 generators differ): the crop box, and how often RandAugment moves the score map
-(MixToken's box against sail-sg/volo's `rand_bbox`: tests/test_mix_token.py). The order
+(MixToken's box against sail-sg/volo's `rand_bbox`: tests/models/test_mix_token.py). The order
 of the augmentation and that the map moves with its image are checked here without the
 official code.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from volo_jax.data import augment
 from volo_jax.models.volo import mix_box_lam
 from volo_jax.training.losses import mix_class_targets, token_label_loss
@@ -28,9 +28,7 @@ from volo_jax.training.train import StepOptions, compute_targets
 
 tf = pytest.importorskip("tensorflow")
 
-WORKER = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "_official_token_labeling_worker.py"
-)
+WORKER = str(REPO / "tests" / "support" / "official_token_labeling_worker.py")
 NUM_CLASSES, GRID, SMOOTHING = 12, 3, 0.1
 CROP_IMAGE_HW = (300, 400)
 # (top, left, height, width) crops of a 300 x 400 image: off-diagonal ones tell the

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import timm_pairs
+from tests.support import timm_pairs
 from volo_jax.convert import torch_to_flax
 from volo_jax.convert.mapping import abstract_variables
 from volo_jax.models import create_model, list_models, pretrained_cfg

@@ -1,6 +1,6 @@
-"""Multi-device checks run by tests/test_sharding.py in a subprocess on 8 CPU devices.
+"""Multi-device checks run by tests/sharding/test_sharding.py in a subprocess on 8 CPU devices.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests._sharding_worker steps
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.support.sharding_worker steps
 
 Each check prints one JSON line (its results) on success and raises otherwise.
 """
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from configs.default import get_config
-from tests._trees import adam_mu, worst_leaf
+from tests.support.trees import adam_mu, worst_leaf
 from volo_jax.models import create_model
 from volo_jax.ops.cpu import for_platform
 from volo_jax.sharding import (

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.support import REPO
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.sharding import (
@@ -28,8 +29,6 @@ from volo_jax.sharding import (
     rules_from_config,
 )
 from volo_jax.sharding.rules import spec_for
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeMesh:
@@ -128,17 +127,17 @@ def test_rules_from_config_and_bad_preset():
 
 
 def run_worker(*checks: str) -> dict:
-    """Runs tests/_sharding_worker.py's `checks` on 8 CPU devices in a subprocess;
+    """Runs tests/support/sharding_worker.py's `checks` on 8 CPU devices in a subprocess;
     {check: {'ok'|'error': ...}}."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT,
+        PYTHONPATH=REPO,
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._sharding_worker", *checks],
-        cwd=ROOT,
+        [sys.executable, "-m", "tests.support.sharding_worker", *checks],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
