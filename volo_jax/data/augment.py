@@ -47,6 +47,7 @@ import os
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # see input_pipeline.py
 
 import numpy as np
 import tensorflow as tf
