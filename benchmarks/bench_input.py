@@ -32,7 +32,8 @@ time to the first batch apart), img/s per core, and the ratios ours / timm. With
 
 torch and TensorFlow never share a process. `--stages` adds `ours_stages`: the training
 pipeline cut after each step (read, decode, crop, resize, flip + RandAugment, the whole
-augmentation), to see where the time goes.
+augmentation), to see where the time goes; with `--ops` also each RandAugment op
+alone (always applied, at the recipe's magnitude) after the resize.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Config:
     warmup: int = 4  # batches after the first, not timed
     cores: int = 0  # 0: every core this process may use
     rounds: int = 1
+    ops: bool = False  # with --stages: each RandAugment op alone too
     image_size: tuple[int, int] = (500, 375)  # (width, height)
     quality: int = 90
 
@@ -317,7 +319,7 @@ def _ours_stages(root: Path, cfg: Config) -> dict:
         "decode the crop window": lambda data, seed: tf.shape(crop(data, seed)),
         "+ resize to 224": resized,
         "+ flip and RandAugment": lambda data, seed: aug.rand_augment(
-            resized(data, seed)[:, ::-1], seed, spec
+            tf.reverse(resized(data, seed), [1]), seed, spec
         ),
         "TrainAugment.from_file (all of it)": lambda data, seed: full.from_file(data, seed)[
             "image"
@@ -328,6 +330,12 @@ def _ours_stages(root: Path, cfg: Config) -> dict:
             data, seed, read_map()
         ),
     }
+    if cfg.ops:  # each RandAugment op alone (always applied) after the resize
+        for op, level_to_arg, _ in aug._ops(spec.increasing):
+            arg = level_to_arg(tf.constant(spec.magnitude), tf.constant(1.0))
+            stages[f"+ {op.__name__} (m{spec.magnitude:g})"] = lambda data, seed, op=op, arg=arg: (
+                op(resized(data, seed), arg)
+            )
     results = {}
     for name, fn in stages.items():
         ds = tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
@@ -527,6 +535,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each, alternating")
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--stages", action="store_true", help="also time ours step by step")
+    parser.add_argument(
+        "--ops", action="store_true", help="with --stages: each RandAugment op alone too"
+    )
     parser.add_argument("--root", default=None, help="reuse (or keep) the files here")
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -553,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         cores=args.cores,
         rounds=args.rounds,
+        ops=args.ops,
     )
     report = run(cfg, pipelines, Path(args.root) if args.root else None)
     print(format_table(report))

@@ -14,12 +14,26 @@ tf = pytest.importorskip("tensorflow")
 RNG = np.random.default_rng(0)
 IMAGE = RNG.integers(0, 256, (24, 30, 3), dtype=np.uint8)
 # A smooth image, for the resampling ops (which differ from PIL by sub-pixel offsets).
+# Smooth regions, not every level present (as a photograph): coarse noise, upsampled.
+PHOTO = np.asarray(
+    Image.fromarray(RNG.integers(40, 220, (5, 7, 3), dtype=np.uint8)).resize(
+        (45, 30), Image.Resampling.BILINEAR
+    )
+)
 _yy, _xx = np.mgrid[0:48, 0:64]
 SMOOTH = np.stack([_yy * 5, _xx * 4, (_yy + _xx) * 2], -1).clip(0, 255).astype(np.uint8)
 
 
 def ours(op, image: np.ndarray, arg) -> np.ndarray:
-    return op(tf.constant(image, tf.float32), tf.constant(arg, tf.float32)).numpy()
+    """The op on a uint8 image (as the pipeline runs it), as float32."""
+    out = op(tf.constant(image), tf.constant(arg, tf.float32))
+    assert out.dtype == tf.uint8
+    return out.numpy().astype(np.float32)
+
+
+def _solarize_add_pil(image: Image.Image, add: int) -> Image.Image:
+    """timm's `solarize_add`: a lookup table adding `add` below 128, saturating."""
+    return image.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
 
 
 @pytest.mark.parametrize(
@@ -30,13 +44,19 @@ def ours(op, image: np.ndarray, arg) -> np.ndarray:
         (augment.equalize, 0.0, ImageOps.equalize),
         (augment.posterize, 2.0, lambda im: ImageOps.posterize(im, 2)),
         (augment.posterize, 1.0, lambda im: ImageOps.posterize(im, 1)),
+        (augment.posterize, 0.0, lambda im: im.point(lambda _: 0)),  # older PIL's 0 bits
         (augment.solarize, 100.0, lambda im: ImageOps.solarize(im, 100)),
+        (augment.solarize, 256.0, lambda im: ImageOps.solarize(im, 256)),
+        (augment.solarize_add, 110.0, lambda im: _solarize_add_pil(im, 110)),
+        (augment.solarize_add, 37.0, lambda im: _solarize_add_pil(im, 37)),
         (augment.brightness, 1.7, lambda im: ImageEnhance.Brightness(im).enhance(1.7)),
+        (augment.brightness, 0.35, lambda im: ImageEnhance.Brightness(im).enhance(0.35)),
     ],
 )
-def test_pointwise_ops_match_pil(op, arg, pil):
-    expected = np.asarray(pil(Image.fromarray(IMAGE)), np.float32)
-    np.testing.assert_array_equal(ours(op, IMAGE, arg), expected)
+@pytest.mark.parametrize("image", [IMAGE, PHOTO], ids=["noise", "photo"])
+def test_pointwise_ops_match_pil(op, arg, pil, image):
+    expected = np.asarray(pil(Image.fromarray(image)), np.float32)
+    np.testing.assert_array_equal(ours(op, image, arg), expected)
 
 
 @pytest.mark.parametrize(
@@ -47,10 +67,20 @@ def test_pointwise_ops_match_pil(op, arg, pil):
         (augment.sharpness, ImageEnhance.Sharpness),
     ],
 )
-@pytest.mark.parametrize("factor", [0.3, 1.8])
-def test_enhance_ops_match_pil_within_one_level(op, pil, factor):
-    expected = np.asarray(pil(Image.fromarray(IMAGE)).enhance(factor), np.float32)
-    assert np.abs(ours(op, IMAGE, factor) - expected).max() <= 1
+@pytest.mark.parametrize("factor", [0.1, 0.3, 0.55, 1.0, 1.37, 1.8])
+@pytest.mark.parametrize("image", [IMAGE, PHOTO], ids=["noise", "photo"])
+def test_enhance_ops_match_pil(op, pil, factor, image):
+    """PIL's grey conversion, blend and SMOOTH filter, bit for bit."""
+    expected = np.asarray(pil(Image.fromarray(image)).enhance(factor), np.float32)
+    np.testing.assert_array_equal(ours(op, image, factor), expected)
+
+
+def test_ops_keep_a_float_image_float():
+    """An image of another dtype (integer values) goes through the uint8 op and back."""
+    for op, arg in [(augment.sharpness, 1.6), (augment.rotate, 12.0), (augment.equalize, 0.0)]:
+        got = op(tf.constant(IMAGE, tf.float32), tf.constant(arg))
+        assert got.dtype == tf.float32
+        np.testing.assert_array_equal(got, ours(op, IMAGE, arg))
 
 
 def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
@@ -65,8 +95,15 @@ def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
     ("op", "arg", "coefficients"),
     [
         (augment.rotate, 20.0, _rotation(20.0, 64, 48)),
+        (augment.rotate, -27.0, _rotation(-27.0, 64, 48)),
         (augment.shear_x, 0.2, (1, 0.2, 0, 0, 1, 0)),
+        (augment.shear_x, -0.3, (1, -0.3, 0, 0, 1, 0)),
+        (augment.shear_y, 0.27, (1, 0, 0, 0.27, 1, 0)),
+        (augment.shear_y, -0.13, (1, 0, 0, -0.13, 1, 0)),
+        (augment.translate_x, 0.3, (1, 0, 19.2, 0, 1, 0)),
+        (augment.translate_x, -0.111, (1, 0, -0.111 * 64, 0, 1, 0)),
         (augment.translate_y, -0.25, (1, 0, 0, 0, 1, -12)),
+        (augment.translate_y, 0.4, (1, 0, 0, 0, 1, 0.4 * 48)),
     ],
 )
 def test_geometric_ops_follow_pil(op, arg, coefficients):
@@ -94,6 +131,9 @@ def test_geometric_ops_follow_pil(op, arg, coefficients):
     inside = (source_x >= 1) & (source_x <= 62) & (source_y >= 1) & (source_y <= 46)
     assert inside.mean() > 0.5
     assert np.abs(got - expected)[inside].max() <= 1, np.abs(got - expected)[inside].max()
+    # Pixels whose source is over a pixel outside the image are the fill colour.
+    outside = (source_x < -1) | (source_x > 64) | (source_y < -1) | (source_y > 48)
+    np.testing.assert_array_equal(got[outside], np.broadcast_to(augment.FILL, got[outside].shape))
     # The same comparison sees a shift of one pixel (green rises 4 levels a column).
     moved = ours(op, np.roll(SMOOTH, 1, axis=1), arg)
     assert np.median(np.abs(moved - expected)[inside][:, 1]) >= 3

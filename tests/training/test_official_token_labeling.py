@@ -300,11 +300,12 @@ def test_randaugment_runs_on_the_whole_image_before_the_crop():
         _, _, s_ra, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
         image, moved = augment.rand_augment(tf.constant(SMOOTH, tf.float32), s_ra, spec, label_map)
         np.testing.assert_array_equal(out["label_map"], moved)
-        expected = augment.resize(image, 16, "bilinear") / 255.0
+        expected = tf.cast(augment.resize(image, 16, "bilinear"), tf.float32) / 255.0
         np.testing.assert_allclose(out["image"], expected, atol=1e-6)
         np.testing.assert_allclose(out["crop_box"], [0, 0, 1, 1])
         timm_order = augment.rand_augment(augment.resize(SMOOTH, 16, "bilinear"), s_ra, spec)
-        checked += not np.allclose(out["image"], timm_order / 255.0, atol=2 / 255)
+        timm_order = tf.cast(timm_order, tf.float32) / 255.0
+        checked += not np.allclose(out["image"], timm_order, atol=2 / 255)
     assert checked >= 3
 
 

@@ -26,9 +26,15 @@ fill with the ImageNet mean colour. No well-kept library implements timm's varia
 tf-models-official pins its own TensorFlow), hence this one. Differences from timm's
 PIL code: TensorFlow decoders and `tf.image.resize(antialias=True)` instead of PIL
 resampling; geometric ops sample bilinearly (timm picks bilinear or bicubic at random)
-and differ from PIL by sub-pixel offsets; enhancement ops round to integers but use
-float blends; random erasing uses 10 candidate boxes drawn at once (the first that
-fits wins, as timm's loop). The score-map ops match `tlt`'s exactly
+and differ from PIL by sub-pixel offsets; random erasing uses 10 candidate boxes drawn
+at once (the first that fits wins, as timm's loop). The RandAugment ops run on uint8
+images, as PIL's: the point and enhancement ops give PIL's output bit for bit, the
+geometric ops truncate their bilinear samples as PIL does (tests/data/test_augment.py).
+They are written for TensorFlow's CPU kernels: same-shape or scalar operands (a (3,)
+vector broadcast over an image costs about 10 times as much), no `tf.where` over
+images, `tf.reverse` for the flip, translations and shears as shifted slices and row
+gathers (ImageProjectiveTransformV3, kept for rotation, costs 3-4 ms per 224 x 224
+image). The score-map ops match `tlt`'s exactly
 (tests/training/test_official_token_labeling.py).
 """
 
@@ -41,7 +47,9 @@ import os
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # see input_pipeline.py
 
+import numpy as np
 import tensorflow as tf
 
 from volo_jax.data.transforms import RandAugmentSpec, parse_randaugment
@@ -101,16 +109,17 @@ def random_resized_crop_box(
 
 
 def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
-    """(H, W, 3) -> (size, size, 3) float in [0, 255], rounded like a uint8 image."""
+    """(H, W, 3) (uint8, or float with values in [0, 255]) -> uint8 (size, size, 3),
+    antialiased, rounded."""
     if image.dtype != tf.uint8:  # uint8 goes in as it is: the same values, one pass less
         image = tf.cast(image, tf.float32)
     out = tf.image.resize(image, (size, size), method, antialias=True)
-    return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
 def resize_crop(crop: tf.Tensor, seed: tf.Tensor, size: int, interpolation: str) -> tf.Tensor:
-    """An (h, w, 3) crop (uint8, or float with values in [0, 255]) -> float (size, size, 3)
-    in [0, 255]; `interpolation` 'random' picks bilinear or bicubic by `seed`."""
+    """An (h, w, 3) crop (uint8, or float with values in [0, 255]) -> uint8 (size, size,
+    3); `interpolation` 'random' picks bilinear or bicubic by `seed`."""
     if interpolation != "random":
         return resize(crop, size, interpolation)
     return tf.cond(
@@ -138,8 +147,8 @@ def crop_and_resize(
     interpolation: str,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Random resized crop of an (H, W, 3) image (uint8, or float with values in [0, 255])
-    -> (float (size, size, 3) in [0, 255], the crop as float (y0, x0, y1, x1) fractions of
-    the image)."""
+    -> (uint8 (size, size, 3), the crop as float (y0, x0, y1, x1) fractions of the
+    image)."""
     s_box, s_interp = _seeds(seed, 2)
     shape = tf.shape(image)
     box = random_resized_crop_box(s_box, shape[0], shape[1], scale, ratio)
@@ -189,130 +198,297 @@ def decode_random_crop(
 
 
 # ---------------------------------------------------------------------------------------------
-# RandAugment ops: float (H, W, 3) images with integer values in [0, 255]
+# RandAugment ops: uint8 (H, W, 3) images, as PIL's (timm's ops call PIL on uint8 images)
 # ---------------------------------------------------------------------------------------------
 
 
+def _on_uint8(op: Op) -> Op:
+    """Runs a uint8 op on an image of another dtype too (integer values in [0, 255]; the
+    result has the input's dtype); uint8 images go through as they are."""
+
+    @functools.wraps(op)
+    def wrapped(image: tf.Tensor, arg: tf.Tensor) -> tf.Tensor:
+        image = tf.convert_to_tensor(image)
+        arg = tf.cast(arg, tf.float32)
+        if image.dtype == tf.uint8:
+            return op(image, arg)
+        pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return tf.cast(op(pixels, arg), image.dtype)
+
+    return wrapped
+
+
+def _truncate_to_uint8(values: tf.Tensor) -> tf.Tensor:
+    """float -> uint8 as PIL stores a float result: clipped to [0, 255], truncated."""
+    return tf.cast(tf.clip_by_value(values, 0.0, 255.0), tf.uint8)
+
+
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """PIL ImageEnhance: degenerate + factor * (image - degenerate), truncated to uint8."""
-    return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
+    """PIL ImageEnhance (`Image.blend`): degenerate + factor * (image - degenerate) in
+    float32, clipped, truncated to uint8. `degenerate`: float32, broadcastable to the image."""
+    pixels = tf.cast(image, tf.float32)
+    return _truncate_to_uint8(degenerate + factor * (pixels - degenerate))
 
 
-def _grey(image: tf.Tensor) -> tf.Tensor:
-    """PIL 'L' conversion (ITU-R 601-2 luma), (H, W, 1)."""
-    weights = tf.constant([299.0, 587.0, 114.0]) / 1000.0
-    return tf.round(tf.reduce_sum(image * weights, axis=-1, keepdims=True))
+def _grey(image: tf.Tensor, channels: int = 1) -> tf.Tensor:
+    """PIL's 'L' conversion of a uint8 (H, W, 3) image, float32 (H, W, channels) with
+    integer values (the grey level repeated): (19595 R + 38470 G + 7471 B + 2^15) >> 16,
+    exact in float32 (integers below 2^24). A product with a (3, channels) matrix: the
+    repeated grey costs no more than one, and broadcasting it over 3 channels would."""
+    weights = tf.constant([[19595.0] * channels, [38470.0] * channels, [7471.0] * channels])
+    shape = tf.shape(image)
+    flat = tf.reshape(tf.cast(image, tf.float32), [-1, 3])
+    weighted = tf.reshape(tf.matmul(flat, weights), tf.concat([shape[:2], [channels]], 0))
+    return tf.floor((weighted + 32768.0) / 65536.0)
+
+
+def _lut_index(image: tf.Tensor) -> tf.Tensor:
+    """uint8 (H, W, 3) -> int32 (H, W, 3): channel c's level v as 256 c + v, the index of
+    a (3, 256) table flattened (`bias_add`: cheaper than a broadcast add of a (3,) vector)."""
+    return tf.nn.bias_add(tf.cast(image, tf.int32), tf.constant([0, 256, 512]))
+
+
+def _apply_luts(index: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
+    """int32 (H, W, 3) `_lut_index`, uint8 (3, 256) lookup table per channel -> uint8
+    (H, W, 3)."""
+    return tf.gather(tf.reshape(luts, [-1]), index)
+
+
+def _histograms(index: tf.Tensor) -> tf.Tensor:
+    """int32 (3, 256): each channel's histogram, from the image's `_lut_index`."""
+    counts = tf.math.bincount(tf.reshape(index, [-1]), minlength=768, maxlength=768)
+    return tf.reshape(counts, [3, 256])
 
 
 def _affine(image: tf.Tensor, transform: tf.Tensor) -> tf.Tensor:
     """Output pixel (x, y) <- input (a x + b y + c, d x + e y + f) for PIL-style
-    coefficients (a, b, c, d, e, f); outside pixels get the fill colour."""
-    fill = tf.constant(FILL)
-    coeffs = tf.concat([tf.cast(transform, tf.float32), tf.zeros([2])], 0)[None]
-    shape = tf.shape(image)[:2]
+    coefficients (a, b, c, d, e, f), bilinear, truncated to uint8 as PIL does; outside
+    pixels get the fill colour. The image gets a border of the fill colour, and points
+    beyond it take the nearest border pixel: the same as a constant fill per channel
+    (the kernel's fill value is one scalar), in one float32 pass (its fastest dtype)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    fill = tf.constant(FILL, tf.float32)
+    pixels = tf.cast(image, tf.float32)
+    side = tf.broadcast_to(fill, tf.stack([h, 1, 3]))
+    pixels = tf.concat([side, pixels, side], axis=1)
+    edge = tf.broadcast_to(fill, tf.stack([1, w + 2, 3]))
+    pixels = tf.concat([edge, pixels, edge], axis=0)
+    a, b, c, d, e, f = tf.unstack(tf.cast(transform, tf.float32))
+    coeffs = tf.stack([a, b, c + 1.0, d, e, f + 1.0, 0.0, 0.0])[None]  # the border's offset
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=(image - fill)[None],
+        images=pixels[None],
         transforms=coeffs,
-        output_shape=shape,
+        output_shape=tf.stack([h, w]),
         fill_value=0.0,
         interpolation="BILINEAR",
-        fill_mode="CONSTANT",
+        fill_mode="NEAREST",
     )[0]
-    return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0)
+    return _truncate_to_uint8(out)
 
 
+@_on_uint8
 def auto_contrast(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
-    lo = tf.reduce_min(image, axis=[0, 1])
-    hi = tf.reduce_max(image, axis=[0, 1])
-    scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
-    offset = tf.where(hi > lo, lo, 0.0)
-    return tf.clip_by_value(tf.floor((image - offset) * scale), 0.0, 255.0)
+    """PIL ImageOps.autocontrast (cutoff 0): each channel's [lo, hi] stretched to [0, 255],
+    the lookup table computed as PIL's (float64, truncated)."""
+    lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]  # (3, 1)
+    hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    levels = tf.range(256, dtype=tf.float64)[None]
+    stretched = tf.clip_by_value(tf.cast(levels * scale - lo * scale, tf.int32), 0, 255)
+    luts = tf.where(hi > lo, stretched, tf.cast(levels, tf.int32))
+    return _apply_luts(_lut_index(image), tf.cast(luts, tf.uint8))
 
 
-def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
-    """PIL ImageOps.equalize of one (H, W) channel."""
-    values = tf.cast(channel, tf.int32)
-    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-    nonzero = tf.boolean_mask(hist, hist > 0)
-    step = (tf.reduce_sum(hist) - nonzero[-1]) // 255
-    lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
-    lut = tf.clip_by_value(lut, 0, 255)
-    return tf.where(step > 0, tf.cast(tf.gather(lut, values), tf.float32), channel)
-
-
+@_on_uint8
 def equalize(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
-    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+    """PIL ImageOps.equalize: per channel, step = (pixels - count of the top level) // 255,
+    level i -> (step // 2 + pixels below i) // step (the identity where step is 0)."""
+    index = _lut_index(image)
+    hist = _histograms(index)
+    levels = tf.range(256)
+    top = 255 - tf.argmax(tf.cast(hist[:, ::-1] > 0, tf.int32), axis=1, output_type=tf.int32)
+    top_count = tf.gather(hist, top, batch_dims=1)
+    step = (tf.reduce_sum(hist, axis=1) - top_count) // 255  # (3,)
+    below = tf.cumsum(hist, axis=1, exclusive=True)
+    luts = (below + (step // 2)[:, None]) // tf.maximum(step, 1)[:, None]
+    luts = tf.where((step > 0)[:, None], tf.clip_by_value(luts, 0, 255), levels[None])
+    return _apply_luts(index, tf.cast(luts, tf.uint8))
 
 
+@_on_uint8
 def invert(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
-    return 255.0 - image
+    return tf.constant(255, tf.uint8) - image
 
 
+def _rotation(degrees: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """PIL Image.rotate's affine coefficients: about the centre, counter-clockwise."""
+    angle = -degrees * math.pi / 180.0
+    cx, cy = tf.cast(width, tf.float32) / 2.0, tf.cast(height, tf.float32) / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    return tf.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
+
+
+@_on_uint8
 def rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
     """PIL Image.rotate(degrees) about the centre (counter-clockwise)."""
-    angle = -degrees * math.pi / 180.0
-    shape = tf.cast(tf.shape(image), tf.float32)
-    cx, cy = shape[1] / 2.0, shape[0] / 2.0
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    return _affine(
-        image, tf.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
-    )
+    shape = tf.shape(image)
+    return _affine(image, _rotation(degrees, shape[0], shape[1]))
 
 
+@_on_uint8
 def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
-    """Keeps the `bits` most significant bits (0 <= bits <= 8)."""
-    step = tf.pow(2.0, 8.0 - bits)
-    return tf.floor(image / step) * step
+    """Keeps the `bits` most significant bits (0 <= bits <= 8; 0 gives black)."""
+    mask = tf.cast(256.0 - tf.pow(2.0, 8.0 - bits), tf.uint8)
+    return tf.bitwise.bitwise_and(image, mask)
 
 
+@_on_uint8
 def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
-    return tf.where(image >= threshold, 255.0 - image, image)
+    """Inverts the levels >= threshold (0 <= threshold <= 256; 256 inverts none)."""
+    at_least = tf.cast(tf.minimum(threshold, 255.0), tf.uint8)
+    # 255 - v = v XOR 255: XOR with 255 where v >= threshold (tf.where costs more).
+    flips = tf.cast(image >= at_least, tf.uint8) * tf.constant(255, tf.uint8)
+    return tf.cond(threshold <= 255.0, lambda: tf.bitwise.bitwise_xor(image, flips), lambda: image)
 
 
+@_on_uint8
 def solarize_add(image: tf.Tensor, add: tf.Tensor) -> tf.Tensor:
-    return tf.where(image < 128.0, tf.minimum(image + add, 255.0), image)
+    """Adds `add` (0 <= add <= 255) to the levels below 128, saturating at 255."""
+    room = tf.constant(255, tf.uint8) - image
+    below = tf.cast(image < 128, tf.uint8)
+    return image + below * tf.minimum(room, tf.cast(add, tf.uint8))
 
 
+@_on_uint8
 def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _blend(_grey(image), image, factor)
+    return _blend(_grey(image, channels=3), image, factor)
 
 
+@_on_uint8
 def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)
-    return _blend(mean, image, factor)
+    """Blend with the grey image's mean level (PIL: int(mean + 0.5))."""
+    mean = tf.floor(tf.reduce_mean(tf.cast(_grey(image), tf.float64)) + 0.5)
+    return _blend(tf.cast(mean, tf.float32), image, factor)
 
 
+@_on_uint8
 def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _blend(tf.zeros_like(image), image, factor)
+    return _truncate_to_uint8(factor * tf.cast(image, tf.float32))
 
 
+@_on_uint8
 def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, border kept)."""
-    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.round(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0])
-    degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-    inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-    degenerate = tf.where(inner > 0, degenerate, image)
-    return _blend(degenerate, image, factor)
+    """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; the border
+    pixels kept): a 3 x 3 box sum of shifted slices plus 4 x the centre, in float32 (exact:
+    integers below 2^24)."""
+    pixels = tf.cast(image, tf.float32)
+    rows = pixels[:-2] + pixels[1:-1] + pixels[2:]  # (H - 2, W, 3)
+    box = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]  # (H - 2, W - 2, 3)
+    centre = pixels[1:-1, 1:-1]
+    # round(s / 13) = floor((s + 6) / 13) for an integer s (s / 13 is never a half).
+    smooth = tf.floor((box + 4.0 * centre + 6.0) / 13.0)
+    inner = _truncate_to_uint8(smooth + factor * (centre - smooth))
+    middle = tf.concat([image[1:-1, :1], inner, image[1:-1, -1:]], axis=1)
+    return tf.concat([image[:1], middle, image[-1:]], axis=0)
 
 
+def _shear_rows(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Output (x, y) <- input (x + factor y, y), as `_affine` with a horizontal shear
+    (bilinear, the fill colour beyond the image, truncated) in a few passes: row y is
+    shifted by factor y, a whole number of pixels gathered from the row bordered with
+    the fill colour and a fraction blended, one per row."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shifts = factor * tf.cast(tf.range(height), tf.float32)  # (H,)
+    whole = tf.floor(shifts)
+    frac = (shifts - whole)[:, None, None]
+    # Every source index (whole + x and one more) lies within `border` of the image.
+    border = tf.cast(tf.reduce_max(tf.abs(whole)), tf.int32) + 1
+    values = tf.cast(image, tf.float32)
+    side = tf.broadcast_to(tf.constant(FILL, tf.float32), tf.stack([height, border, 3]))
+    bordered = tf.concat([side, values, side], axis=1)
+    index = tf.cast(whole, tf.int32)[:, None] + border + tf.range(width + 1)[None]
+    extended = tf.gather(bordered, index, axis=1, batch_dims=1)  # (H, W + 1, 3)
+    low, high = extended[:, :-1], extended[:, 1:]
+    return tf.cast(low + frac * (high - low), tf.uint8)  # within [low, high]: no clip
+
+
+@_on_uint8
 def shear_x(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]))
+    return _shear_rows(image, factor)
 
 
+def _shear_columns(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """Output (x, y) <- input (x, y + factor x): `_shear_rows` along columns, the rows
+    gathered from the flattened image (a transpose there and back costs more)."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shifts = factor * tf.cast(tf.range(width), tf.float32)  # (W,)
+    whole = tf.floor(shifts)
+    frac = (shifts - whole)[None, :, None]
+    border = tf.cast(tf.reduce_max(tf.abs(whole)), tf.int32) + 1
+    values = tf.cast(image, tf.float32)
+    side = tf.broadcast_to(tf.constant(FILL, tf.float32), tf.stack([border, width, 3]))
+    bordered = tf.reshape(tf.concat([side, values, side], axis=0), [-1, 3])
+    rows = tf.range(height + 1)[:, None] + tf.cast(whole, tf.int32)[None] + border
+    extended = tf.gather(bordered, rows * width + tf.range(width)[None])  # (H + 1, W, 3)
+    low, high = extended[:-1], extended[1:]
+    return tf.cast(low + frac * (high - low), tf.uint8)  # within [low, high]: no clip
+
+
+@_on_uint8
 def shear_y(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]))
+    return _shear_columns(image, factor)
 
 
+def _translate(image: tf.Tensor, pixels: tf.Tensor, axis: int) -> tf.Tensor:
+    """Output index i <- input index i + pixels along `axis` (0: rows, 1: columns), as
+    `_affine` with a translation (bilinear, the fill colour beyond the image, truncated)
+    but in a few passes: the image shifted by floor(pixels) and by one more, blended by
+    the fractional part."""
+    shape = tf.shape(image)
+    size = shape[axis]
+    whole = tf.floor(pixels)
+    frac = pixels - whole
+    shift = tf.cast(whole, tf.int32)
+    # Input indices shift .. shift + size (size + 1 of them); outside the image, the fill.
+    start = tf.clip_by_value(shift, 0, size)
+    stop = tf.clip_by_value(shift + size + 1, 0, size)
+    before = tf.clip_by_value(-shift, 0, size + 1)
+    after = size + 1 - before - (stop - start)
+    values = tf.cast(image, tf.float32)
+    fill = tf.constant(FILL, tf.float32)
+    if axis == 0:
+        inside = values[start:stop]
+        before_shape, after_shape = [before, shape[1], 3], [after, shape[1], 3]
+    else:
+        inside = values[:, start:stop]
+        before_shape, after_shape = [shape[0], before, 3], [shape[0], after, 3]
+    extended = tf.concat(
+        [
+            tf.broadcast_to(fill, tf.stack(before_shape)),
+            inside,
+            tf.broadcast_to(fill, tf.stack(after_shape)),
+        ],
+        axis=axis,
+    )
+    if axis == 0:
+        low, high = extended[:-1], extended[1:]
+    else:
+        low, high = extended[:, :-1], extended[:, 1:]
+    # low + frac * (high - low) stays within [low, high] in float32 (frac < 1): no clip.
+    return tf.cast(low + frac * (high - low), tf.uint8)
+
+
+@_on_uint8
 def translate_x(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
-    pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-    return _affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]))
+    return _translate(image, fraction * tf.cast(tf.shape(image)[1], tf.float32), axis=1)
 
 
+@_on_uint8
 def translate_y(image: tf.Tensor, fraction: tf.Tensor) -> tf.Tensor:
-    pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]))
+    return _translate(image, fraction * tf.cast(tf.shape(image)[0], tf.float32), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,13 +672,19 @@ def rand_augment(
     spec: RandAugmentSpec,
     label_map: tf.Tensor | None = None,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-    """timm RandAugment of a float (H, W, 3) image with integer values in [0, 255]; given
-    its score map [2, T, h, w], returns (image, map), the geometric ops applied to both
-    (the official `tlt` RandAugment)."""
+    """timm RandAugment of an (H, W, 3) image (uint8, or another dtype with integer values
+    in [0, 255]: the ops run on uint8 and the result has the input's dtype); given its
+    score map [2, T, h, w], returns (image, map), the geometric ops applied to both (the
+    official `tlt` RandAugment)."""
+    image = tf.convert_to_tensor(image)
+    dtype = image.dtype
+    if dtype != tf.uint8:
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     images: Images = (image, label_map)
     for layer_seed in _seeds(seed, spec.num_layers):
         images = _rand_augment_layer(images, layer_seed, spec)
-    return images[0] if label_map is None else images
+    out = tf.cast(images[0], dtype)
+    return out if label_map is None else (out, images[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +693,9 @@ def rand_augment(
 
 
 def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
-    """timm RandomErasing(prob, mode='pixel', max_count=1) on a normalised (H, W, C) image."""
+    """timm RandomErasing(prob, mode='pixel', max_count=1) on a normalised (H, W, C) image:
+    with probability `prob`, one box of standard normal noise (drawn in the box's shape,
+    as timm's), assembled from slices (a `tf.where` over the image costs more)."""
     s_apply, s_area, s_ratio, s_top, s_left, s_noise = _seeds(seed, 6)
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
@@ -527,10 +711,10 @@ def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
     left = _randint(s_left, 0, w - ew)
 
     def erased() -> tf.Tensor:  # Noise is drawn only for the images that are erased.
-        rows = tf.range(h)[:, None, None]
-        cols = tf.range(w)[None, :, None]
-        inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-        return tf.where(inside, tf.random.stateless_normal(shape, s_noise), image)
+        noise = tf.random.stateless_normal(tf.stack([eh, ew, shape[2]]), s_noise, dtype=image.dtype)
+        band = image[top : top + eh]
+        band = tf.concat([band[:, :left], noise, band[:, left + ew :]], axis=1)
+        return tf.concat([image[:top], band, image[top + eh :]], axis=0)
 
     return tf.cond(tf.reduce_any(fits) & (_uniform(s_apply) < prob), erased, lambda: image)
 
@@ -564,9 +748,12 @@ class TrainAugment:
         # tlt's order: flip, RandAugment, crop last
         flip = _uniform(s_flip) < self.hflip
         spec = self._spec()
-        image = tf.cast(image, tf.float32)
+        if image.dtype != tf.uint8:
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         image, label_map = tf.cond(
-            flip, lambda: (image[:, ::-1], label_map[..., ::-1]), lambda: (image, label_map)
+            flip,
+            lambda: (tf.reverse(image, [1]), tf.reverse(label_map, [-1])),
+            lambda: (image, label_map),
         )
         if spec is not None:
             image, label_map = rand_augment(image, s_ra, spec, label_map)
@@ -610,15 +797,21 @@ class TrainAugment:
     ) -> dict[str, tf.Tensor]:
         """timm's steps after the crop: flip, RandAugment, normalisation, erasing."""
         flip = _uniform(s_flip) < self.hflip
-        pixels = tf.cond(flip, lambda: pixels[:, ::-1], lambda: pixels)
+        # tf.reverse: a strided slice with step -1 costs 10 times more.
+        pixels = tf.cond(flip, lambda: tf.reverse(pixels, [1]), lambda: pixels)
         spec = self._spec()
         if spec is not None:
             pixels = rand_augment(pixels, s_ra, spec)
         return {"image": self._normalise_and_erase(pixels, s_erase), "crop_box": box, "flip": flip}
 
     def _normalise_and_erase(self, pixels: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """float (S, S, 3) in [0, 255] -> float32 (S, S, 3) normalised, randomly erased."""
-        pixels = (pixels / 255.0 - tf.constant(self.mean)) / tf.constant(self.std)
+        """uint8 (S, S, 3) -> float32 (S, S, 3) normalised, randomly erased. The mean and
+        std are constants of the image's shape: broadcasting a (3,) vector over the
+        image costs about 10 times as much in TensorFlow's kernels (the same values)."""
+        shape = (self.size, self.size, 3)
+        mean = tf.constant(np.broadcast_to(np.asarray(self.mean, np.float32), shape))
+        std = tf.constant(np.broadcast_to(np.asarray(self.std, np.float32), shape))
+        pixels = (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
         if self.erase_prob > 0:
             pixels = random_erase(pixels, seed, self.erase_prob)
         return tf.ensure_shape(pixels, (self.size, self.size, 3))
