@@ -48,6 +48,12 @@ if _CACHE_OWNER:
 
 import jax  # noqa: E402  (after the environment above: JAX reads it when it starts)
 
+# torch._dynamo (which timm imports) crashes the process when it loads after TensorFlow
+# (triton's native module, on this project's Linux machines); the suite imports both in one
+# process, so it is loaded first, whatever order the test files are collected in.
+if importlib.util.find_spec("torch") is not None:
+    import torch._dynamo  # noqa: F401
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REQUIRE_REFERENCE = os.environ.get("VOLO_JAX_REQUIRE_REFERENCE", "") == "1"
