@@ -2,7 +2,8 @@
 
 Convolutions and BatchNorm with PyTorch's conventions (`conv2d`, `BatchNorm`,
 `ConvNormAct`, `get_act`), LayerNorm with PyTorch's epsilon, Dense layers with timm's
-init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets.
+init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets;
+exact GELU and softmax whose backward passes keep one tensor each (`gelu`, `softmax`).
 
 Every parameter is made with its logical axes, one name a dimension (`with_axes`, flax's
 logical partitioning): 'embed' the model width, 'heads' and 'mlp' the dimensions tensor
@@ -157,11 +158,67 @@ TorchLayerNorm = functools.partial(
     bias_init=with_axes(nn.initializers.zeros, "norm"),
 )
 
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`, whose backward keeps only its input.
+
+    Autodiff of `nn.gelu(x, approximate=False)` keeps its two derivative terms (erfc and
+    exp of the input, two more tensors of x's size per MLP) from the forward to the
+    backward; here the backward recomputes them from x, with the same operations (the
+    pullback of `nn.gelu`), fused with the product by the cotangent. Same values and
+    gradients; (...) -> (...).
+    """
+    return _gelu_erf(x)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _gelu_erf(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    # The barrier keeps XLA from merging the recomputed erfc with the forward's (CSE),
+    # which would keep the forward's alive until here again.
+    x, g = jax.lax.optimization_barrier((x, g))
+    return jax.vjp(_gelu_erf, x)[1](g)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax(x, axis)` whose backward reads only its output y:
+    dx = y * (g - sum(g * y)). Autodiff of `jax.nn.softmax` reads the unnormalised
+    exponentials and their sums instead, so a train step keeps both them and y (which the
+    attention product's gradient needs) from the forward to the backward: two tensors
+    of the attention weights' size per attention layer where this keeps one.
+    Same values; gradients equal within float rounding. (...) -> (...).
+    """
+    return jax.nn.softmax(x, axis=axis)
+
+
+def _softmax_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    y = jax.nn.softmax(x, axis=axis)
+    return y, y
+
+
+def _softmax_bwd(axis: int, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "silu": nn.silu,
     "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
 }
 
 
@@ -253,7 +310,7 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> dropout -> fc2 -> dropout. (..., C) -> (..., out_dim or C).
+    """fc1 -> exact GELU (`gelu`) -> dropout -> fc2 -> dropout. (..., C) -> (..., out_dim or C).
 
     fc1 is column-parallel ('embed', 'mlp'), fc2 row-parallel ('mlp', 'embed')."""
 
@@ -268,7 +325,7 @@ class Mlp(nn.Module):
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out_dim = self.out_dim or x.shape[-1]
         x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **dt)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dropout(self.drop, deterministic=not train)(x)
         x = dense(out_dim, ("mlp", "embed"), name="fc2", **dt)(x)
         return nn.Dropout(self.drop, deterministic=not train)(x)

@@ -315,11 +315,25 @@ def _conv_shifted_cpu_fwd(x, w, strides, pad, precision, grad_dtype):
     return _conv_xla(x, w, strides, pad, precision), (x, w)
 
 
+def _after(x: jax.Array, token: jax.Array) -> jax.Array:
+    """x, made to depend on `token`: x + 0 * (token's first element), the same values (-0.0
+    aside) wherever that element is finite, and NaN where it is not.
+
+    XLA:CPU drops optimization barriers before it schedules (its barrier expander leaves no
+    ordering behind), and its default scheduler runs work that reads forward values alone as
+    early as it can: the weight gradient's shifted copies of the input were made with the
+    forward pass and kept through the whole backward (500 MiB of VOLO-D1's batch-8 train
+    step). A data dependence on the cotangent is the ordering XLA keeps.
+    """
+    first = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(())
+    return x + (first * 0).astype(x.dtype)
+
+
 def _conv_shifted_cpu_bwd(strides, pad, precision, grad_dtype, residuals, g):
     x, w = residuals
     _, input_grad = jax.vjp(lambda x: _conv_xla(x, w, strides, pad, precision), x)
     (dx,) = input_grad(g)
-    dw = _shifted_weight_grad(x, g, w.shape[:2], strides, pad, grad_dtype)
+    dw = _shifted_weight_grad(_after(x, g), g, w.shape[:2], strides, pad, grad_dtype)
     return dx, dw.astype(w.dtype)
 
 
@@ -528,6 +542,40 @@ def _aggregate_planes_bwd(
 
 
 aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA:CPU's instruction scheduler
+# ---------------------------------------------------------------------------------------------
+
+#: XLA:CPU's instruction schedulers (its `xla_cpu_scheduler_type` option) by the names a
+#: config gives them. 'default' leaves the choice to XLA (and to `XLA_FLAGS`): jaxlib 0.10
+#: takes its concurrency-optimized scheduler unless that plan costs much more memory than
+#: the memory-optimized one, which it allows by a ratio that shrinks as programs grow.
+#: 'memory' always takes the memory-optimized one (list, DFS and post-order schedules, the
+#: smallest peak of the three); 'concurrency' always the other, which lets independent
+#: operations run at once and starts work as early as its operands allow. VOLO-D1's
+#: batch-8 train step on the CPU: XLA temporaries 1,445 MiB with the default, 1,323 MiB
+#: with 'memory' (docs/performance.md).
+CPU_SCHEDULERS = {
+    "default": None,
+    "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    "concurrency": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+}
+
+
+def compiler_options(platform: str, scheduler: str = "default") -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for a function compiled for `platform`: XLA:CPU's
+    `scheduler` (a key of `CPU_SCHEDULERS`) on the CPU; None (XLA's defaults) for
+    'default' and on other platforms, whose compilers do not read the option."""
+    if scheduler not in CPU_SCHEDULERS:
+        raise ValueError(
+            f"unknown CPU scheduler {scheduler!r}; choose one of {', '.join(CPU_SCHEDULERS)}"
+        )
+    value = CPU_SCHEDULERS[scheduler]
+    if platform != "cpu" or value is None:
+        return None
+    return {"xla_cpu_scheduler_type": value}
 
 
 # ---------------------------------------------------------------------------------------------

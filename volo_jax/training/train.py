@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
-from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.ops.cpu import compiler_options, cpu_kernels, for_platform
 from volo_jax.paths import join, makedirs, write_text
 from volo_jax.progress import Progress
 from volo_jax.sharding import (
@@ -496,11 +496,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = functools.partial(
         train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
     )
+    platform = mesh.devices.flat[0].platform
     step_fn = jax.jit(
-        for_platform(step, mesh.devices.flat[0].platform),
+        for_platform(step, platform),
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=compiler_options(platform, config.get("cpu_scheduler", "default")),
     )
     variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
     loop = _Loop(
