@@ -1,8 +1,9 @@
-"""What a train step keeps for its backward: `layers.gelu` keeps only its input,
-`layers.softmax` only its output, the CPU convolution's weight gradient makes its copies
-of the input after the cotangent exists, and `ops.cpu.compiler_options` picks XLA:CPU's
-scheduler. Each memory check compares XLA:CPU's plan (`memory_analysis().temp_size_in_bytes`)
-of a small gradient with the plan the plain JAX version gets."""
+"""What a train step keeps for its backward: `layers.gelu` and `layers.TorchLayerNorm`
+keep only their input, `layers.softmax` only its output, the CPU convolution's weight
+gradient makes its copies of the input after the cotangent exists, and
+`ops.cpu.compiler_options` picks XLA:CPU's scheduler. Each memory check compares XLA:CPU's
+plan (`memory_analysis().temp_size_in_bytes`) of a small gradient with the plan the plain
+JAX or flax version gets."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from volo_jax.layers import gelu, softmax
+from volo_jax.layers import TorchLayerNorm, gelu, softmax
 from volo_jax.models import create_model
 from volo_jax.ops import cpu
 
@@ -75,6 +76,34 @@ def test_gelu_backward_keeps_only_the_input():
     )
     # Autodiff keeps erfc and exp of every GELU input besides what the products keep.
     assert ours <= plain - LAYERS * buffer, (ours / buffer, plain / buffer)
+
+
+def test_layer_norm_is_flax_layer_norm_with_the_same_gradient():
+    x = 2.0 * jax.random.normal(jax.random.key(10), (4, 10, 48)) + 1.0
+    g = jax.random.normal(jax.random.key(11), x.shape)
+    ours, plain = TorchLayerNorm(), nn.LayerNorm(epsilon=1e-5)
+    variables = nn.unbox(ours.init(jax.random.key(12), x))
+    variables = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.arange(p.size), variables)
+    np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+    got = jax.vjp(ours.apply, variables, x)[1](g)
+    want = jax.vjp(plain.apply, variables, x)[1](g)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_layer_norm_backward_keeps_only_the_input():
+    x = jax.random.normal(jax.random.key(13), (512, 256))
+    weights = _weights(LAYERS, 256)
+    buffer = x.size * 4
+
+    def chain(norm):
+        variables = nn.unbox(norm.init(jax.random.key(0), x))
+        return lambda x: _mlp_chain(lambda h: norm.apply(variables, jnp.tanh(h)), x, weights)
+
+    ours = _temp_bytes(chain(TorchLayerNorm()), x)
+    plain = _temp_bytes(chain(nn.LayerNorm(epsilon=1e-5)), x)
+    # flax's keeps about one more tensor of x's size per norm (the centred input).
+    assert ours <= plain - LAYERS // 2 * buffer, (ours / buffer, plain / buffer)
 
 
 def _attention_chain(normalize, q, weights):

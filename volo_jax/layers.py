@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from jax import lax
 
 Dtype = Any
 Initializer = Callable[..., Any]
@@ -150,13 +151,90 @@ def batch_norm(train: bool, name: str, dtype: Dtype | None, param_dtype: Dtype) 
     return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-#: PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm'.
-TorchLayerNorm = functools.partial(
-    nn.LayerNorm,
-    epsilon=1e-5,
-    scale_init=with_axes(nn.initializers.ones, "norm"),
-    bias_init=with_axes(nn.initializers.zeros, "norm"),
-)
+def after(x: Any, token: jax.Array) -> Any:
+    """x (an array or a tree of arrays) made to depend on `token`: each leaf plus zero
+    times token's first element. The same values (-0.0 aside) wherever that element is
+    finite, NaN where it is not (a cotangent with a NaN or an infinity gives non-finite
+    gradients either way).
+
+    For a backward pass that recomputes from saved inputs: XLA:CPU drops optimization
+    barriers before it schedules (its barrier expander leaves no order behind), and its
+    default scheduler starts work that reads forward values alone as early as it can,
+    with the forward pass, keeping the recomputed tensors alive through the backward. A
+    data dependence on the cotangent is an order XLA keeps; it also keeps XLA from
+    merging the recomputation with the forward's (CSE).
+    """
+    zero = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(()) * 0
+    return jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
+
+
+@functools.cache
+def _layer_norm_keeping_input(
+    epsilon: float, dtype: Dtype | None, param_dtype: Dtype, fast_variance: bool, f32: bool
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """(x, scale, bias) -> flax's LayerNorm of x over its last axis with these settings,
+    whose backward keeps x, scale and bias and recomputes the rest (`TorchLayerNorm`)."""
+    plain = nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=fast_variance,
+        force_float32_reductions=f32,
+    )
+
+    def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        return plain.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    @jax.custom_vjp
+    def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        return normalize(x, scale, bias)
+
+    def forward(x: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, Any]:
+        return normalize(x, scale, bias), (x, scale, bias)
+
+    def backward(saved: Any, g: jax.Array) -> tuple[jax.Array, ...]:
+        return jax.vjp(normalize, *after(saved, g))[1](g)
+
+    layer_norm.defvjp(forward, backward)
+    return layer_norm
+
+
+class TorchLayerNorm(nn.LayerNorm):
+    """PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm',
+    whose backward keeps only its input: autodiff of flax's LayerNorm keeps the centred
+    input and the normalised input scaled, two more tensors of x's size per norm (four
+    per VOLO block); here the backward recomputes them from x with the same operations.
+    Same parameters, values and gradients. (..., C) -> (..., C); a mask, or axes other
+    than the last, take flax's own path.
+    """
+
+    epsilon: float = 1e-5
+    scale_init: Initializer = with_axes(nn.initializers.ones, "norm")
+    bias_init: Initializer = with_axes(nn.initializers.zeros, "norm")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        plain = (
+            mask is None
+            and self.use_bias
+            and self.use_scale
+            and self.axis_name is None
+            and self.reduction_axes in (-1, (-1,))
+            and self.feature_axes in (-1, (-1,))
+        )
+        if not plain:
+            return super().__call__(x, mask=mask)
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        layer_norm = _layer_norm_keeping_input(
+            self.epsilon,
+            self.dtype,
+            self.param_dtype,
+            self.use_fast_variance,
+            self.force_float32_reductions,
+        )
+        return layer_norm(x, scale, bias)
 
 
 def _gelu_erf(x: jax.Array) -> jax.Array:
@@ -181,10 +259,9 @@ def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    # The barrier keeps XLA from merging the recomputed erfc with the forward's (CSE),
-    # which would keep the forward's alive until here again.
-    x, g = jax.lax.optimization_barrier((x, g))
-    return jax.vjp(_gelu_erf, x)[1](g)
+    # `after`: otherwise XLA merges the recomputed erfc with the forward's (CSE) and
+    # keeps that alive until here again.
+    return jax.vjp(_gelu_erf, after(x, g))[1](g)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

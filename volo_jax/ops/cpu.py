@@ -43,6 +43,7 @@ from jax import lax
 from jax._src import source_info_util  # keeps op names through the rewrite (profiles)
 from jax.extend import core as jex
 
+from volo_jax.layers import after
 from volo_jax.ops.planes import fold_planes, planes_unfold, planes_window_slices, to_planes
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -315,25 +316,14 @@ def _conv_shifted_cpu_fwd(x, w, strides, pad, precision, grad_dtype):
     return _conv_xla(x, w, strides, pad, precision), (x, w)
 
 
-def _after(x: jax.Array, token: jax.Array) -> jax.Array:
-    """x, made to depend on `token`: x + 0 * (token's first element), the same values (-0.0
-    aside) wherever that element is finite, and NaN where it is not.
-
-    XLA:CPU drops optimization barriers before it schedules (its barrier expander leaves no
-    ordering behind), and its default scheduler runs work that reads forward values alone as
-    early as it can: the weight gradient's shifted copies of the input were made with the
-    forward pass and kept through the whole backward (500 MiB of VOLO-D1's batch-8 train
-    step). A data dependence on the cotangent is the ordering XLA keeps.
-    """
-    first = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(())
-    return x + (first * 0).astype(x.dtype)
-
-
 def _conv_shifted_cpu_bwd(strides, pad, precision, grad_dtype, residuals, g):
     x, w = residuals
+    # The weight gradient's shifted copies of x, 9x its size for a 3 x 3 kernel, read x
+    # alone: XLA:CPU made them with the forward pass and kept them through the whole
+    # backward (500 MiB of VOLO-D1's batch-8 train step) until they waited for g.
     _, input_grad = jax.vjp(lambda x: _conv_xla(x, w, strides, pad, precision), x)
     (dx,) = input_grad(g)
-    dw = _shifted_weight_grad(_after(x, g), g, w.shape[:2], strides, pad, grad_dtype)
+    dw = _shifted_weight_grad(after(x, g), g, w.shape[:2], strides, pad, grad_dtype)
     return dx, dw.astype(w.dtype)
 
 
