@@ -544,9 +544,11 @@ aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
 #: the memory-optimized one, which it allows by a ratio that shrinks as programs grow.
 #: 'memory' always takes the memory-optimized one (list, DFS and post-order schedules, the
 #: smallest peak of the three); 'concurrency' always the other, which lets independent
-#: operations run at once and starts work as early as its operands allow. VOLO-D1's
-#: batch-8 train step on the CPU: XLA temporaries 1,445 MiB with the default, 1,323 MiB
-#: with 'memory' (docs/performance.md).
+#: operations run at once and starts work as early as its operands allow. Neither is
+#: smaller for every program: VOLO-D1's batch-8 float32 train step plans 1,163 MiB of
+#: temporaries with the default and 1,330 with 'memory' (2,641 and 1,603 before the
+#: backward passes of `layers.gelu`, `softmax` and `TorchLayerNorm`), and 'memory' ran
+#: the step 7% slower (docs/performance.md).
 CPU_SCHEDULERS = {
     "default": None,
     "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
