@@ -539,16 +539,16 @@ aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
 # ---------------------------------------------------------------------------------------------
 
 #: XLA:CPU's instruction schedulers (its `xla_cpu_scheduler_type` option) by the names a
-#: config gives them. 'default' leaves the choice to XLA (and to `XLA_FLAGS`): jaxlib 0.10
-#: takes its concurrency-optimized scheduler unless that plan costs much more memory than
-#: the memory-optimized one, which it allows by a ratio that shrinks as programs grow.
+#: config gives them. 'default' leaves the choice to XLA (and to `XLA_FLAGS`): XLA's
+#: source takes its concurrency-optimized scheduler unless that plan costs much more
+#: memory than the memory-optimized one (a ratio allowed that shrinks as programs grow).
 #: 'memory' always takes the memory-optimized one (list, DFS and post-order schedules, the
 #: smallest peak of the three); 'concurrency' always the other, which lets independent
 #: operations run at once and starts work as early as its operands allow. Neither is
-#: smaller for every program: VOLO-D1's batch-8 float32 train step plans 1,163 MiB of
-#: temporaries with the default and 1,330 with 'memory' (2,641 and 1,603 before the
-#: backward passes of `layers.gelu`, `softmax` and `TorchLayerNorm`), and 'memory' ran
-#: the step 7% slower (docs/performance.md).
+#: smaller for every program: VOLO-D1's batch-8 float32 train step planned 2,641 MiB of
+#: temporaries with the default and 1,603 with 'memory' before the backward passes of
+#: `layers.gelu`, `softmax` and `TorchLayerNorm`, and plans 1,163 and 1,330 MiB with
+#: them; 'memory' ran a step 7% slower (docs/performance.md).
 CPU_SCHEDULERS = {
     "default": None,
     "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
