@@ -313,6 +313,7 @@ class Config:
     threads: int = 0  # 0: all cores available
     seed: int = 0
     jax_matmul_precision: str | None = None
+    cpu_scheduler: str = "default"  # XLA:CPU's scheduler for the JAX jits (ops.cpu.CPU_SCHEDULERS)
     profile_top: int = 0  # > 0: profile the JAX step's HLO ops after timing
     torch_tf32: bool = False  # CUDA: let torch's float32 matmuls use TF32 (as JAX's default)
     cpu_amp: bool = False  # torch_amp on CPU: bfloat16 autocast (worth it with AMX/AVX512-BF16)
@@ -468,7 +469,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import cpu_kernels, for_platform
+    from volo_jax.ops.cpu import compiler_options, cpu_kernels, for_platform
 
     synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
     precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
@@ -485,7 +486,10 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     logits = None
 
     if mode == "infer":
-        forward = jax.jit(for_platform(cpu_kernels(model.apply), device.platform))
+        forward = jax.jit(
+            for_platform(cpu_kernels(model.apply), device.platform),
+            compiler_options=compiler_options(device.platform, cfg.cpu_scheduler),
+        )
         xla, hlo = compile_stats(forward, variables, images)
         timing = time_calls(lambda: forward(variables, images), sync, cfg.reps, cfg.warmup, memory)
         logits = np.asarray(forward(variables, images), dtype=np.float32)
@@ -522,7 +526,11 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-        train_step = jax.jit(for_platform(step, device.platform), donate_argnums=(0, 1, 2))
+        train_step = jax.jit(
+            for_platform(step, device.platform),
+            donate_argnums=(0, 1, 2),
+            compiler_options=compiler_options(device.platform, cfg.cpu_scheduler),
+        )
         params = variables["params"]
         state = {
             "params": params,
@@ -563,6 +571,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
         device=f"{device.platform}:{device.device_kind}",
         compute_dtype=jnp.dtype(dtype).name,
         jax_matmul_precision=str(jax.config.jax_default_matmul_precision),
+        cpu_scheduler=cfg.cpu_scheduler if device.platform == "cpu" else None,
     )
     return timing, logits
 
@@ -943,6 +952,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="jax_default_matmul_precision for the JAX workers (default: JAX's own)",
     )
     p.add_argument(
+        "--cpu-scheduler",
+        default="default",
+        choices=("default", "memory", "concurrency"),
+        help="XLA:CPU's instruction scheduler for the JAX workers (volo_jax.ops.cpu."
+        "CPU_SCHEDULERS; config.cpu_scheduler in training)",
+    )
+    p.add_argument(
         "--profile-top",
         type=int,
         default=0,
@@ -988,6 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         seed=args.seed,
         jax_matmul_precision=args.jax_matmul_precision,
+        cpu_scheduler=args.cpu_scheduler,
         profile_top=args.profile_top,
         torch_tf32=args.torch_tf32,
         cpu_amp=args.cpu_amp,

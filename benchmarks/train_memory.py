@@ -16,6 +16,7 @@ one XLA:CPU makes for that program: compiling for a TPU or a GPU needs that back
   python -m benchmarks.train_memory                                # D1-D5, batch 128, remat off/on
   python -m benchmarks.train_memory --variants d1 --batch 8 --program cpu --dtypes float32,bfloat16
   python -m benchmarks.train_memory --variants d1 --batch 8 --no-donate --json d1.json
+  python -m benchmarks.train_memory --variants d1 --batch 8 --program cpu --cpu-scheduler memory
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Setting:
     dtype: str = "float32"  # the compute dtype (parameters stay float32)
     donate: bool = True
     program: str = "accelerator"  # or 'cpu'
+    scheduler: str = "default"  # XLA:CPU's instruction scheduler (ops.cpu.CPU_SCHEDULERS)
 
 
 def _bytes(tree: Any) -> int:
@@ -64,7 +66,7 @@ def measure(setting: Setting) -> dict[str, Any]:
 
     from configs.common import variant_config
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import for_platform
+    from volo_jax.ops.cpu import compiler_options, for_platform
     from volo_jax.training import train
     from volo_jax.training.config import model_overrides
 
@@ -77,7 +79,11 @@ def measure(setting: Setting) -> dict[str, Any]:
         train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
     )
     platform = "cpu" if setting.program == "cpu" else "tpu"
-    jitted = jax.jit(for_platform(step, platform), donate_argnums=(0,) if setting.donate else ())
+    jitted = jax.jit(
+        for_platform(step, platform),
+        donate_argnums=(0,) if setting.donate else (),
+        compiler_options=compiler_options("cpu", setting.scheduler),  # compiled by XLA:CPU
+    )
     size = config.img_size
     batch = {
         "image": jax.ShapeDtypeStruct((setting.batch, size, size, 3), jnp.float32),
@@ -109,15 +115,16 @@ def measure(setting: Setting) -> dict[str, Any]:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| model | batch | remat | dtype | donate | program | state | temporaries | "
+        "| model | batch | remat | dtype | donate | program | scheduler | state | temporaries | "
         "peak estimate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mib = r["mib"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {'on' if r['remat'] else 'off'} | {r['dtype']} | "
-            f"{'yes' if r['donate'] else 'no'} | {r['program']} | {r['state_mib']:,.0f} | "
+            f"{'yes' if r['donate'] else 'no'} | {r['program']} | {r['scheduler']} | "
+            f"{r['state_mib']:,.0f} | "
             f"{mib['temporaries']:,.0f} | {mib['peak_estimate']:,.0f} |"
         )
     return "\n".join(lines)
@@ -139,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16")
     parser.add_argument("--no-donate", action="store_true", help="do not donate the state")
     parser.add_argument("--program", choices=("accelerator", "cpu"), default="accelerator")
+    parser.add_argument(
+        "--cpu-scheduler",
+        default="default",
+        choices=("default", "memory", "concurrency"),
+        help="XLA:CPU's instruction scheduler (volo_jax.ops.cpu.CPU_SCHEDULERS)",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     import jax
@@ -148,7 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in _csv(args.dtypes, ("float32", "bfloat16"), "dtypes"):
             for remat in _csv(args.remat, ("off", "on"), "remat"):
                 setting = Setting(
-                    variant, args.batch, remat == "on", dtype, not args.no_donate, args.program
+                    variant,
+                    args.batch,
+                    remat == "on",
+                    dtype,
+                    not args.no_donate,
+                    args.program,
+                    args.cpu_scheduler,
                 )
                 row = measure(setting)
                 rows.append(row)

@@ -2,7 +2,8 @@
 
 Convolutions and BatchNorm with PyTorch's conventions (`conv2d`, `BatchNorm`,
 `ConvNormAct`, `get_act`), LayerNorm with PyTorch's epsilon, Dense layers with timm's
-init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets.
+init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets;
+exact GELU and softmax whose backward passes keep one tensor each (`gelu`, `softmax`).
 
 Every parameter is made with its logical axes, one name a dimension (`with_axes`, flax's
 logical partitioning): 'embed' the model width, 'heads' and 'mlp' the dimensions tensor
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from jax import lax
 
 Dtype = Any
 Initializer = Callable[..., Any]
@@ -149,19 +151,151 @@ def batch_norm(train: bool, name: str, dtype: Dtype | None, param_dtype: Dtype) 
     return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-#: PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm'.
-TorchLayerNorm = functools.partial(
-    nn.LayerNorm,
-    epsilon=1e-5,
-    scale_init=with_axes(nn.initializers.ones, "norm"),
-    bias_init=with_axes(nn.initializers.zeros, "norm"),
-)
+def after(x: Any, token: jax.Array) -> Any:
+    """x (an array or a tree of arrays) made to depend on `token`: each leaf plus zero
+    times token's first element. The same values (-0.0 aside) wherever that element is
+    finite, NaN where it is not (a cotangent with a NaN or an infinity gives non-finite
+    gradients either way).
+
+    For a backward pass that recomputes from saved inputs: XLA:CPU drops optimization
+    barriers before it schedules (its barrier expander leaves no order behind), and its
+    default scheduler starts work that reads forward values alone as early as it can,
+    with the forward pass, keeping the recomputed tensors alive through the backward. A
+    data dependence on the cotangent is an order XLA keeps; it also keeps XLA from
+    merging the recomputation with the forward's (CSE).
+    """
+    zero = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(()) * 0
+    return jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
+
+
+@functools.cache
+def _layer_norm_keeping_input(
+    epsilon: float, dtype: Dtype | None, param_dtype: Dtype, fast_variance: bool, f32: bool
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """(x, scale, bias) -> flax's LayerNorm of x over its last axis with these settings,
+    whose backward keeps x, scale and bias and recomputes the rest (`TorchLayerNorm`)."""
+    plain = nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=fast_variance,
+        force_float32_reductions=f32,
+    )
+
+    def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        return plain.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    @jax.custom_vjp
+    def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        return normalize(x, scale, bias)
+
+    def forward(x: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, Any]:
+        return normalize(x, scale, bias), (x, scale, bias)
+
+    def backward(saved: Any, g: jax.Array) -> tuple[jax.Array, ...]:
+        return jax.vjp(normalize, *after(saved, g))[1](g)
+
+    layer_norm.defvjp(forward, backward)
+    return layer_norm
+
+
+class TorchLayerNorm(nn.LayerNorm):
+    """PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm',
+    whose backward keeps only its input: autodiff of flax's LayerNorm keeps the centred
+    input and the normalised input scaled, two more tensors of x's size per norm (four
+    per VOLO block); here the backward recomputes them from x with the same operations.
+    Same parameters, values and gradients. (..., C) -> (..., C); a mask, or axes other
+    than the last, take flax's own path.
+    """
+
+    epsilon: float = 1e-5
+    scale_init: Initializer = with_axes(nn.initializers.ones, "norm")
+    bias_init: Initializer = with_axes(nn.initializers.zeros, "norm")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        plain = (
+            mask is None
+            and self.use_bias
+            and self.use_scale
+            and self.axis_name is None
+            and self.reduction_axes in (-1, (-1,))
+            and self.feature_axes in (-1, (-1,))
+        )
+        if not plain:
+            return super().__call__(x, mask=mask)
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        layer_norm = _layer_norm_keeping_input(
+            self.epsilon,
+            self.dtype,
+            self.param_dtype,
+            self.use_fast_variance,
+            self.force_float32_reductions,
+        )
+        return layer_norm(x, scale, bias)
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`, whose backward keeps only its input.
+
+    Autodiff of `nn.gelu(x, approximate=False)` keeps its two derivative terms (erfc and
+    exp of the input, two more tensors of x's size per MLP) from the forward to the
+    backward; here the backward recomputes them from x, with the same operations (the
+    pullback of `nn.gelu`), fused with the product by the cotangent. Same values and
+    gradients; (...) -> (...).
+    """
+    return _gelu_erf(x)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _gelu_erf(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    # `after`: otherwise XLA merges the recomputed erfc with the forward's (CSE) and
+    # keeps that alive until here again.
+    return jax.vjp(_gelu_erf, after(x, g))[1](g)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax(x, axis)` whose backward reads only its output y:
+    dx = y * (g - sum(g * y)). Autodiff of `jax.nn.softmax` reads the unnormalised
+    exponentials and their sums instead, so a train step keeps both them and y (which the
+    attention product's gradient needs) from the forward to the backward: two tensors
+    of the attention weights' size per attention layer where this keeps one.
+    Same values; gradients equal within float rounding. (...) -> (...).
+    """
+    return jax.nn.softmax(x, axis=axis)
+
+
+def _softmax_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    y = jax.nn.softmax(x, axis=axis)
+    return y, y
+
+
+def _softmax_bwd(axis: int, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "silu": nn.silu,
     "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
 }
 
 
@@ -253,7 +387,7 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> dropout -> fc2 -> dropout. (..., C) -> (..., out_dim or C).
+    """fc1 -> exact GELU (`gelu`) -> dropout -> fc2 -> dropout. (..., C) -> (..., out_dim or C).
 
     fc1 is column-parallel ('embed', 'mlp'), fc2 row-parallel ('mlp', 'embed')."""
 
@@ -268,7 +402,7 @@ class Mlp(nn.Module):
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out_dim = self.out_dim or x.shape[-1]
         x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **dt)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dropout(self.drop, deterministic=not train)(x)
         x = dense(out_dim, ("mlp", "embed"), name="fc2", **dt)(x)
         return nn.Dropout(self.drop, deterministic=not train)(x)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.layers import dense
+from volo_jax.layers import dense, softmax
 from volo_jax.ops import cpu
 
 Dtype = Any
@@ -36,7 +36,7 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, N, d)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
+    weights = softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
     return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", dropout(weights), v), 1, 2)
 
 

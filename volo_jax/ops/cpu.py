@@ -43,6 +43,7 @@ from jax import lax
 from jax._src import source_info_util  # keeps op names through the rewrite (profiles)
 from jax.extend import core as jex
 
+from volo_jax.layers import after
 from volo_jax.ops.planes import fold_planes, planes_unfold, planes_window_slices, to_planes
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -317,9 +318,12 @@ def _conv_shifted_cpu_fwd(x, w, strides, pad, precision, grad_dtype):
 
 def _conv_shifted_cpu_bwd(strides, pad, precision, grad_dtype, residuals, g):
     x, w = residuals
+    # The weight gradient's shifted copies of x, 9x its size for a 3 x 3 kernel, read x
+    # alone: XLA:CPU made them with the forward pass and kept them through the whole
+    # backward (500 MiB of VOLO-D1's batch-8 train step) until they waited for g.
     _, input_grad = jax.vjp(lambda x: _conv_xla(x, w, strides, pad, precision), x)
     (dx,) = input_grad(g)
-    dw = _shifted_weight_grad(x, g, w.shape[:2], strides, pad, grad_dtype)
+    dw = _shifted_weight_grad(after(x, g), g, w.shape[:2], strides, pad, grad_dtype)
     return dx, dw.astype(w.dtype)
 
 
@@ -528,6 +532,42 @@ def _aggregate_planes_bwd(
 
 
 aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA:CPU's instruction scheduler
+# ---------------------------------------------------------------------------------------------
+
+#: XLA:CPU's instruction schedulers (its `xla_cpu_scheduler_type` option) by the names a
+#: config gives them. 'default' leaves the choice to XLA (and to `XLA_FLAGS`): XLA's
+#: source takes its concurrency-optimized scheduler unless that plan costs much more
+#: memory than the memory-optimized one (a ratio allowed that shrinks as programs grow).
+#: 'memory' always takes the memory-optimized one (list, DFS and post-order schedules, the
+#: smallest peak of the three); 'concurrency' always the other, which lets independent
+#: operations run at once and starts work as early as its operands allow. Neither is
+#: smaller for every program: VOLO-D1's batch-8 float32 train step planned 2,641 MiB of
+#: temporaries with the default and 1,603 with 'memory' before the backward passes of
+#: `layers.gelu`, `softmax` and `TorchLayerNorm`, and plans 1,163 and 1,330 MiB with
+#: them; 'memory' ran a step 7% slower (docs/performance.md).
+CPU_SCHEDULERS = {
+    "default": None,
+    "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    "concurrency": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+}
+
+
+def compiler_options(platform: str, scheduler: str = "default") -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for a function compiled for `platform`: XLA:CPU's
+    `scheduler` (a key of `CPU_SCHEDULERS`) on the CPU; None (XLA's defaults) for
+    'default' and on other platforms, whose compilers do not read the option."""
+    if scheduler not in CPU_SCHEDULERS:
+        raise ValueError(
+            f"unknown CPU scheduler {scheduler!r}; choose one of {', '.join(CPU_SCHEDULERS)}"
+        )
+    value = CPU_SCHEDULERS[scheduler]
+    if platform != "cpu" or value is None:
+        return None
+    return {"xla_cpu_scheduler_type": value}
 
 
 # ---------------------------------------------------------------------------------------------

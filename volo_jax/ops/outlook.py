@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from volo_jax.layers import dense
+from volo_jax.layers import dense, softmax
 from volo_jax.ops import cpu
 from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas, outlook_attention_pallas
 from volo_jax.ops.patches import fold, unfold
@@ -147,7 +147,7 @@ class OutlookAttention(nn.Module):
             # The kernel takes the logits: softmax, aggregation and fold in one pass.
             x = outlook_attention_pallas(v, logits, k, s, self.padding)
         else:
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            attn = softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
             x = outlook_aggregate(v, dropout(attn), k, s, self.padding, impl)
         x = dense(self.dim, ("heads", "embed"), name="proj", **dt)(x)
         return nn.Dropout(self.proj_drop, deterministic=not train)(x)

@@ -22,6 +22,7 @@ from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, UnknownModelError
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
+from volo_jax.ops.cpu import CPU_SCHEDULERS
 from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
 from volo_jax.sharding import mesh_shape, rules_from_config
@@ -67,6 +68,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         precision is None or precision in MATMUL_PRECISIONS,
         "matmul_precision",
         f"must be None (JAX's default) or one of {MATMUL_PRECISIONS}, got {precision!r}",
+    )
+    scheduler = config.get("cpu_scheduler", "default")
+    _require(
+        scheduler in CPU_SCHEDULERS,
+        "cpu_scheduler",
+        f"must be one of {', '.join(CPU_SCHEDULERS)}, got {scheduler!r}",
     )
     model = _model(config)
     pixels = _token_pixels(model)

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
-from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.ops.cpu import compiler_options, cpu_kernels, for_platform
 from volo_jax.paths import join, makedirs, write_text
 from volo_jax.progress import Progress
 from volo_jax.sharding import (
@@ -364,15 +364,17 @@ def jit_train_step(
     """`train_step` for `config` and `model`, jitted for `mesh` as the trainer runs it:
     (state, batch, teacher variables) -> (state, metrics), the state in `shardings`
     (donated unless `donate=False`), the batch split over the batch axes, the CPU's kernels
-    only where the mesh's devices are CPUs."""
+    only where the mesh's devices are CPUs (with config.cpu_scheduler's XLA:CPU scheduler)."""
     step = functools.partial(
         train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
     )
+    platform = mesh.devices.flat[0].platform
     return jax.jit(
-        for_platform(step, mesh.devices.flat[0].platform),
+        for_platform(step, platform),
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options(platform, config.get("cpu_scheduler", "default")),
     )
 
 
