@@ -14,6 +14,9 @@ time. `--xla_backend_optimization_level=0` skips LLVM's optimization of the code
 generates (its fused loops; the matrix products and convolutions are library calls either
 way): about 2.4x less CPU time for the model tests on an AMD EPYC Zen 3, same results
 (LLVM does not reorder floating-point sums at any level without fast math).
+`--xla_cpu_use_fusion_emitters=false` emits XLA's fused loops with its elemental emitter
+instead of the MLIR fusion emitters: a tiny VOLO's gradient compiles in about 3.0 s instead
+of 4.7 s on the same machine (the fusions, the HLO and the arithmetic are the same).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 _inherited = re.sub(
     r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
 ).strip()
