@@ -1,5 +1,5 @@
-"""Checkpoints: retention, corruption, an exact resume after SIGKILL and after SIGTERM
-(a preemption notice), and a broken latest checkpoint."""
+"""Checkpoints: retention, corruption, an exact resume after SIGTERM (a preemption notice)
+and SIGKILL, a broken latest checkpoint, and a diverged run."""
 
 from __future__ import annotations
 
@@ -199,47 +199,21 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
 
 
-def test_killed_run_resumes_exactly(runs, tmp_path):
-    """SIGKILL after the checkpoint of step 20, resume, and compare with a run that was
-    never interrupted: the final parameters must be identical."""
-    killed = subprocess.Popen(
-        _command(tmp_path / "killed", runs["data"]),
-        cwd=REPO,
-        env=runs["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in killed.stdout:
-        if "step 20: checkpoint saved" in line:
-            killed.send_signal(signal.SIGKILL)
-            break
-    killed.wait(timeout=600)
-    assert killed.returncode == -signal.SIGKILL
-    assert not os.path.exists(tmp_path / "killed" / "weights")  # it did not finish
-    # The step-20 save is asynchronous: the kill may come before it is complete, and then
-    # the run resumes from step 10 (orbax lists only complete checkpoints).
-    latest = _checkpoint_steps(tmp_path / "killed")[-1]
-    assert latest in (10, 20), _checkpoint_steps(tmp_path / "killed")
-
-    resumed = subprocess.run(
-        _command(tmp_path / "killed", runs["data"]),
+def _train(workdir, runs, *flags: str) -> subprocess.CompletedProcess:
+    """The 30-step command run to its end in `workdir` (with extra `flags`)."""
+    return subprocess.run(
+        [*_command(workdir, runs["data"]), *flags],
         cwd=REPO,
         env=runs["env"],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {latest} " in resumed.stderr, resumed.stderr[-3000:]
-    _same_final_state(tmp_path / "killed", runs["straight"])
 
 
-def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
-    """SIGTERM (a preemption notice) just after the periodic checkpoint of step 10: the
-    run saves the step it reached (between two periodic ones), exits 0, and the same
-    command resumes from there to the uninterrupted run's final state."""
-    workdir = tmp_path / "preempted"
+def _interrupt(workdir, runs, after: str, sig: signal.Signals) -> tuple[int, str]:
+    """The 30-step command in `workdir`, sent `sig` when it prints the line `after`;
+    (exit status, everything it printed)."""
     run = subprocess.Popen(
         _command(workdir, runs["data"]),
         cwd=REPO,
@@ -251,13 +225,23 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
     output = []
     for line in run.stdout:
         output.append(line)
-        if "step 10: checkpoint saved" in line:
-            run.send_signal(signal.SIGTERM)
+        if after in line:
+            run.send_signal(sig)
             break
     output.extend(run.stdout)
     run.wait(timeout=600)
-    text = "".join(output)
-    assert run.returncode == 0, text[-3000:]
+    return run.returncode, "".join(output)
+
+
+def test_preempted_then_killed_run_resumes_exactly(runs, tmp_path):
+    """One workdir, three runs of one command. SIGTERM (a preemption notice) just after
+    the periodic checkpoint of step 10: the run saves the step it reached (between two
+    periodic ones) and exits 0. The second run resumes from there and is killed (SIGKILL)
+    after the checkpoint of step 20. The third resumes from the newest complete checkpoint
+    and ends with the uninterrupted run's final parameters and eval."""
+    workdir = tmp_path / "interrupted"
+    status, text = _interrupt(workdir, runs, "step 10: checkpoint saved", signal.SIGTERM)
+    assert status == 0, text[-3000:]
     match = re.search(r"preempted: stopped at step (\d+)", text)
     assert match, text[-3000:]
     stopped = int(match.group(1))
@@ -265,16 +249,18 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(runs, tmp_path):
     assert _checkpoint_steps(workdir)[-1] == stopped
     assert not os.path.exists(workdir / "weights")  # it did not finish
 
-    resumed = subprocess.run(
-        _command(workdir, runs["data"]),
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    status, text = _interrupt(workdir, runs, "step 20: checkpoint saved", signal.SIGKILL)
+    assert status == -signal.SIGKILL, text[-3000:]
+    assert f"resuming from step {stopped} " in text, text[-3000:]
+    assert not os.path.exists(workdir / "weights")
+    # The step-20 save is asynchronous: the kill may come before it is complete, and then
+    # the run resumes from the preempted step (orbax lists only complete checkpoints).
+    latest = _checkpoint_steps(workdir)[-1]
+    assert latest in (stopped, 20), _checkpoint_steps(workdir)
+
+    resumed = _train(workdir, runs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {stopped} " in resumed.stderr
+    assert f"resuming from step {latest} " in resumed.stderr, resumed.stderr[-3000:]
     _same_final_state(workdir, runs["straight"])
 
 
@@ -305,14 +291,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path
     _copy_checkpoints(runs["straight"], workdir, [10, 20, 30])
     _damage(workdir / "checkpoints" / "30")
 
-    resumed = subprocess.run(
-        _command(workdir, runs["data"]),
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = _train(workdir, runs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"cannot restore the training checkpoint {workdir}/checkpoints/30" in resumed.stderr
     assert "restored step 20 instead" in resumed.stderr
@@ -355,18 +334,7 @@ def test_non_finite_loss_stops_before_saving(runs, tmp_path):
     nothing after it is saved (no later checkpoint, no final weights)."""
     workdir = tmp_path / "diverged"
     _copy_checkpoints(runs["straight"], workdir, [10])
-    diverged = subprocess.run(
-        [
-            *_command(workdir, runs["data"]),
-            "--config.log_every_steps=2",
-            "--config.optim.base_lr=1e32",
-        ],
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    diverged = _train(workdir, runs, "--config.log_every_steps=2", "--config.optim.base_lr=1e32")
     assert diverged.returncode == 2, diverged.stderr[-3000:]
     match = re.search(r"error: the training loss is (nan|inf|-inf) at step (\d+)", diverged.stderr)
     assert match, diverged.stderr[-3000:]
