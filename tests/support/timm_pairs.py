@@ -29,14 +29,21 @@ def shrunk_overrides(name: str, factor: int = 4) -> dict[str, Any]:
     )
 
 
-def randomize_(torch_model: Any, seed: int = 0) -> None:
-    """Perturbs every parameter and BatchNorm statistic so no weight is trivial."""
+def randomize_(torch_model: Any, seed: int = 0, vectors_only: bool = False) -> None:
+    """Perturbs every parameter and BatchNorm statistic so no weight is trivial.
+    `vectors_only`: new draws only for the 1-D parameters (norm scales, biases: constants in
+    timm's init) and the statistics; the matrices and kernels, already drawn at random by
+    timm's init (std 0.02 for most), are scaled by 2.5, about the spread the perturbation
+    gives them (drawing them again takes seconds at full size)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in torch_model.named_parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+            if param.ndim <= 1 or not vectors_only:
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+            else:
+                param.mul_(2.5)
         for name, buf in torch_model.named_buffers():
             if name.endswith("running_mean"):
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
@@ -48,9 +55,11 @@ def timm_registered(name: str, seed: int = 0, **kwargs: Any) -> Any:
     """timm's own `name` (`timm.create_model`), with only `kwargs` that its constructor
     takes besides the architecture (img_size, num_classes, ...), weights randomized."""
     import timm
+    import torch
 
+    torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    randomize_(model, seed)
+    randomize_(model, seed, vectors_only=True)  # full-size models: one random draw is enough
     return model
 
 
