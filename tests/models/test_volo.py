@@ -13,6 +13,7 @@ import volo_jax
 from tests.support.small import tiny_volo
 from volo_jax.errors import ConfigError, UnknownModelError
 from volo_jax.models.volo import MIXER_NAMES, mix_box_lam, mix_token_mask, sample_mix_box
+from volo_jax.training.train import initial_variables
 
 #: timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()).
 TIMM_PARAM_COUNTS = {
@@ -33,6 +34,12 @@ TIMM_PARAM_COUNTS = {
 #: bf16 logits' largest error relative to the float32 logits' largest value (0.0086
 #: measured for the tiny VOLO: 0.0017 on logits up to 0.20; one bf16 rounding is up to 2**-9).
 BF16_LOGIT_ERROR = 0.03
+
+
+def _variables(model) -> dict:
+    """Fresh variables of `model` (compiled once per model and reused: run op by op,
+    initializing takes several seconds)."""
+    return initial_variables(model, model.img_size, jax.random.key(0))
 
 
 def _param_count(model) -> int:
@@ -74,7 +81,7 @@ def test_unknown_names_and_arguments_are_clear_errors():
 
 def test_wrong_input_size_is_a_clear_error():
     model = tiny_volo()
-    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = _variables(model)
     with pytest.raises(ValueError, match="img_size 32"):
         model.apply(variables, jnp.zeros((1, 3, 32, 32)))
 
@@ -86,11 +93,10 @@ def test_bf16_compute_keeps_float32_params():
     model = tiny_volo(dtype=jnp.bfloat16)
     reference_model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
-    chex.assert_trees_all_equal_dtypes(
-        variables["params"],
-        jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables["params"]),
-    )
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(shapes["params"]))
+    variables = _variables(reference_model)
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, shapes)
     logits = jax.jit(model.apply)(variables, x)
     assert logits.dtype == jnp.bfloat16
     reference = jax.jit(reference_model.apply)(variables, x)
@@ -107,24 +113,25 @@ def test_bf16_compute_keeps_float32_params():
 def test_stochastic_depth_and_batchnorm_in_train_mode():
     model = tiny_volo(drop_path_rate=0.5)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = nn.unbox(model.init(jax.random.key(0), x))
+    variables = _variables(model)
 
-    def train_logits(seed):
+    @jax.jit
+    def train_logits(key):
         (cls, _), state = model.apply(
             variables,
             x,
             train=True,
             return_dense=True,
-            rngs={"dropout": jax.random.key(seed)},
+            rngs={"dropout": key},
             mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda mdl, _: mdl.name == "conv_0",
         )
         return cls, state
 
-    a, state = train_logits(0)
-    b, _ = train_logits(1)
+    a, state = train_logits(jax.random.key(0))
+    b, _ = train_logits(jax.random.key(1))
     assert not np.allclose(a, b)  # different blocks dropped
-    chex.assert_trees_all_close(train_logits(0)[0], a)  # same rng, same result
+    chex.assert_trees_all_close(train_logits(jax.random.key(0))[0], a)  # same rng, same result
     # The first BatchNorm's running statistics take 0.1 of the batch's (PyTorch's momentum
     # 0.1; Flax keeps the biased variance, PyTorch the unbiased: test_volo_parity.py).
     (conv_0,) = state["intermediates"]["patch_embed"]["conv_0"]["__call__"]
@@ -140,11 +147,11 @@ def test_eval_mode_uses_the_running_statistics():
     uses its running statistics); in train mode they do (the batch's)."""
     model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = nn.unbox(model.init(jax.random.key(0), x))
-    np.testing.assert_allclose(
-        model.apply(variables, x[:2]), model.apply(variables, x)[:2], atol=1e-6
-    )
+    variables = _variables(model)
+    forward = jax.jit(model.apply)
+    np.testing.assert_allclose(forward(variables, x[:2]), forward(variables, x)[:2], atol=1e-6)
 
+    @jax.jit
     def train(images):
         return model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
 
@@ -167,14 +174,15 @@ def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
     logits come out mirrored, and the un-mixed aux map is back in batch order."""
     model = tiny_volo()
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-    variables = nn.unbox(model.init(jax.random.key(0), x))
-    cls, aux = model.apply(variables, x, return_dense=True)
+    variables = _variables(model)
+    cls, aux = jax.jit(lambda x: model.apply(variables, x, return_dense=True))(x)
+    mixed = jax.jit(lambda x, box: model.apply(variables, x, return_dense=True, mix_box=box))
     full = jnp.array([0, 0, 2, 2], jnp.int32)  # the token grid is 2x2 at 32 px
-    mixed_cls, mixed_aux = model.apply(variables, x, return_dense=True, mix_box=full)
+    mixed_cls, mixed_aux = mixed(x, full)
     np.testing.assert_allclose(mixed_cls, cls[::-1], atol=1e-5)
     np.testing.assert_allclose(mixed_aux, aux, atol=1e-5)
     empty = jnp.array([1, 1, 1, 1], jnp.int32)
-    same_cls, _ = model.apply(variables, x, return_dense=True, mix_box=empty)
+    same_cls, _ = mixed(x, empty)
     np.testing.assert_allclose(same_cls, cls, atol=1e-6)
     with pytest.raises(ValueError, match="return_dense"):
         model.apply(variables, x, mix_box=full)
@@ -183,11 +191,11 @@ def test_mix_token_mixes_tokens_and_unmixes_the_aux_map():
 def test_remat_gives_the_same_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     plain = tiny_volo()
-    variables = nn.unbox(plain.init(jax.random.key(0), x))
+    variables = _variables(plain)
     remat = tiny_volo(remat=True)
 
     def grads(model):
-        return jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(
+        return jax.jit(jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum()))(
             variables["params"]
         )
 
