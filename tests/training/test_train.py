@@ -169,8 +169,12 @@ def test_teacher_targets_and_init_from(tmp_path):
     teacher, teacher_vars = train.load_teacher(config)
     batch = fixed_batch()
     opts = dataclasses.replace(train.StepOptions.from_config(config), label_smoothing=0.1)
-    cls, dense = train.compute_targets(batch, opts, teacher, teacher_vars)
-    logits, aux = model.apply(variables, batch["image"], return_dense=True)
+    cls, dense = jax.jit(lambda b, v: train.compute_targets(b, opts, teacher, v))(
+        batch, teacher_vars
+    )
+    logits, aux = jax.jit(lambda v, x: model.apply(v, x, return_dense=True))(
+        variables, batch["image"]
+    )
     np.testing.assert_allclose(
         cls, smooth_targets(jax.nn.softmax(logits + 0.5 * aux.max(1)), 0.1), rtol=1e-5
     )
