@@ -97,6 +97,29 @@ def pytest_configure(config: pytest.Config) -> None:
             )
 
 
+#: The files that take longest (training runs in subprocesses, the 8-device worker, full-size
+#: models), run first: with `--dist loadfile` a file is one unit of work, and a long one
+#: drawn last keeps one worker busy after the other is done.
+LONGEST_FIRST = (
+    "tests/training/test_resume.py",
+    "tests/sharding/test_sharding.py",
+    "tests/sharding/test_multiprocess.py",
+    "tests/test_paths.py",
+    "tests/models/test_volo.py",
+    "tests/models/test_volo_parity.py",
+    "tests/training/test_train.py",
+    "tests/test_logs.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _CACHE_OWNER:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

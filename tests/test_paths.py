@@ -105,8 +105,6 @@ def test_train_resume_predict_and_eval_on_gs(gcs, tmp_path):
         **gcs,
         "PYTHONPATH": REPO,
         "PYTHONUNBUFFERED": "1",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     workdir = f"gs://{BUCKET}/run"
     train = [

@@ -322,17 +322,27 @@ MOVING_COLLECTIVES = re.compile(
 def check_mix_pairs_local() -> dict:
     """On 8 devices (mesh 8x1x1, 16 images, 2 per device), MixToken groups of 2, which stay
     on their device, compile to a step that moves no data between devices (only
-    reductions); one group of the 16 images spans the devices and moves some (the control:
-    the pairing of the whole batch, x[::-1], that the groups replaced)."""
+    reductions); the control, check_steps' own program on this mesh (8 images, 1 per device,
+    in groups of 4 that span devices), moves some. (The control's compile is read back from
+    the compilation cache when check_steps ran first.)"""
     mesh = mesh_of((8, 1, 1))
-    moves = {}
-    for group in (2, 16):
-        config = tiny_config()
-        config.train.batch_size = 16
-        config.token_label.mix_group_size = group
-        text = compiled_step_text(config, mesh, 16)
-        moves[group] = sorted(m.group(1) for m in MOVING_COLLECTIVES.finditer(text))
-    assert not moves[2] and moves[16], moves
+    config = tiny_config()
+    config.train.batch_size = 16
+    config.token_label.mix_group_size = 2
+    local = compiled_step_text(config, mesh, 16)
+    _, _, abstract = template()
+    shardings, step, _ = compiled_fns(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, 32, 32, 3), np.float32),
+        "label": jax.ShapeDtypeStruct((8,), np.int32),
+    }
+    with use_mesh(mesh):
+        spanning = step.lower(with_shardings(abstract, shardings), batch, None).compile().as_text()
+    moves = {
+        name: sorted(m.group(1) for m in MOVING_COLLECTIVES.finditer(text))
+        for name, text in (("groups of 2", local), ("groups of 4 over devices", spanning))
+    }
+    assert not moves["groups of 2"] and moves["groups of 4 over devices"], moves
     return moves
 
 

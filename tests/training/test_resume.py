@@ -159,14 +159,13 @@ def _command(workdir, data_dir, max_steps: int = 30) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A shared data folder and compilation cache, and the uninterrupted 30-step run that
-    the interrupted ones are compared with (its workdir)."""
+    """A shared data folder, and the uninterrupted 30-step run that the interrupted ones
+    are compared with (its workdir). The runs share the suite's compilation cache
+    (tests/conftest.py)."""
     root = tmp_path_factory.mktemp("runs")
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     data = root / "data"
     straight = subprocess.run(
