@@ -2,19 +2,27 @@
 
 python tests/support/gcs_emulator.py PORT BUCKET
 
-One gap of the emulator is filled first: real GCS sends an object's generation with its
-content (the x-goog-generation and x-goog-metageneration headers of a media download),
-and tensorstore, which orbax writes and reads arrays with, refuses a download without it
-("Malformed StorageGeneration"). The emulator's download handler is wrapped to send the
-generation it already keeps for the object.
+Two gaps of the emulator are filled first:
+- Real GCS sends an object's generation with its content (the x-goog-generation and
+  x-goog-metageneration headers of a media download), and tensorstore, which orbax writes
+  and reads arrays with, refuses a download without it ("Malformed StorageGeneration"). The
+  emulator's download handler is wrapped to send the generation it already keeps for the
+  object.
+- Real GCS moves an object within a bucket in one call (`POST .../o/SRC/moveTo/o/DST`),
+  which gcsfs tries first; the emulator answers 501, which gcsfs retries with backoff for
+  about 30 s before it copies and deletes instead. The route is added here, as a copy and
+  a delete on the server.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+from http import HTTPStatus
 
 from gcp_storage_emulator import server as server_lib
+from gcp_storage_emulator import settings
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -33,6 +41,22 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 _original_download = objects.download
 
 
+def _move(request, response, storage, *args, **kwargs):
+    """POST /storage/v1/b/BUCKET/o/SRC/moveTo/o/DST: the object renamed within its bucket."""
+    request.params["dest_bucket_name"] = request.params["bucket_name"]
+    objects.copy(request, response, storage, *args, **kwargs)
+    if response.status == HTTPStatus.OK:
+        objects.delete(request, response, storage)
+
+
+def _move_route(prefix: str) -> tuple[str, dict]:
+    return (
+        rf"^{re.escape(prefix)}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+        rf"(?P<dest_object_id>.*[^/]+)$",
+        {"POST": _move},
+    )
+
+
 def main() -> None:
     port, bucket = int(sys.argv[1]), sys.argv[2]
     objects.download = _download_with_generation  # objects.get(alt=media) calls it by name
@@ -40,6 +64,8 @@ def main() -> None:
         for method, handler in list(handlers.items()):
             if handler is _original_download:
                 handlers[method] = _download_with_generation
+    # Before the generic object routes, which would take ".../moveTo/o/DST" for an object name.
+    server_lib.HANDLERS = (_move_route(settings.API_ENDPOINT), *server_lib.HANDLERS)
     server = server_lib.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()
     print(f"GCS emulator on 127.0.0.1:{port}", flush=True)
