@@ -40,6 +40,7 @@ def _check(name: str, overrides: dict, batch: int = 2, registered: bool = False)
     if not registered:  # the eval path (no dense outputs) gives the same logits
         logits = np.asarray(jax.jit(model.apply)(variables, x))
         assert np.abs(logits - ref_logits).max() <= ATOL
+        np.testing.assert_allclose(logits, cls + 0.5 * aux.max(axis=1), atol=1e-5)
 
 
 #: One registered name per architecture (d1 .. d5); the others differ from these only in
