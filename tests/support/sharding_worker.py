@@ -275,11 +275,8 @@ def check_checkpoint() -> dict:
     """A state saved under a 2x2x2 mesh restores under 1x1x8 (tensor) with equal values."""
     _, model, abstract = template()
     mesh_a, mesh_b = mesh_of((2, 2, 2)), mesh_of((1, 1, 8))
-    axes = logical_axes(model)
-    sh_a = state_shardings(abstract, axes, mesh_a, preset_rules("auto"))
-    sh_b = state_shardings(abstract, axes, mesh_b, preset_rules("tensor"))
-    host = initial_state().replace(tx=abstract.tx, apply_fn=abstract.apply_fn)
-    state = jax.device_put(host, sh_a)
+    sh_b = state_shardings(abstract, logical_axes(model), mesh_b, preset_rules("tensor"))
+    state = put_state(initial_state(), mesh_a)  # in compiled_fns(mesh_a)'s 'auto' shardings
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Checkpointer(os.path.join(tmp, "ckpt"), keep=1)
         ckpt.save(3, state)
@@ -297,15 +294,13 @@ def check_checkpoint() -> dict:
     return {"spec_before": str(before.sharding.spec), "spec_after": str(fc1.sharding.spec)}
 
 
-def compiled_step_text(config, mesh, batch: int) -> str:
-    """The compiled HLO text of `config`'s train step on `mesh` for `batch` 32-px images."""
-    model = create_model(config.model, **model_overrides(config))
-    rules = preset_rules("auto")
+def compiled_step_text(step, abstract, shardings, mesh, batch: int) -> str:
+    """The compiled HLO text of the jitted train `step` on `mesh` for `batch` 32-px images
+    and a state like `abstract` in `shardings` (lowered from shapes: nothing is initialized)."""
+    images = jax.ShapeDtypeStruct((batch, 32, 32, 3), np.float32)
+    labels = jax.ShapeDtypeStruct((batch,), np.int32)
+    state = with_shardings(abstract, shardings)
     with use_mesh(mesh):
-        state, shardings = train.create_train_state(config, model, 10, mesh, rules)
-        step = train.jit_train_step(config, model, mesh, shardings, donate=False)
-        images = jax.ShapeDtypeStruct((batch, 32, 32, 3), np.float32)
-        labels = jax.ShapeDtypeStruct((batch,), np.int32)
         return step.lower(state, {"image": images, "label": labels}, None).compile().as_text()
 
 
@@ -327,15 +322,14 @@ def check_mix_pairs_local() -> dict:
     config = tiny_config()
     config.train.batch_size = 16
     config.token_label.mix_group_size = 2
-    local = compiled_step_text(config, mesh, 16)
+    model = create_model(config.model, **model_overrides(config))
+    abstract, _ = train.abstract_train_state(config, model, 10)
+    shardings = state_shardings(abstract, logical_axes(model), mesh, preset_rules("auto"))
+    step = train.jit_train_step(config, model, mesh, shardings, donate=False)
+    local = compiled_step_text(step, abstract, shardings, mesh, 16)
     _, _, abstract = template()
     shardings, step, _ = compiled_fns(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct((8, 32, 32, 3), np.float32),
-        "label": jax.ShapeDtypeStruct((8,), np.int32),
-    }
-    with use_mesh(mesh):
-        spanning = step.lower(with_shardings(abstract, shardings), batch, None).compile().as_text()
+    spanning = compiled_step_text(step, abstract, shardings, mesh, 8)
     moves = {
         name: sorted(m.group(1) for m in MOVING_COLLECTIVES.finditer(text))
         for name, text in (("groups of 2", local), ("groups of 4 over devices", spanning))

@@ -167,17 +167,10 @@ def runs(tmp_path_factory):
         **os.environ,
         "PYTHONUNBUFFERED": "1",
     }
-    data = root / "data"
-    straight = subprocess.run(
-        _command(root / "straight", data),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    runs = {"env": env, "data": root / "data", "straight": root / "straight"}
+    straight = _train(runs["straight"], runs, timeout=900)  # the first compiles
     assert straight.returncode == 0, straight.stderr[-3000:]
-    return {"env": env, "data": data, "straight": root / "straight"}
+    return runs
 
 
 def _same_final_state(workdir, straight) -> None:
@@ -198,7 +191,7 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
 
 
-def _train(workdir, runs, *flags: str) -> subprocess.CompletedProcess:
+def _train(workdir, runs, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The 30-step command run to its end in `workdir` (with extra `flags`)."""
     return subprocess.run(
         [*_command(workdir, runs["data"]), *flags],
@@ -206,7 +199,7 @@ def _train(workdir, runs, *flags: str) -> subprocess.CompletedProcess:
         env=runs["env"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
