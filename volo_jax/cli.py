@@ -1,9 +1,10 @@
-"""What every command-line entry point shares: one clear line for user errors, and the
+"""What every command-line entry point shares: one clear line for user errors, the
 process setup for XLA:CPU's large host buffers (glibc malloc tunables, synchronous
-dispatch)."""
+dispatch), and the imported modules kept out of the garbage collector's way."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -81,10 +82,21 @@ def prog_name(module: str) -> str:
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Runs `main`, turning a `VoloJaxError` into 'error: ...' and exit status 2."""
+    """Runs `main`, turning a `VoloJaxError` into 'error: ...' and exit status 2.
+
+    The objects alive when it starts (the modules imported so far: with TensorFlow and
+    JAX about 450,000) live until the process ends, so they are moved out of the garbage
+    collector's view (`gc.freeze`); so are those alive when `main` returns, after one last
+    collection. Otherwise every full collection walks all of them, during the run and
+    several times at interpreter exit: on a 2-vCPU AMD EPYC Zen 3, exiting after a smoke
+    training run took 4-6 s instead of under 1 s.
+    """
+    gc.freeze()
     try:
         status = main()
     except VoloJaxError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    gc.collect()
+    gc.freeze()
     sys.exit(status or 0)

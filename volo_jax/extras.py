@@ -29,7 +29,7 @@ EXTRA_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
         ("importlib_resources", "importlib_resources"),
         ("sklearn", "scikit-learn"),
         ("matplotlib", "matplotlib"),
-        ("tensorboardX", "tensorboardX"),
+        ("tensorboard", "tensorboard"),
         ("gcsfs", "gcsfs"),
     ),
 }
