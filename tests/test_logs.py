@@ -73,6 +73,8 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
             f"--workdir={workdir}",
             f"--config.max_steps={STEPS}",
             f"--config.log_every_steps={LOG_EVERY}",
+            # The EMA on, as in test_resume's runs: the same programs, from the suite's cache.
+            "--config.train.ema_decay=0.999",
         ],
         workdir.parent / "train.txt",
     )

@@ -116,6 +116,8 @@ def test_train_resume_predict_and_eval_on_gs(gcs, tmp_path):
         "--config.eval_every_steps=1000",
         "--config.checkpoint_every_steps=5",
         "--config.log_every_steps=5",
+        # The EMA on, as in test_resume's runs: the same programs, from the suite's cache.
+        "--config.train.ema_decay=0.999",
     ]
     first = _run([*train, "--config.max_steps=5"], env, cwd)
     assert "resuming" not in first.stderr

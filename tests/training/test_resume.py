@@ -225,12 +225,24 @@ def _interrupt(workdir, runs, after: str, sig: signal.Signals) -> tuple[int, str
     return run.returncode, "".join(output)
 
 
-def test_preempted_then_killed_run_resumes_exactly(runs, tmp_path):
+def _damage(checkpoint) -> None:
+    """Truncates the largest data file of a checkpoint and deletes another."""
+    files = sorted(
+        (p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith("_")),
+        key=lambda p: p.stat().st_size,
+    )
+    largest, other = files[-1], files[-2]
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    other.unlink()
+
+
+def test_preempted_killed_and_broken_runs_resume_exactly(runs, tmp_path):
     """One workdir, three runs of one command. SIGTERM (a preemption notice) just after
     the periodic checkpoint of step 10: the run saves the step it reached (between two
     periodic ones) and exits 0. The second run resumes from there and is killed (SIGKILL)
-    after the checkpoint of step 20. The third resumes from the newest complete checkpoint
-    and ends with the uninterrupted run's final parameters and eval."""
+    after the checkpoint of step 20. Then the newest checkpoint is damaged (a truncated and
+    a deleted file): the third run names it in a warning, moves it aside, resumes from the
+    one before and ends with the uninterrupted run's final parameters and eval."""
     workdir = tmp_path / "interrupted"
     status, text = _interrupt(workdir, runs, "step 10: checkpoint saved", signal.SIGTERM)
     assert status == 0, text[-3000:]
@@ -246,50 +258,19 @@ def test_preempted_then_killed_run_resumes_exactly(runs, tmp_path):
     assert f"resuming from step {stopped} " in text, text[-3000:]
     assert not os.path.exists(workdir / "weights")
     # The step-20 save is asynchronous: the kill may come before it is complete, and then
-    # the run resumes from the preempted step (orbax lists only complete checkpoints).
-    latest = _checkpoint_steps(workdir)[-1]
-    assert latest in (stopped, 20), _checkpoint_steps(workdir)
+    # the newest complete checkpoint is the preempted step's (orbax lists only those).
+    *_, intact, latest = _checkpoint_steps(workdir)
+    assert (intact, latest) in ((10, stopped), (stopped, 20)), _checkpoint_steps(workdir)
 
+    _damage(workdir / "checkpoints" / str(latest))
     resumed = _train(workdir, runs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {latest} " in resumed.stderr, resumed.stderr[-3000:]
-    _same_final_state(workdir, runs["straight"])
-
-
-def _damage(checkpoint) -> list[str]:
-    """Truncates the largest data file of a checkpoint and deletes another; returns
-    their paths."""
-    files = sorted(
-        (p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith("_")),
-        key=lambda p: p.stat().st_size,
-    )
-    largest, other = files[-1], files[-2]
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
-    other.unlink()
-    return [str(largest), str(other)]
-
-
-def _copy_checkpoints(straight, workdir, steps: list[int]) -> None:
-    """The uninterrupted run's checkpoints of `steps` copied into a fresh workdir."""
-    for step in steps:
-        shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
-
-
-def test_broken_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path):
-    """The checkpoints of steps 10, 20, 30, step 30's damaged (a truncated and a deleted
-    file), and a run to step 30: it names the broken one in a warning, moves it aside,
-    resumes from step 20 and ends exactly as the uninterrupted run."""
-    workdir = tmp_path / "broken"
-    _copy_checkpoints(runs["straight"], workdir, [10, 20, 30])
-    _damage(workdir / "checkpoints" / "30")
-
-    resumed = _train(workdir, runs)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"cannot restore the training checkpoint {workdir}/checkpoints/30" in resumed.stderr
-    assert "restored step 20 instead" in resumed.stderr
-    assert "resuming from step 20 " in resumed.stderr
-    assert os.path.isdir(workdir / "checkpoints_broken" / "30")
-    assert _checkpoint_steps(workdir) == [10, 20, 30]  # step 30 saved again, intact
+    log = resumed.stderr
+    assert f"cannot restore the training checkpoint {workdir}/checkpoints/{latest}" in log, log
+    assert f"restored step {intact} instead" in log, log[-3000:]
+    assert f"resuming from step {intact} " in log, log[-3000:]
+    assert os.path.isdir(workdir / "checkpoints_broken" / str(latest))
+    assert _checkpoint_steps(workdir)[-1] == 30
     _same_final_state(workdir, runs["straight"])
 
 
@@ -321,11 +302,11 @@ def test_only_cpu_arrays_are_copied_before_an_async_save():
 
 
 def test_non_finite_loss_stops_before_saving(runs, tmp_path):
-    """The checkpoint of step 10, resumed with an absurd learning rate: the loss turns
-    non-finite; the error names its step and the last good checkpoint, exit status 2, and
-    nothing after it is saved (no later checkpoint, no final weights)."""
+    """The uninterrupted run's checkpoint of step 10, resumed with an absurd learning rate:
+    the loss turns non-finite; the error names its step and the last good checkpoint,
+    exit status 2, and nothing after it is saved (no later checkpoint, no final weights)."""
     workdir = tmp_path / "diverged"
-    _copy_checkpoints(runs["straight"], workdir, [10])
+    shutil.copytree(runs["straight"] / "checkpoints" / "10", workdir / "checkpoints" / "10")
     diverged = _train(workdir, runs, "--config.log_every_steps=2", "--config.optim.base_lr=1e32")
     assert diverged.returncode == 2, diverged.stderr[-3000:]
     match = re.search(r"error: the training loss is (nan|inf|-inf) at step (\d+)", diverged.stderr)
