@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("timm")
-
 from tests.support import timm_pairs
+from tests.support.timm_pairs import TIMM_PARAM_COUNTS
 from volo_jax.convert import torch_to_flax
 from volo_jax.convert.resize import resize_pos_embed
 from volo_jax.models import list_models
+
+timm = pytest.importorskip("timm")
 
 ATOL = 1e-4
 
@@ -43,24 +44,39 @@ def _check(name: str, overrides: dict, batch: int = 2, registered: bool = False)
         np.testing.assert_allclose(logits, cls + 0.5 * aux.max(axis=1), atol=1e-5)
 
 
-#: One registered name per architecture (d1 .. d5); the others differ from these only in
-#: img_size (and their parameter counts are checked in tests/models/test_volo.py).
-REPRESENTATIVES = ["volo_d1_224", "volo_d2_224", "volo_d3_224", "volo_d4_224", "volo_d5_224"]
+@pytest.mark.parametrize("name", list_models("volo_*"))
+def test_every_registered_name_has_timms_blocks_and_parameter_count(name):
+    """Our `name` against `timm.create_model(name)` (built on torch's meta device: shapes,
+    no weights), block by block: kind, width, heads (outlooker, transformer and class
+    attention), head width, outlook window and MLP width; and the parameter count, which is
+    also the one timm 1.0.31 gives (in case timm's model changes)."""
+    import torch
+
+    with torch.device("meta"):
+        theirs = timm.create_model(name)
+    blocks, count = timm_pairs.jax_blocks(timm_pairs.jax_volo(name))
+    assert blocks == timm_pairs.timm_blocks(theirs)
+    assert count == sum(p.numel() for p in theirs.parameters()) == TIMM_PARAM_COUNTS[name]
+
+
+#: Registered names whose forward is checked against timm's own model in the default run:
+#: the smallest and the largest architecture (their blocks, and those of the others, are
+#: checked above; the code is the same for all).
+REPRESENTATIVES = ["volo_d1_224", "volo_d5_224"]
 #: What timm's named constructors let us shrink: the images (2 x 2 tokens after the stem).
 SMALL_INPUT = {"img_size": 32, "num_classes": 17}
 
 
-@pytest.mark.parametrize("name", REPRESENTATIVES)
-def test_each_architecture_matches_timms_own_model(name):
-    """Our `name` against `timm.create_model(name)`: all widths, depths, heads (outlooker,
-    transformer and class attention) and MLP ratios as timm registers them, on 32 px
-    images."""
-    _check(name, SMALL_INPUT, registered=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in list_models("volo_*") if n not in REPRESENTATIVES])
-def test_every_registered_name_matches_timms_own_model(name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in REPRESENTATIVES else pytest.mark.slow)
+        for n in list_models("volo_*")
+    ],
+)
+def test_registered_model_matches_timms_own_model(name):
+    """Our `name` against `timm.create_model(name)` with the same weights: all widths,
+    depths, heads and MLP ratios as timm registers them, on 32 px images."""
     _check(name, SMALL_INPUT, registered=True)
 
 

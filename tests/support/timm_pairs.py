@@ -4,7 +4,8 @@
 architecture comes from timm's registry, so it checks ours). `timm_volo(name, **overrides)`
 is timm's `VOLO` class built from *our* registry's arguments, shrunk (timm's named
 constructors do not take `layers` or `embed_dims`): for checking an implementation detail on
-a small model, never the variant's configuration.
+a small model, never the variant's configuration. `timm_blocks` and `jax_blocks` list the
+blocks of a built model on either side, to compare architectures without weights.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ import numpy as np
 
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import JAX_ONLY_FIELDS
+
+#: timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()).
+TIMM_PARAM_COUNTS = {
+    "volo_d1_224": 26_632_040,
+    "volo_d1_384": 26_777_960,
+    "volo_d2_224": 58_678_336,
+    "volo_d2_384": 58_872_896,
+    "volo_d3_224": 86_325_072,
+    "volo_d3_448": 86_626_128,
+    "volo_d4_224": 192_961_520,
+    "volo_d4_448": 193_413_104,
+    "volo_d5_224": 295_455_584,
+    "volo_d5_448": 295_907_168,
+    "volo_d5_512": 296_091_488,
+}
 
 
 def shrunk_overrides(name: str, factor: int = 4) -> dict[str, Any]:
@@ -91,3 +107,56 @@ def timm_logits(torch_model: Any, images_nhwc: np.ndarray) -> tuple[np.ndarray, 
 
 def jax_volo(name: str, **overrides: Any) -> Any:
     return create_model(name, **overrides)
+
+
+#: A block as both sides are summarized, in forward order: its kind, width, attention heads
+#: and head width, the outlooker's window (kernel, padding, stride; None for the others) and
+#: the MLP's hidden width.
+Block = tuple[str, int, int, int, "tuple[int, int, int] | None", int]
+BLOCK_KINDS = ("Outlooker", "Transformer", "ClassBlock")
+
+
+def timm_blocks(torch_model: Any) -> list[Block]:
+    """The blocks of a timm VOLO (its network's stages, then its class-attention blocks),
+    read from the built modules."""
+    blocks = []
+    for module in [*torch_model.network, *(torch_model.post_network or [])]:
+        for block in module if type(module).__name__ == "Sequential" else [module]:
+            kind = type(block).__name__
+            if kind not in BLOCK_KINDS:  # a Downsample
+                continue
+            attn, dim = block.attn, block.norm1.normalized_shape[0]
+            window = (attn.kernel_size, attn.padding, attn.stride) if kind == "Outlooker" else None
+            head_dim = getattr(attn, "head_dim", dim // attn.num_heads)
+            blocks.append((kind, dim, attn.num_heads, head_dim, window, block.mlp.fc1.out_features))
+    return blocks
+
+
+def jax_blocks(model: Any) -> tuple[list[Block], int]:
+    """The blocks of our VOLO, read from the modules its (abstract) init calls and their
+    parameters' shapes; and its parameter count."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    called: dict[tuple[str, ...], Any] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            called.setdefault(context.module.path, context.module)
+        return next_fun(*args, **kwargs)
+
+    images = jnp.zeros((1, model.img_size, model.img_size, 3))
+    with nn.intercept_methods(record):
+        params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images)))["params"]
+    blocks = []
+    for path, block in called.items():
+        kind = type(block).__name__
+        if kind not in BLOCK_KINDS:
+            continue
+        attn = called[(*path, "attn")]
+        window = (attn.kernel_size, attn.padding, attn.stride) if kind == "Outlooker" else None
+        head_dim = getattr(attn, "head_dim", None) or block.dim // attn.num_heads
+        hidden = params[path[-1]]["mlp"]["fc1"]["kernel"].shape[-1]
+        blocks.append((kind, block.dim, attn.num_heads, head_dim, window, hidden))
+    return blocks, sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
