@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import volo_jax
-from tests.support.small import tiny_volo
+from tests.support.small import random_variables, tiny_volo
 from tests.support.timm_pairs import TIMM_PARAM_COUNTS
 from volo_jax.errors import ConfigError, UnknownModelError
 from volo_jax.models.volo import MIXER_NAMES, mix_box_lam, mix_token_mask, sample_mix_box
@@ -180,7 +180,7 @@ def test_every_token_mixer_runs_in_the_outlooker_stage(mixer):
     }.get(mixer, {})
     model = tiny_volo(token_mixer=mixer, token_mixer_kwargs=kwargs)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))
+    variables = random_variables(model)
     baseline = nn.unbox(jax.eval_shape(tiny_volo().init, jax.random.key(0), x))
     outside = lambda v: {
         k: jax.tree_util.tree_map(jnp.shape, t)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from configs.smoke import get_config
 from volo_jax.models import create_model
@@ -25,6 +27,29 @@ TINY_VOLO = dict(
 def tiny_volo(**overrides: Any):
     """`volo_d1_224` with `TINY_VOLO`, then `overrides`."""
     return create_model("volo_d1_224", **{**TINY_VOLO, **overrides})
+
+
+def random_variables(model: Any, seed: int = 0) -> dict[str, Any]:
+    """Variables for `model` drawn with NumPy into the shapes of its abstract init (no init
+    program to compile, which takes seconds for each new model): kernels ~ N(0, 1/fan_in),
+    norm scales 1, other parameters ~ N(0, 0.02^2); BatchNorm means 0, variances 1."""
+    import flax.linen as nn
+
+    size = model.img_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf) -> np.ndarray:
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "mean":
+            return np.zeros(leaf.shape, leaf.dtype)
+        std = (1 / np.prod(leaf.shape[:-1])) ** 0.5 if name == "kernel" else 0.02
+        return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def smoke_config(**changes: Any) -> ml_collections.ConfigDict:
