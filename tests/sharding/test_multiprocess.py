@@ -188,10 +188,11 @@ def test_cpu_collectives_are_switched_on():
         assert "GATHERED [0, 1]" in out, out[-3000:]
 
 
-def launch(specs: list[dict[str, Any]], devices: int, cache_dir: str) -> list[dict[str, Any]]:
-    """Runs one worker per spec at once, each with `devices` CPU devices; returns their
-    RESULTs (process order). Fails with the output of the first process that failed (the
-    others are killed: they would wait for it until the coordinator's timeout)."""
+def launch(specs: list[dict[str, Any]], devices: int) -> list[dict[str, Any]]:
+    """Runs one worker per spec at once, each with `devices` CPU devices (and the suite's
+    compilation cache); returns their RESULTs (process order). Fails with the output of the
+    first process that failed (the others are killed: they would wait for it until the
+    coordinator's timeout)."""
     env = dict(
         os.environ,
         PYTHONPATH=REPO,
@@ -199,7 +200,6 @@ def launch(specs: list[dict[str, Any]], devices: int, cache_dir: str) -> list[di
         TF_CPP_MIN_LOG_LEVEL="3",
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
         f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=cache_dir,
     )
     env.pop("VOLO_JAX_DISTRIBUTED", None)
     with contextlib.ExitStack() as stack:
@@ -241,7 +241,7 @@ def launch(specs: list[dict[str, Any]], devices: int, cache_dir: str) -> list[di
     return results
 
 
-def two_processes(spec: dict[str, Any], cache_dir: str) -> list[dict[str, Any]]:
+def two_processes(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """`spec` run by 2 processes of 4 CPU devices with a localhost coordinator."""
     coordinator = f"localhost:{free_port()}"
     return launch(
@@ -250,13 +250,12 @@ def two_processes(spec: dict[str, Any], cache_dir: str) -> list[dict[str, Any]]:
             for i in range(2)
         ],
         devices=4,
-        cache_dir=cache_dir,
     )
 
 
-def one_process(spec: dict[str, Any], devices: int, cache_dir: str) -> dict[str, Any]:
+def one_process(spec: dict[str, Any], devices: int) -> dict[str, Any]:
     """`spec` run by one process of `devices` CPU devices, fed what 2 processes read."""
-    return launch([{**spec, "emulate_processes": 2}], devices, cache_dir)[0]
+    return launch([{**spec, "emulate_processes": 2}], devices)[0]
 
 
 def load(workdir: str) -> tuple[Any, dict[str, Any]]:
@@ -358,14 +357,15 @@ def start() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict[str, str]:
-    """The digits folder (written once, as on a shared file system) and a compilation
-    cache shared by the runs."""
+    """The digits folder (written once, as on a shared file system). The runs share the
+    suite's compilation cache (tests/conftest.py) with this process: the one-device run
+    reads back the initial state's program that the `start` fixture compiled."""
     from volo_jax.data.digits import prepare_digits_folder
     from volo_jax.data.location import DIGITS
 
     root = tmp_path_factory.mktemp("multiprocess")
     prepare_digits_folder(str(root / "data" / DIGITS))
-    return {"root": str(root), "data": str(root / "data"), "cache": str(root / "jax_cache")}
+    return {"root": str(root), "data": str(root / "data")}
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +373,7 @@ def first_launch(work) -> dict[str, Any]:
     """2 steps in 2 processes of 4 devices (one mesh, data=8), a checkpoint at step 2."""
     workdir = os.path.join(work["root"], "two_processes")
     spec = {"workdir": workdir, "data_dir": work["data"], "max_steps": 2, "mesh": {"data": -1}}
-    return {"dir": workdir, "results": two_processes(spec, work["cache"])}
+    return {"dir": workdir, "results": two_processes(spec)}
 
 
 def test_two_processes_match_one_device(work, first_launch, start):
@@ -387,7 +387,7 @@ def test_two_processes_match_one_device(work, first_launch, start):
     assert checkpoint_steps(first_launch["dir"]) == [2]
     one_dir = os.path.join(work["root"], "one_device")
     spec = {"workdir": one_dir, "data_dir": work["data"], "max_steps": 2}
-    one = one_process(spec, 1, work["cache"])
+    one = one_process(spec, 1)
     assert one["device_count"] == 1 and one["start_step"] == 0
     assert_close_runs(run, first_launch["dir"], one, one_dir, [1, 2], start)
 
@@ -405,12 +405,10 @@ def test_two_processes_resume_on_an_fsdp_mesh(work, first_launch, start):
         "mesh": {"data": 1, "fsdp": -1},
         "sharding": "fsdp",
     }
-    run = assert_same_run(two_processes(spec, work["cache"]))
+    run = assert_same_run(two_processes(spec))
     assert run["start_step"] == 2 and sorted(run["losses"]) == ["3", "4"]
     assert checkpoint_steps(first_launch["dir"]) == [2, 4]
     ref_dir = os.path.join(work["root"], "one_process_8_straight")
-    ref = one_process(
-        {"workdir": ref_dir, "data_dir": work["data"], "max_steps": 4}, 8, work["cache"]
-    )
+    ref = one_process({"workdir": ref_dir, "data_dir": work["data"], "max_steps": 4}, 8)
     assert ref["start_step"] == 0
     assert_close_runs(run, first_launch["dir"], ref, ref_dir, [3, 4], start)
