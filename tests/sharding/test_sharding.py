@@ -152,23 +152,22 @@ def run_worker(*checks: str) -> dict:
     return results
 
 
+#: The worker's checks (tests/support/sharding_worker.py): train and eval steps, resume,
+#: layouts, checkpoint, and the MixToken groups that compile without moving data.
+CHECKS = ["steps", "resume", "layout", "checkpoint", "mix_pairs_local"]
+
+
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-    """The train/eval steps, resume, layout and checkpoint checks, run once for the module
-    (in one process: they share its compilations)."""
-    return run_worker("steps", "resume", "layout", "checkpoint")
+    """The worker's checks, run once for the module (in one process: they share its
+    compilations; mix_pairs_local's control is check_steps' program)."""
+    return run_worker(*CHECKS)
 
 
-@pytest.mark.parametrize("check", ["steps", "resume", "layout", "checkpoint"])
+@pytest.mark.parametrize("check", CHECKS)
 def test_on_eight_devices(eight_devices, check):
     result = eight_devices.get(check)
     assert result is not None, f"check {check} did not run"
-    assert "error" not in result, result["error"]
-
-
-def test_mix_token_groups_on_their_device_compile_without_moving_data():
-    """Its own subprocess (two train-step compiles), so that it has its own time limit."""
-    result = run_worker("mix_pairs_local")["mix_pairs_local"]
     assert "error" not in result, result["error"]
 
 

@@ -316,8 +316,8 @@ def check_mix_pairs_local() -> dict:
     """On 8 devices (mesh 8x1x1, 16 images, 2 per device), MixToken groups of 2, which stay
     on their device, compile to a step that moves no data between devices (only
     reductions); the control, check_steps' own program on this mesh (8 images, 1 per device,
-    in groups of 4 that span devices), moves some. (The control's compile is read back from
-    the compilation cache when check_steps ran first.)"""
+    in groups of 4 that span devices), moves some. (When check_steps ran first, in this
+    process, the control's compile is read back from the compilation cache.)"""
     mesh = mesh_of((8, 1, 1))
     config = tiny_config()
     config.train.batch_size = 16
