@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from configs.smoke import get_config
+from volo_jax.convert.mapping import abstract_variables
 from volo_jax.models import create_model
 
 #: VOLO-D1's structure at a size that compiles in seconds: one block per stage, 32 x 32
@@ -33,11 +34,7 @@ def random_variables(model: Any, seed: int = 0) -> dict[str, Any]:
     """Variables for `model` drawn with NumPy into the shapes of its abstract init (no init
     program to compile, which takes seconds for each new model): kernels ~ N(0, 1/fan_in),
     norm scales 1, other parameters ~ N(0, 0.02^2); BatchNorm means 0, variances 1."""
-    import flax.linen as nn
-
-    size = model.img_size
-    images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))
+    shapes = abstract_variables(model)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf) -> np.ndarray:

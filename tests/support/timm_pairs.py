@@ -119,9 +119,11 @@ BLOCK_KINDS = ("Outlooker", "Transformer", "ClassBlock")
 def timm_blocks(torch_model: Any) -> list[Block]:
     """The blocks of a timm VOLO (its network's stages, then its class-attention blocks),
     read from the built modules."""
+    import torch
+
     blocks = []
     for module in [*torch_model.network, *(torch_model.post_network or [])]:
-        for block in module if type(module).__name__ == "Sequential" else [module]:
+        for block in module if isinstance(module, torch.nn.Sequential) else [module]:
             kind = type(block).__name__
             if kind not in BLOCK_KINDS:  # a Downsample
                 continue
@@ -137,7 +139,8 @@ def jax_blocks(model: Any) -> tuple[list[Block], int]:
     parameters' shapes; and its parameter count."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
+
+    from volo_jax.convert.mapping import abstract_variables
 
     called: dict[tuple[str, ...], Any] = {}
 
@@ -146,9 +149,8 @@ def jax_blocks(model: Any) -> tuple[list[Block], int]:
             called.setdefault(context.module.path, context.module)
         return next_fun(*args, **kwargs)
 
-    images = jnp.zeros((1, model.img_size, model.img_size, 3))
     with nn.intercept_methods(record):
-        params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images)))["params"]
+        params = abstract_variables(model)["params"]
     blocks = []
     for path, block in called.items():
         kind = type(block).__name__
