@@ -89,6 +89,10 @@ TPU_VMEM_LIMIT = 32 * 2**20
 #: and ~227 KiB of shared memory per block).
 TRITON_TILE_BUDGET = 64 * 2**10
 TRITON_CHANNEL_BLOCK = 64
+#: Lanes of a TPU vector register. Mosaic's strided loads and stores need a VMEM array
+#: whose last dimension is exactly this, so the float32 band images keep the channels
+#: as (groups, ..., 128) with the last group zero-padded.
+LANES = 128
 
 
 def _window_grid(
@@ -174,6 +178,10 @@ class TpuPlan:
         return max(1, -self.first, self.last)
 
     @property
+    def groups(self) -> int:  # 128-lane channel groups of the f32 band images
+        return -(-self.channels // LANES)
+
+    @property
     def col0(self) -> int:  # column of image column 0 in the f32 band images
         return _round_up(self.padding, 8)
 
@@ -210,7 +218,7 @@ def tpu_vmem_bytes(plan: TpuPlan, backward: bool) -> int:
     if plan.bands > 1:  # a block above and one below
         image_halos = 2 * _tile_bytes((plan.halo, wd, c), it)
         logit_halos = 2 * _tile_bytes((plan.kk, plan.logit_halo, plan.w, plan.lanes), it)
-    f32_image = _tile_bytes((plan.image_rows, plan.image_width, c), 4)
+    f32_image = _tile_bytes((plan.image_rows, plan.groups, plan.image_width, LANES), 4)
     f32_logits = _tile_bytes((plan.kk, plan.window_rows, plan.w, plan.lanes), 4)
     f32_weights = _tile_bytes((plan.kk, plan.w, plan.lanes), 4)
     if backward:  # in: v, g, logits (and halos); out: dv, dlogits
@@ -264,18 +272,38 @@ def tpu_plan(
 
 
 def _onehot(plan: TpuPlan, i: int, dtype) -> jax.Array:
-    """(K*K*heads, C): lane i * heads + n -> head n's channels, for output offset i."""
-    shape = (plan.lanes, plan.channels)
+    """(K*K*heads, G * 128): lane i * heads + n -> head n's channels, for output offset i
+    (the padded channels >= C get no weight)."""
+    shape = (plan.lanes, plan.groups * LANES)
     lane = jax.lax.broadcasted_iota(jnp.int32, shape, 0) - i * plan.heads
     chan = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     hd = plan.channels // plan.heads
-    return ((chan >= lane * hd) & (chan < lane * hd + hd)).astype(dtype)
+    hit = (chan >= lane * hd) & (chan < lane * hd + hd) & (chan < plan.channels)
+    return hit.astype(dtype)
 
 
-def _expand(p: jax.Array, onehot: jax.Array) -> jax.Array:
-    """(w, lanes) weights -> (w, C) float32 per-channel weights (a one-hot product)."""
+def _expand(p: jax.Array, onehot: jax.Array) -> list[jax.Array]:
+    """(w, lanes) weights -> per channel group, (w, 128) float32 weights (a one-hot
+    product, split at lane-tile boundaries)."""
     precision = jax.lax.Precision.HIGHEST if p.dtype == jnp.float32 else None
-    return jnp.dot(p, onehot, precision=precision, preferred_element_type=jnp.float32)
+    full = jnp.dot(p, onehot, precision=precision, preferred_element_type=jnp.float32)
+    return [full[:, g * LANES : (g + 1) * LANES] for g in range(onehot.shape[1] // LANES)]
+
+
+def _head_sums(x: list[jax.Array], onehot: jax.Array) -> jax.Array:
+    """Per channel group (w, 128) float32 values -> (w, lanes): each lane's head summed
+    over its channels (the transposed one-hot product, on the MXU)."""
+    total = None
+    for g, xg in enumerate(x):
+        part = jax.lax.dot_general(
+            xg,
+            onehot[:, g * LANES : (g + 1) * LANES],
+            (((1,), (1,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        total = part if total is None else total + part
+    return total
 
 
 def _softmax(logits: list[jax.Array]) -> list[jax.Array]:
@@ -299,10 +327,12 @@ def _fill_image(plan: TpuPlan, image_ref, main_ref, up_ref, down_ref, band) -> N
 
     def put(dst_row: int, src_ref, first_row) -> None:
         rows = src_ref.shape[0]
-        x = src_ref[...].astype(jnp.float32)
-        row = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-        x = jnp.where((row >= 0) & (row < plan.height), x, 0.0)
-        image_ref[pl.ds(dst_row, rows), pl.ds(c0, wd), :] = x
+        for g in range(plan.groups):  # lane-aligned channel slices
+            lanes = min(LANES, plan.channels - g * LANES)
+            x = src_ref[:, :, pl.ds(g * LANES, lanes)].astype(jnp.float32)
+            row = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+            x = jnp.where((row >= 0) & (row < plan.height), x, 0.0)
+            image_ref[pl.ds(dst_row, rows), g, pl.ds(c0, wd), pl.ds(0, lanes)] = x
 
     put(hv, main_ref, top)
     if up_ref is not None:
@@ -325,8 +355,8 @@ def _fill_logits(plan: TpuPlan, lsc_ref, main_ref, up_ref, down_ref) -> None:
 
 def _window_ref(plan: TpuPlan, u, k, span: bool = False):
     """Row and column indexer of offset k (static or traced) of window row u
-    (band-relative) in a band image: a (w, C) stride-s sublane slice (with `span`, the
-    contiguous columns that contain it)."""
+    (band-relative) in a band image: a (w, 128) stride-s sublane slice of each channel
+    group (with `span`, the contiguous columns that contain it)."""
     kr, kc = _divmod(k, plan.kernel)
     s, p = plan.stride, plan.padding
     row = s * u + kr + (plan.halo - p)
@@ -339,19 +369,30 @@ def _window_ref(plan: TpuPlan, u, k, span: bool = False):
 
 # Pallas' generic interpreter (fast to compile, used on the CPU) has no strided
 # loads and stores: `strided=False` reads the contiguous span and slices the value.
-def _load_window(plan: TpuPlan, image_ref, u, k, strided: bool = True) -> jax.Array:
-    if strided or plan.stride == 1:
-        return image_ref[_window_ref(plan, u, k)]
-    return image_ref[_window_ref(plan, u, k, span=True)][:: plan.stride]
+def _load_window(plan: TpuPlan, image_ref, u, k, strided: bool = True) -> list[jax.Array]:
+    """Offset k of window row u: per channel group, (w, 128) float32."""
+    row, cols = _window_ref(plan, u, k, span=not strided and plan.stride > 1)
+    out = [image_ref[row, g, cols, :] for g in range(plan.groups)]
+    return out if strided or plan.stride == 1 else [x[:: plan.stride] for x in out]
 
 
-def _add_window(plan: TpuPlan, acc_ref, u, k, x: jax.Array, strided: bool = True) -> None:
-    if strided or plan.stride == 1:
-        idx = _window_ref(plan, u, k)
-        acc_ref[idx] = acc_ref[idx] + x
-    else:
-        idx = _window_ref(plan, u, k, span=True)
-        acc_ref[idx] = acc_ref[idx].at[:: plan.stride].add(x)
+def _add_window(plan: TpuPlan, acc_ref, u, k, x: list[jax.Array], strided: bool = True) -> None:
+    row, cols = _window_ref(plan, u, k, span=not strided and plan.stride > 1)
+    for g, xg in enumerate(x):
+        idx = (row, g, cols, slice(None))
+        if strided or plan.stride == 1:
+            acc_ref[idx] = acc_ref[idx] + xg
+        else:
+            acc_ref[idx] = acc_ref[idx].at[:: plan.stride].add(xg)
+
+
+def _write_image(plan: TpuPlan, out_ref, acc_ref) -> None:
+    """The band's rows of the float32 fold accumulator -> the (rows, W, C) output block."""
+    rows, cols = pl.ds(plan.halo, plan.v_rows), pl.ds(plan.col0, plan.width)
+    for g in range(plan.groups):
+        lanes = min(LANES, plan.channels - g * LANES)
+        x = acc_ref[rows, g, cols, pl.ds(0, lanes)]
+        out_ref[:, :, pl.ds(g * LANES, lanes)] = x.astype(out_ref.dtype)
 
 
 def _store_weights(plan: TpuPlan, lsc_ref, p_ref, u, softmax: bool) -> list[jax.Array]:
@@ -388,7 +429,7 @@ def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> N
     _fill_logits(plan, lsc_ref, *logits)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     dtype = v[0].dtype
-    zeros = jnp.zeros((plan.w, plan.channels), jnp.float32)
+    zeros = [jnp.zeros((plan.w, LANES), jnp.float32)] * plan.groups
 
     def window_row(u, carry):
         y = band * plan.rows + u
@@ -402,7 +443,8 @@ def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> N
 
                 def input_offset(j, acc):
                     weight = _expand(p_ref[j].astype(dtype), onehot)
-                    return acc + weight * _load_window(plan, image_ref, u, j, strided)
+                    window = _load_window(plan, image_ref, u, j, strided)
+                    return [a + wg * xg for a, wg, xg in zip(acc, weight, window, strict=True)]
 
                 _add_window(plan, acc_ref, u, i, _offsets(plan, input_offset, zeros), strided)
                 return carry
@@ -412,9 +454,7 @@ def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> N
         return carry
 
     jax.lax.fori_loop(plan.first, plan.rows + plan.last, window_row, 0)
-    o_ref[...] = acc_ref[pl.ds(plan.halo, plan.v_rows), pl.ds(plan.col0, plan.width), :].astype(
-        o_ref.dtype
-    )
+    _write_image(plan, o_ref, acc_ref)
 
 
 def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> None:
@@ -427,7 +467,7 @@ def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> 
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     dtype = v[0].dtype
     kk = plan.kk
-    zeros = jnp.zeros((plan.w, plan.channels), jnp.float32)
+    zeros = [jnp.zeros((plan.w, LANES), jnp.float32)] * plan.groups
     zeros_p = jnp.zeros((plan.w, plan.lanes), jnp.float32)
 
     def window_row(u, carry):
@@ -445,14 +485,11 @@ def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> 
                     d_v, d_p = accs
                     g_i = _load_window(plan, g_image, u, i, strided)
                     onehot = _onehot(plan, i, jnp.float32)
-                    d_v = d_v + _expand(p_j, onehot.astype(dtype)) * g_i
+                    weight = _expand(p_j, onehot.astype(dtype))
+                    d_v = [a + wg * gg for a, wg, gg in zip(d_v, weight, g_i, strict=True)]
                     # dP[.., i, j] per head: the head's channels summed by a one-hot product.
-                    d_p = d_p + jax.lax.dot_general(
-                        g_i * v_j,
-                        onehot,
-                        (((1,), (1,)), ((), ())),
-                        precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=jnp.float32,
+                    d_p = d_p + _head_sums(
+                        [gg * vg for gg, vg in zip(g_i, v_j, strict=True)], onehot
                     )
                     return d_v, d_p
 
@@ -474,9 +511,7 @@ def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> 
         return carry
 
     jax.lax.fori_loop(plan.first, plan.rows + plan.last, window_row, 0)
-    dv_ref[...] = acc_ref[pl.ds(plan.halo, plan.v_rows), pl.ds(plan.col0, plan.width), :].astype(
-        dv_ref.dtype
-    )
+    _write_image(plan, dv_ref, acc_ref)
 
 
 def _image_specs(plan: TpuPlan) -> list[pl.BlockSpec]:
@@ -560,7 +595,7 @@ def _tpu_call(plan: TpuPlan, batch: int, backward: bool, softmax: bool, interpre
     images = 2 if backward else 1
     image_specs = _image_specs(plan)
     in_specs = image_specs * images + _logit_specs(plan)
-    f32_image = pltpu.VMEM((plan.image_rows, plan.image_width, plan.channels), jnp.float32)
+    f32_image = pltpu.VMEM((plan.image_rows, plan.groups, plan.image_width, LANES), jnp.float32)
     lsc = pltpu.VMEM((plan.kk, plan.window_rows, plan.w, plan.lanes), jnp.float32)
     weights = pltpu.VMEM((plan.kk, plan.w, plan.lanes), jnp.float32)
     scratch = [f32_image] * (images + 1) + [lsc] + [weights] * images
