@@ -79,8 +79,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
 
 from volo_jax.ops.geometry import PatchGeometry
+from volo_jax.sharding.mesh import BATCH_AXES, MODEL_AXIS
 
 #: Backward VMEM footprint a TPU band may use, and the scoped VMEM limit requested.
 TPU_VMEM_BUDGET = 12 * 2**20
@@ -959,11 +961,50 @@ _attention = _make(softmax=True)
 _aggregate = _make(softmax=False)
 
 
+def _per_device(fn, v: jax.Array, weights: jax.Array, geometry: tuple[int, int, int]):
+    """`fn(v, weights, *geometry)` on each device's own images.
+
+    Mosaic and Triton calls cannot be partitioned by XLA: on a mesh, GSPMD would gather
+    the global batch onto every device (or, on TPU, refuse to compile). Under the
+    current mesh (`jax.set_mesh`, as the trainer and `volo_jax.sharding` lower steps) the
+    call is a `shard_map` over the batch axes that divide the batch, and over the
+    'model' axis on the heads when it divides them (tensor parallelism), so every
+    device runs the kernel on its own (B / n, H, W, C) block and nothing is gathered.
+    With no mesh, or inside a `shard_map` over those axes already, it is a plain call.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(v, weights, *geometry)
+    free_all = [a for a in mesh.axis_names if a not in mesh.manual_axes]
+    free = [a for a in free_all if mesh.shape[a] > 1]
+    batch, size = [], 1
+    for axis in BATCH_AXES:
+        if axis in free and v.shape[0] % (size * mesh.shape[axis]) == 0:
+            batch.append(axis)
+            size *= mesh.shape[axis]
+    heads = weights.shape[3]
+    model = MODEL_AXIS if MODEL_AXIS in free and heads % mesh.shape[MODEL_AXIS] == 0 else None
+    if not batch and model is None:
+        return fn(v, weights, *geometry)
+    batch_spec = tuple(batch) or None
+    image = P(batch_spec, None, None, model)
+    return jax.shard_map(
+        lambda v, w: fn(v, w, *geometry),
+        mesh=mesh,
+        in_specs=(image, P(batch_spec, None, None, model, None, None)),
+        out_specs=image,
+        # Every free axis manual, those of size 1 too: a custom call left in a partly
+        # automatic region is one Mosaic refuses.
+        axis_names=frozenset(free_all),
+        check_vma=False,
+    )(v, weights)
+
+
 def outlook_attention_pallas(
     v: jax.Array, logits: jax.Array, kernel_size: int, stride: int, padding: int
 ) -> jax.Array:
     """Fused outlook attention: softmax over the last axis of the scaled logits, the
-    per-window aggregation and the fold, in one kernel.
+    per-window aggregation and the fold, in one kernel (per device, `_per_device`).
 
     Args:
       v: values (B, H, W, C), C = heads * head_dim.
@@ -972,7 +1013,7 @@ def outlook_attention_pallas(
     Returns:
       (B, H, W, C) in v's dtype: `_aggregate_reference(v, softmax(logits), ...)`.
     """
-    return _attention(v, logits, kernel_size, stride, padding)
+    return _per_device(_attention, v, logits, (kernel_size, stride, padding))
 
 
 def outlook_aggregate_pallas(
@@ -980,4 +1021,4 @@ def outlook_aggregate_pallas(
 ) -> jax.Array:
     """The same kernels with the weights given: the contract of `outlook_aggregate`,
     v (B, H, W, C), attn (B, h, w, heads, K*K, K*K) -> (B, H, W, C)."""
-    return _aggregate(v, attn, kernel_size, stride, padding)
+    return _per_device(_aggregate, v, attn, (kernel_size, stride, padding))

@@ -1,0 +1,173 @@
+"""Ahead-of-time compiles of the train step, for any mesh: real devices, or the
+compile-only TPU slices and GPU machines of `volo_jax.sharding.deviceless`.
+
+    compiled = aot.compile_train_step(config, "v5e-8")
+    aot.summary(compiled, config.train.batch_size)   # memory, FLOPs, bytes, collectives
+
+This is what the trainer runs (`train.jit_train_step`: the same shardings, donation and
+platform branch), lowered from abstract inputs (`jax.ShapeDtypeStruct`s: nothing is
+allocated) under the mesh, and compiled by the platform's own compiler, so it answers
+"does it compile, partition and fit" for a pod from a laptop, as MaxText's
+train_compile does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from volo_jax.models import create_model
+from volo_jax.sharding import (
+    batch_sharding,
+    create_mesh,
+    logical_axes,
+    state_shardings,
+    use_mesh,
+    with_shardings,
+)
+from volo_jax.sharding import deviceless
+from volo_jax.training import train
+from volo_jax.sharding.rules import rules_from_config
+from volo_jax.training.config import model_overrides
+
+if TYPE_CHECKING:
+    import ml_collections
+
+#: Collective ops of a compiled program, as they are named in its HLO text.
+COLLECTIVES = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+
+
+def mesh_for(config: ml_collections.ConfigDict, accelerator: str | Sequence[jax.Device]):
+    """`create_mesh(config.mesh)` over the compile-only devices of `accelerator` (a name
+    of `deviceless.ACCELERATORS`) or over the given devices."""
+    devices = (
+        deviceless.devices(accelerator) if isinstance(accelerator, str) else list(accelerator)
+    )
+    return create_mesh(config.get("mesh"), devices)
+
+
+def lower_train_step(
+    config: ml_collections.ConfigDict,
+    accelerator: str | Sequence[jax.Device],
+    steps_per_epoch: int = 1000,
+) -> jax.stages.Lowered:
+    """The trainer's step for `config` on `accelerator`, lowered from abstract inputs:
+    the state in its shardings, a global batch of config.train.batch_size images split
+    over the batch axes, no teacher."""
+    model = create_model(config.model, **model_overrides(config))
+    mesh = mesh_for(config, accelerator)
+    abstract, _ = train.abstract_train_state(config, model, steps_per_epoch)
+    shardings = state_shardings(abstract, logical_axes(model), mesh, rules_from_config(config))
+    step = train.jit_train_step(config, model, mesh, shardings)
+    size, batch = config.img_size, config.train.batch_size
+    images = batch_sharding(mesh)
+    inputs = {
+        "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=images),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=images),
+    }
+    with use_mesh(mesh):
+        return step.lower(with_shardings(abstract, shardings), inputs, None)
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict,
+    accelerator: str | Sequence[jax.Device],
+    steps_per_epoch: int = 1000,
+) -> jax.stages.Compiled:
+    """`lower_train_step(...).compile()`: XLA:TPU + Mosaic or XLA:GPU + Triton on
+    compile-only devices."""
+    return lower_train_step(config, accelerator, steps_per_epoch).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What one compiled step costs a device. Bytes are per device; `flops` and
+    `bytes_accessed` are XLA's cost model per image (None where the compiler has none,
+    as XLA:GPU's deviceless client)."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops_per_image: float | None
+    bytes_accessed_per_image: float | None
+    collectives: dict[str, int]
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live at once: arguments, outputs not written over a donated argument, and
+        temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def flops_per_byte(self) -> float | None:
+        if not self.flops_per_image or not self.bytes_accessed_per_image:
+            return None
+        return self.flops_per_image / self.bytes_accessed_per_image
+
+
+def collectives(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """Count of each collective op (`COLLECTIVES`) in the compiled program's HLO."""
+    text = compiled.as_text()
+    counts = {}
+    for name in COLLECTIVES:
+        n = len(re.findall(rf"= [^=\n]*? {name}(?:-start)?\(", text))
+        if n:
+            counts[name] = n
+    return counts
+
+
+def summary(compiled: jax.stages.Compiled, global_batch: int) -> Summary:
+    """Per-device memory, XLA's cost per image, and the collectives of a compiled step.
+
+    XLA's cost analysis describes one device's program (its share of the batch: the
+    global batch over the devices)."""
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    leaves = jax.tree_util.tree_leaves(compiled.input_shardings)
+    devices = len(leaves[0].device_set) if leaves else 1
+    per_device_batch = max(1, global_batch // max(1, devices))
+    flops = bytes_accessed = None
+    if cost:
+        flops = cost.get("flops", 0.0) / per_device_batch
+        bytes_accessed = cost.get("bytes accessed", 0.0) / per_device_batch
+    return Summary(
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        flops_per_image=flops,
+        bytes_accessed_per_image=bytes_accessed,
+        collectives=collectives(compiled),
+    )
+
+
+def timed_compile(
+    config: ml_collections.ConfigDict, accelerator: str | Sequence[jax.Device]
+) -> tuple[jax.stages.Compiled | None, float, str | None]:
+    """(compiled or None, seconds, the error's first line or None)."""
+    start = time.perf_counter()
+    try:
+        compiled = compile_train_step(config, accelerator)
+    except Exception as e:  # the compilers' errors are the result being measured
+        return None, time.perf_counter() - start, f"{type(e).__name__}: {_first_line(e)}"
+    return compiled, time.perf_counter() - start, None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
