@@ -55,7 +55,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("v5e-256", "tpu", "v5e:16x16", 256, "TPU v5e pod, 256 chips"),
         Accelerator("v6e-1", "tpu", "v6e:1x1", 1, "Colab / Cloud TPU v6e, one chip", True),
         Accelerator("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6e (Trillium), 8 chips"),
-        Accelerator("v4-8", "tpu", "v4:2x2x1", 4, "TPU v4-8: 4 chips"),
+        Accelerator("v4-8", "tpu", "v4:2x2x1", 8, "TPU v4-8: 4 chips, a device per TensorCore"),
         Accelerator("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p-8: 4 chips"),
         Accelerator("h100-1", "cuda", "h100_sxm", 1, "one NVIDIA H100 SXM 80 GB"),
         Accelerator("h100-8", "cuda", "h100_sxm", 8, "8 x NVIDIA H100 SXM 80 GB (one host)"),

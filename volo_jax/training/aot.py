@@ -17,7 +17,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +26,14 @@ from volo_jax.models import create_model
 from volo_jax.sharding import (
     batch_sharding,
     create_mesh,
+    deviceless,
     logical_axes,
     state_shardings,
     use_mesh,
     with_shardings,
 )
-from volo_jax.sharding import deviceless
-from volo_jax.training import train
 from volo_jax.sharding.rules import rules_from_config
+from volo_jax.training import train
 from volo_jax.training.config import model_overrides
 
 if TYPE_CHECKING:
@@ -52,9 +52,7 @@ COLLECTIVES = (
 def mesh_for(config: ml_collections.ConfigDict, accelerator: str | Sequence[jax.Device]):
     """`create_mesh(config.mesh)` over the compile-only devices of `accelerator` (a name
     of `deviceless.ACCELERATORS`) or over the given devices."""
-    devices = (
-        deviceless.devices(accelerator) if isinstance(accelerator, str) else list(accelerator)
-    )
+    devices = deviceless.devices(accelerator) if isinstance(accelerator, str) else list(accelerator)
     return create_mesh(config.get("mesh"), devices)
 
 
