@@ -6,7 +6,7 @@
 # --dist loadfile: the tests of one file run in one worker, so a module fixture (a training
 # run, the 8-device worker) runs once.
 set -euo pipefail
-source "$(dirname "$0")/env.sh" train,torch,test
+source "$(dirname "$0")/env.sh" train,torch,test,accel-compile
 export VOLO_JAX_REQUIRE_REFERENCE=1
 ruff check volo_jax tests main.py configs benchmarks
 ruff format --check volo_jax tests main.py configs benchmarks

@@ -1,7 +1,7 @@
 """Shared test setup: JAX on one CPU device, float32 at full matmul precision; with
 VOLO_JAX_REQUIRE_REFERENCE=1 (set by scripts/test.sh, which CI runs) a missing optional
-package (torch, timm, scikit-image, ...) fails the tests that import it instead of
-skipping them.
+package (torch, timm, scikit-image, the compile-only TPU and GPU toolchains, ...) fails the
+tests that need it instead of skipping them (`tests/support/accelerators.py`).
 
 The CPU: the numerical and compiled-program assertions are about XLA:CPU; on a GPU host
 they would otherwise run on the GPU or skip (set JAX_PLATFORMS yourself to choose another
@@ -46,6 +46,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TEST_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     " --xla_cpu_parallel_codegen_split_count=1"
+    # The deviceless GPU compiles' (volo_jax.sharding.deviceless.GPU_XLA_FLAGS).
+    " --xla_gpu_enable_triton_gemm=false"
 )
 _inherited = re.sub(
     r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
@@ -73,8 +75,18 @@ if importlib.util.find_spec("torch") is not None:
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REQUIRE_REFERENCE = os.environ.get("VOLO_JAX_REQUIRE_REFERENCE", "") == "1"
-#: What the reference tests import (requirements-test.txt).
-REFERENCE_PACKAGES = ("torch", "torchvision", "timm", "skimage", "nbclient", "nbformat")
+#: What the reference tests import (the test extra), and the compile-only TPU and GPU
+#: toolchains of the compile tests (the accel-compile extra).
+REFERENCE_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "skimage",
+    "nbclient",
+    "nbformat",
+    "libtpu",
+    "jax_plugins.xla_cuda12",
+)
 
 
 def _import_or_fail(
@@ -106,7 +118,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if missing:
             raise pytest.UsageError(
                 f"VOLO_JAX_REQUIRE_REFERENCE=1 but {', '.join(missing)} not installed: "
-                "pip install -r requirements-test.txt (or unset it to skip their tests)"
+                "pip install -c constraints.txt -e '.[train,torch,test,accel-compile]' "
+                "(or unset it to skip their tests)"
             )
 
 

@@ -1,8 +1,9 @@
 """The Pallas outlook-attention kernels (`volo_jax.ops.outlook_pallas`).
 
-On this CPU-only CI the kernels run in Pallas' interpret mode and are checked against
-`softmax(logits)` + `outlook._aggregate_reference`; their accelerator versions are only
-lowered (`jax.export` for 'tpu' and 'cuda'), never compiled by Mosaic / Triton nor run.
+On this CPU-only CI the kernels run in Pallas' interpret modes (the generic one, and the
+TPU interpreter for the Mosaic kernel's strided accesses) and are checked against
+`softmax(logits)` + `outlook._aggregate_reference`. The real compilers' checks (Mosaic,
+Triton) are in test_outlook_pallas_compile.py; nothing here runs on an accelerator.
 """
 
 from __future__ import annotations
@@ -172,10 +173,18 @@ def test_triton_kernels_bfloat16():
     _check(_triton_vjp, ODD_D2, jnp.bfloat16, tol=5e-2)
 
 
-@pytest.mark.slow
-def test_tpu_kernel_strided_accesses_interpreted():
-    """The Mosaic kernel with its real strided loads and stores (`pl.ds(.., stride=s)`),
-    run by Pallas' TPU interpreter (the CPU default uses contiguous spans instead)."""
+@pytest.mark.parametrize(
+    ("shape", "dtype", "tol"),
+    [
+        ((1, 7, 9, 6, 32, 3, 2, 1), jnp.float32, 1e-5),  # C=192: a full and a half lane tile
+        ((1, 8, 8, 8, 32, 3, 2, 1), jnp.bfloat16, 5e-2),  # C=256, bf16 blocks
+    ],
+    ids=["c192-f32", "c256-bf16"],
+)
+def test_tpu_kernel_strided_accesses_interpreted(shape, dtype, tol):
+    """The Mosaic kernel with its real strided loads and stores (`pl.ds(.., stride=s)`)
+    on the (groups, rows, 128) lane tiles, run by Pallas' TPU interpreter (TPU memory
+    spaces and semantics; the CPU default uses contiguous spans instead)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
     def fn(v, logits, k, s, p):
@@ -188,7 +197,7 @@ def test_tpu_kernel_strided_accesses_interpreted():
         return op.tpu_backward(*res, g, k, s, p, interpret="tpu")
 
     fn.defvjp(fwd, bwd)
-    _check(fn, (1, 7, 9, 2, 4, 3, 2, 1))
+    _check(fn, shape, dtype, tol)
 
 
 def test_bad_logits_shape_is_a_clear_error():

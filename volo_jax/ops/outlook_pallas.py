@@ -287,7 +287,9 @@ def _onehot(plan: TpuPlan, i: int, dtype) -> jax.Array:
 def _expand(p: jax.Array, onehot: jax.Array) -> list[jax.Array]:
     """(w, lanes) weights -> per channel group, (w, 128) float32 weights (a one-hot
     product, split at lane-tile boundaries)."""
-    precision = jax.lax.Precision.HIGHEST if p.dtype == jnp.float32 else None
+    # Explicit either way: a bf16 product under jax_default_matmul_precision='highest'
+    # would ask Mosaic for an fp32-precision product of bf16 operands, which it rejects.
+    precision = jax.lax.Precision.HIGHEST if p.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     full = jnp.dot(p, onehot, precision=precision, preferred_element_type=jnp.float32)
     return [full[:, g * LANES : (g + 1) * LANES] for g in range(onehot.shape[1] // LANES)]
 

@@ -1,0 +1,50 @@
+"""Compile-only TPU and GPU devices for the compile tests (`volo_jax.sharding.deviceless`),
+and reading what the real compilers made of a program."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from volo_jax.errors import ConfigError
+from volo_jax.sharding import deviceless
+
+#: The kernels' custom calls in compiled HLO: Mosaic's and Triton's.
+KERNEL_CALL = re.compile(r'custom_call_target="(tpu_custom_call|__gpu\$xla\.gpu\.triton)"')
+
+
+def require_accelerator(name: str) -> tuple[jax.Device, ...]:
+    """The compile-only devices of accelerator `name`; without its toolchain the test
+    skips, or fails under VOLO_JAX_REQUIRE_REFERENCE=1 (scripts/test.sh, CI)."""
+    try:
+        return deviceless.devices(name)
+    except ConfigError as err:
+        if os.environ.get("VOLO_JAX_REQUIRE_REFERENCE", "") == "1":
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+
+
+def one_device(name: str) -> NamedSharding:
+    """A sharding on the first compile-only device of `name`."""
+    devices = require_accelerator(name)
+    return NamedSharding(Mesh(np.array(devices[:1]), ("x",)), P())
+
+
+def kernel_calls(hlo: str) -> list[str]:
+    """The lines of compiled HLO text that call a Mosaic or Triton kernel."""
+    return [line for line in hlo.splitlines() if KERNEL_CALL.search(line)]
+
+
+def operand_shapes(line: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each operand of one HLO instruction line."""
+    args = line[line.index("(", line.index(" = ") + 3) :]
+    return [
+        (dtype, tuple(int(d) for d in dims.split(",") if d))
+        for dtype, dims in re.findall(r"\b(bf16|f16|f32|s32)\[([\d,]*)\]", args)
+    ]
