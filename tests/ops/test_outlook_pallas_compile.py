@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.support.accelerators import kernel_calls, one_device, operand_shapes
+from tests.support.accelerators import call_shapes, kernel_calls, one_device
 from volo_jax.ops.outlook_pallas import outlook_attention_pallas
 
 OUTLOOK_STAGES = ((192, 6), (256, 8), (384, 12))  # D1; D2 and D3; D4 and D5
@@ -50,7 +50,7 @@ def _check_calls(hlo: str, size: int, per_stage: int) -> None:
     images = {
         shape
         for line in calls
-        for _, shape in operand_shapes(line)
+        for shape in call_shapes(line)
         if len(shape) == 4 and shape[1:3] == (size, size)
     }
     assert images == {(BATCH, size, size, c) for c, _ in OUTLOOK_STAGES}

@@ -41,10 +41,12 @@ def kernel_calls(hlo: str) -> list[str]:
     return [line for line in hlo.splitlines() if KERNEL_CALL.search(line)]
 
 
-def operand_shapes(line: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, shape) of each operand of one HLO instruction line."""
-    args = line[line.index("(", line.index(" = ") + 3) :]
+def call_shapes(line: str) -> list[tuple[int, ...]]:
+    """Every array shape of one compiled HLO instruction: its result's and its operands'
+    (compiled HLO names the operands; a custom call lists their shapes in
+    `operand_layout_constraints`)."""
+    text = line.split("metadata=")[0]
     return [
-        (dtype, tuple(int(d) for d in dims.split(",") if d))
-        for dtype, dims in re.findall(r"\b(bf16|f16|f32|s32)\[([\d,]*)\]", args)
+        tuple(int(d) for d in dims.split(",") if d)
+        for dims in re.findall(r"\b(?:bf16|f16|f32|s32)\[([\d,]*)\]", text)
     ]
