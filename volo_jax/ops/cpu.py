@@ -575,8 +575,9 @@ def compiler_options(platform: str, scheduler: str = "default") -> dict[str, str
 # ---------------------------------------------------------------------------------------------
 
 #: What the code being traced is traced for: None (not decided: `cpu_kernels` leaves the
-#: choice to the lowering), "other" (a GPU or TPU), "cpu", or "rewriting" (inside
-#: `cpu_kernels`' CPU rewrite).
+#: choice to the lowering), "other" (a GPU or TPU), an accelerator's platform ("tpu",
+#: "cuda", "rocm": `for_platform`), "cpu", or "rewriting" (inside `cpu_kernels`' CPU
+#: rewrite).
 _TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "volo_jax_traced_for", default=None
 )
@@ -596,6 +597,14 @@ def tracing_for_cpu() -> bool:
     `for_platform(fn, "cpu")`). Trace-time choices such as outlook attention's
     `impl="auto"` read this, never the default backend."""
     return _TRACED_FOR.get() in ("cpu", "rewriting")
+
+
+def traced_accelerator() -> str | None:
+    """The accelerator platform ('tpu', 'cuda', 'rocm') the code being traced is for,
+    where a jit boundary said so (`for_platform`); None where it is the CPU or not known
+    at trace time (then `jax.lax.platform_dependent` decides when lowering)."""
+    kind = _TRACED_FOR.get()
+    return None if kind in (None, "other", "cpu", "rewriting") else kind
 
 
 def _unset_precision(precision: Any) -> Any:
@@ -718,7 +727,7 @@ def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
             return call(*operands)
         if decided == "cpu":
             return on_cpu(*operands)
-        if decided == "other":
+        if decided is not None:  # an accelerator
             return call(*operands)
         return lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
 
@@ -732,7 +741,7 @@ def for_platform(fn: Callable[..., Any], platform: str) -> Callable[..., Any]:
     train step's trace took about 3x as long). For jit boundaries whose devices are known,
     e.g. `for_platform(step, mesh.devices.flat[0].platform)`; such a function must be
     lowered for that platform only."""
-    kind = "cpu" if platform == "cpu" else "other"
+    kind = {"cpu": "cpu", "gpu": "cuda"}.get(platform, platform)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:

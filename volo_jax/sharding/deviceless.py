@@ -41,7 +41,12 @@ class Accelerator:
     topology: str
     num_devices: int
     description: str
+    hbm_gib: float  # memory of one device (a chip; a TensorCore's share on v4)
     single_host: bool = False  # libtpu's one-chip hosts (Colab v5e-1 / v6e-1)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(self.hbm_gib * 2**30)
 
 
 #: The machines of the compile table (benchmarks/compile_table.py) and the compile tests.
@@ -49,18 +54,19 @@ class Accelerator:
 ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
-        Accelerator("v5e-1", "tpu", "v5e:1x1", 1, "Colab / Cloud TPU v5e, one chip", True),
-        Accelerator("v5e-4", "tpu", "v5e:2x2", 4, "TPU v5e, 4 chips"),
-        Accelerator("v5e-8", "tpu", "v5e:2x4", 8, "TPU v5e, 8 chips (one host)"),
-        Accelerator("v5e-256", "tpu", "v5e:16x16", 256, "TPU v5e pod, 256 chips"),
-        Accelerator("v6e-1", "tpu", "v6e:1x1", 1, "Colab / Cloud TPU v6e, one chip", True),
-        Accelerator("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6e (Trillium), 8 chips"),
-        Accelerator("v4-8", "tpu", "v4:2x2x1", 8, "TPU v4-8: 4 chips, a device per TensorCore"),
-        Accelerator("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p-8: 4 chips"),
-        Accelerator("h100-1", "cuda", "h100_sxm", 1, "one NVIDIA H100 SXM 80 GB"),
-        Accelerator("h100-8", "cuda", "h100_sxm", 8, "8 x NVIDIA H100 SXM 80 GB (one host)"),
-        Accelerator("a100-1", "cuda", "a100_sxm_80", 1, "one NVIDIA A100 SXM 80 GB"),
-        Accelerator("a100-8", "cuda", "a100_sxm_80", 8, "8 x NVIDIA A100 SXM 80 GB"),
+        Accelerator("v5e-1", "tpu", "v5e:1x1", 1, "Colab / Cloud TPU v5e, one chip", 16, True),
+        Accelerator("v5e-4", "tpu", "v5e:2x2", 4, "TPU v5e, 4 chips", 16),
+        Accelerator("v5e-8", "tpu", "v5e:2x4", 8, "TPU v5e, 8 chips (one host)", 16),
+        Accelerator("v5e-256", "tpu", "v5e:16x16", 256, "TPU v5e pod, 256 chips", 16),
+        Accelerator("v6e-1", "tpu", "v6e:1x1", 1, "Colab / Cloud TPU v6e, one chip", 32, True),
+        Accelerator("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6e (Trillium), 8 chips", 32),
+        # libtpu's compile-only v4 has a device per TensorCore (2 a chip, 32 GiB a chip).
+        Accelerator("v4-8", "tpu", "v4:2x2x1", 8, "TPU v4-8: 4 chips, 8 TensorCores", 16),
+        Accelerator("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p-8: 4 chips", 95),
+        Accelerator("h100-1", "cuda", "h100_sxm", 1, "one NVIDIA H100 SXM 80 GB", 79.1),
+        Accelerator("h100-8", "cuda", "h100_sxm", 8, "8 x NVIDIA H100 SXM 80 GB", 79.1),
+        Accelerator("a100-1", "cuda", "a100_sxm_80", 1, "one NVIDIA A100 SXM 80 GB", 80),
+        Accelerator("a100-8", "cuda", "a100_sxm_80", 8, "8 x NVIDIA A100 SXM 80 GB", 80),
     )
 }
 

@@ -102,6 +102,7 @@ class Summary:
     flops_per_image: float | None
     bytes_accessed_per_image: float | None
     collectives: dict[str, int]
+    hlo_bytes_per_image: float  # `hlo_bytes_accessed`, for every platform
 
     @property
     def peak_bytes(self) -> int:
@@ -125,6 +126,101 @@ def collectives(compiled: jax.stages.Compiled) -> dict[str, int]:
         if n:
             counts[name] = n
     return counts
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
+_NO_TRAFFIC = (
+    "parameter",
+    "constant",
+    "bitcast",
+    "get-tuple-element",
+    "tuple",
+    "after-all",
+    "partition-id",
+    "replica-id",
+)
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * _ITEMSIZE.get(dtype, 8 if dtype.endswith("64") else 4)
+    return total
+
+
+def _control_flow_computations(hlo: str) -> set[str]:
+    """Names of the computations a compiled module runs as control flow (while bodies and
+    conditions, conditional branches, calls): the ones whose instructions touch memory
+    themselves, unlike fusions' and reductions' inner computations."""
+    names: set[str] = set()
+    for line in hlo.splitlines():
+        for key in ("body", "condition", "true_computation", "false_computation"):
+            names.update(re.findall(rf"\b{key}=(%[\w.\-]+)", line))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            names.update(n.strip() for n in group.split(","))
+        if re.search(r" call\(", line):
+            names.update(re.findall(r"\bto_apply=(%[\w.\-]+)", line))
+    return names
+
+
+def hlo_bytes_accessed(hlo: str) -> int:
+    """Bytes every instruction of a compiled (fused) HLO module's entry and control-flow
+    computations reads and writes: each fusion, library call, custom call and collective
+    counted once with its operands and results, the insides of fusions not at all.
+
+    XLA:TPU's `cost_analysis()` gives its own, larger figure (it also counts what fusions
+    read inside); XLA:GPU's compile-only client has none, so this is the measure that
+    compares programs on every platform (a count of memory traffic, not a time)."""
+    return sum(hlo_bytes_by_scope(hlo, depth=0).values())
+
+
+def hlo_bytes_by_scope(hlo: str, depth: int = 2) -> dict[str, int]:
+    """`hlo_bytes_accessed` split by where each instruction came from: the first `depth`
+    module names of its op_name after the transforms (e.g. 'network_0_0/attn' for
+    depth 2), '' where it has none. depth=0 puts everything under ''."""
+    counted = _control_flow_computations(hlo)
+    shapes: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    inside = False
+    for line in hlo.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not line.startswith(" "):  # a computation's header, or the module's
+            head = stripped.removeprefix("ENTRY ").split(" ", 1)[0]
+            inside = stripped.startswith("ENTRY ") or head in counted
+            continue
+        if " = " not in stripped:
+            continue
+        name, rest = stripped.split(" = ", 1)
+        name = name.removeprefix("ROOT ").strip()
+        head = rest.split("(", 1)[0]  # the result shape(s) and the opcode
+        words = head.split()
+        result = _shape_bytes(head)
+        shapes[name] = result
+        if not inside or not words or words[-1] in _NO_TRAFFIC:
+            continue
+        args = rest[len(head) :].split(")", 1)[0]
+        operands = sum(shapes.get(tok.strip(), 0) for tok in args.strip("(").split(","))
+        key = _scope(rest, depth)
+        totals[key] = totals.get(key, 0) + result + operands
+    return totals
+
+
+def _scope(rest: str, depth: int) -> str:
+    if depth <= 0:
+        return ""
+    found = re.search(r'op_name="([^"]*)"', rest)
+    if not found:
+        return ""
+    # Drop the transforms (jit(...), jvp(...), transpose(...)) and the model class.
+    parts = [p for p in found.group(1).split("/") if "(" not in p and not p[:1].isupper()]
+    return "/".join(parts[:depth])
 
 
 def summary(compiled: jax.stages.Compiled, global_batch: int) -> Summary:
@@ -151,6 +247,7 @@ def summary(compiled: jax.stages.Compiled, global_batch: int) -> Summary:
         flops_per_image=flops,
         bytes_accessed_per_image=bytes_accessed,
         collectives=collectives(compiled),
+        hlo_bytes_per_image=hlo_bytes_accessed(compiled.as_text()) / per_device_batch,
     )
 
 

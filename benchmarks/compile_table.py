@@ -1,0 +1,239 @@
+"""What the VOLO train step costs on TPUs and GPUs, read from the real compilers on this
+host, with no accelerator (`volo_jax.sharding.deviceless`, `volo_jax.training.aot`).
+
+For each model x machine x outlook implementation: compiles or not (with the compiler's
+error), compile time, per-device argument / output / temporary memory and the peak they
+add up to, whether that fits the device's HBM, XLA:TPU's FLOPs and bytes accessed per
+image (`cost_analysis()`; XLA:GPU's compile-only client has none), the HLO's own count of
+bytes moved per image (`aot.hlo_bytes_accessed`, every platform) and the collectives.
+`--fit` adds the largest per-device batch that fits (a line through two compiles,
+checked by a third). `--peer` compiles a plain Flax ViT-S/16 step the same way.
+`--pod` compiles D1 and D5 for a 256-chip v5e pod, data parallel and FSDP.
+
+  python -m benchmarks.compile_table --models volo_d1_224 --machines v5e-1,h100-8 \\
+      --impls slices,reference,pallas --peer --json benchmarks/results/compile_table.json
+  python -m benchmarks.compile_table --pod --json benchmarks/results/compile_table.json
+
+Every row is appended to the JSON file as soon as it is measured (one compile of D1 takes
+minutes on a 2-core host), so an interrupted run keeps what it measured. Installs:
+`pip install -c constraints.txt -e '.[train,accel-compile]'`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: the CUDA plugin's start-up check needs a host without a GPU to run
+# as 'cpu', and XLA:GPU cannot autotune Triton GEMM fusions without a GPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+).strip()
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from configs.common import finetune_config, variant_config
+from volo_jax.sharding import deviceless
+from volo_jax.training import aot
+
+MIB = 2**20
+DEFAULT_MACHINES = ("v5e-1", "v5e-8", "v4-8", "v5p-8", "v6e-8", "h100-8")
+DEFAULT_IMPLS = ("slices", "reference", "pallas")
+
+
+def make_config(model: str, impl: str, per_device_batch: int, devices: int, sharding: str):
+    """The model's training config (224: the recipe; 384-512: the fine-tuning), bf16
+    compute, `per_device_batch` images a device, MixToken pairing within a device."""
+    _, variant, size = model.split("_")
+    size = int(size)
+    config = variant_config(variant) if size == 224 else finetune_config(variant, size)
+    config.dtype = "bfloat16"
+    config.model_overrides.outlook_impl = impl
+    config.train.batch_size = per_device_batch * devices
+    config.token_label.mix_group_size = per_device_batch
+    if sharding == "fsdp":
+        config.mesh = {"data": 1, "fsdp": -1}
+        config.sharding = "fsdp"
+    return config
+
+
+def measure(
+    model: str, machine: str, impl: str, per_device_batch: int, sharding: str = "replicated"
+) -> dict[str, Any]:
+    acc = deviceless.accelerator(machine)
+    config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
+    compiled, seconds, error = aot.timed_compile(config, machine)
+    row: dict[str, Any] = {
+        "model": model,
+        "machine": machine,
+        "device": acc.description,
+        "impl": impl,
+        "sharding": sharding,
+        "per_device_batch": per_device_batch,
+        "compiled": compiled is not None,
+        "compile_s": round(seconds, 1),
+        "hbm_mib": acc.hbm_bytes / MIB,
+    }
+    if compiled is None:
+        row["error"] = error
+        return row
+    row.update(_summary_fields(aot.summary(compiled, config.train.batch_size), acc))
+    row["hlo_mib_per_image_by_scope"] = _top_scopes(compiled, per_device_batch)
+    return row
+
+
+def _top_scopes(compiled: jax.stages.Compiled, per_device_batch: int, top: int = 12):
+    """The model parts that move the most bytes (`aot.hlo_bytes_by_scope`), MiB/image."""
+    scopes = aot.hlo_bytes_by_scope(compiled.as_text(), depth=2)
+    ranked = sorted(scopes.items(), key=lambda kv: -kv[1])[:top]
+    return {k or "(no scope)": round(v / per_device_batch / MIB, 1) for k, v in ranked}
+
+
+def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, Any]:
+    return {
+        "argument_mib": round(s.argument_bytes / MIB, 1),
+        "output_mib": round(s.output_bytes / MIB, 1),
+        "alias_mib": round(s.alias_bytes / MIB, 1),
+        "temp_mib": round(s.temp_bytes / MIB, 1),
+        "peak_mib": round(s.peak_bytes / MIB, 1),
+        "fits": s.peak_bytes <= acc.hbm_bytes,
+        "gflop_per_image": s.flops_per_image and round(s.flops_per_image / 1e9, 2),
+        "xla_mib_per_image": s.bytes_accessed_per_image
+        and round(s.bytes_accessed_per_image / MIB, 1),
+        "flop_per_byte": s.flops_per_byte and round(s.flops_per_byte, 1),
+        "hlo_mib_per_image": round(s.hlo_bytes_per_image / MIB, 1),
+        "collectives": s.collectives,
+    }
+
+
+def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dict[str, Any]:
+    """The largest per-device batch (a multiple of 8) whose peak fits the device: the
+    peak is linear in the batch, so a second compile at half the batch gives the line,
+    and a third checks the batch it predicts (stepping down 10% if that fails)."""
+    acc = deviceless.accelerator(machine)
+    b1 = first["per_device_batch"]
+    second = measure(model, machine, impl, max(8, b1 // 2))
+    if not (first.get("compiled") and second.get("compiled")):
+        return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": [second]}
+    b2 = second["per_device_batch"]
+    slope = (first["peak_mib"] - second["peak_mib"]) / (b1 - b2)
+    base = first["peak_mib"] - slope * b1
+    guess = int((acc.hbm_bytes / MIB - base) / slope) // 8 * 8 if slope > 0 else b1
+    rows = [second]
+    for _ in range(3):
+        if guess < 8:
+            break
+        check = measure(model, machine, impl, guess)
+        rows.append(check)
+        if check.get("compiled") and check["fits"]:
+            return {"max_batch": guess, "fit_rows": rows, "mib_per_image": round(slope, 1)}
+        guess = int(guess * 0.9) // 8 * 8
+    return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
+
+
+def measure_peer(machine: str, per_device_batch: int) -> dict[str, Any]:
+    from benchmarks import vit_peer
+
+    acc = deviceless.accelerator(machine)
+    devices = deviceless.devices(machine)
+    start = time.perf_counter()
+    compiled = vit_peer.compile_train_step(devices, per_device_batch * acc.num_devices)
+    row: dict[str, Any] = {
+        "model": "vit_s16_224 (plain Flax peer)",
+        "machine": machine,
+        "device": acc.description,
+        "impl": "-",
+        "sharding": "replicated",
+        "per_device_batch": per_device_batch,
+        "compiled": True,
+        "compile_s": round(time.perf_counter() - start, 1),
+        "hbm_mib": acc.hbm_bytes / MIB,
+    }
+    row.update(_summary_fields(aot.summary(compiled, per_device_batch * acc.num_devices), acc))
+    return row
+
+
+def _append(path: Path | None, row: dict[str, Any]) -> None:
+    if path is None:
+        return
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows.append(row)
+    meta = {
+        "jax": jax.__version__,
+        "libtpu": _version("libtpu"),
+        "jax_cuda12_plugin": _version("jax-cuda12-plugin"),
+        "host": platform.processor() or platform.machine(),
+        "note": "compile-only devices on a CPU host; per-device bytes; cost per image",
+    }
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _print(row: dict[str, Any]) -> None:
+    if not row.get("compiled"):
+        print(f"{row['model']:14s} {row['machine']:8s} {row['impl']:10s} FAILS: {row['error']}")
+        return
+    print(
+        f"{row['model']:14s} {row['machine']:8s} {row['impl']:10s} {row['sharding']:10s} "
+        f"b={row['per_device_batch']:<4d} {row['compile_s']:6.1f}s "
+        f"peak {row['peak_mib'] / 1024:6.2f} GiB (temp {row['temp_mib'] / 1024:5.2f}) "
+        f"fits={row['fits']!s:5s} GFLOP/img={row['gflop_per_image']} "
+        f"XLA MiB/img={row['xla_mib_per_image']} F/B={row['flop_per_byte']} "
+        f"HLO MiB/img={row['hlo_mib_per_image']} {row['collectives']}"
+        + (f" max_batch={row['max_batch']}" if "max_batch" in row else ""),
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="volo_d1_224", help="comma-separated names")
+    parser.add_argument("--machines", default=",".join(DEFAULT_MACHINES))
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
+    parser.add_argument("--batch", type=int, default=128, help="images per device")
+    parser.add_argument("--fit", action="store_true", help="bisect the largest batch")
+    parser.add_argument("--peer", action="store_true", help="also a plain Flax ViT-S/16")
+    parser.add_argument(
+        "--pod", action="store_true", help="D1 and D5 on v5e-256: data parallel and FSDP"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
+    args = parser.parse_args(argv)
+
+    if args.pod:
+        for model in ("volo_d1_224", "volo_d5_224"):
+            for sharding in ("replicated", "fsdp"):
+                row = measure(model, "v5e-256", "auto", args.batch, sharding)
+                _print(row)
+                _append(args.json, row)
+        return
+    for machine in args.machines.split(","):
+        if args.peer:
+            row = measure_peer(machine, args.batch)
+            _print(row)
+            _append(args.json, row)
+        for model in args.models.split(","):
+            for impl in args.impls.split(","):
+                row = measure(model, machine, impl, args.batch)
+                if args.fit:
+                    row.update(fit_batch(model, machine, impl, row))
+                _print(row)
+                _append(args.json, row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Reading compiled programs (`volo_jax.training.aot`) and naming compile-only machines
+(`volo_jax.sharding.deviceless`); the compiles themselves are in
+tests/sharding/test_compile_steps.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from volo_jax.errors import ConfigError
+from volo_jax.sharding import deviceless
+from volo_jax.training import aot
+
+
+def test_hlo_bytes_count_each_top_level_instruction_once():
+    """A fused elementwise program reads its two inputs and writes its output once; the
+    instructions inside the fusion add nothing."""
+    n = 1024
+    compiled = jax.jit(lambda x, y: jnp.tanh(x * 2 + y) - x).lower(jnp.zeros(n), jnp.zeros(n))
+    assert aot.hlo_bytes_accessed(compiled.compile().as_text()) == 3 * 4 * n
+
+
+def test_hlo_bytes_of_a_loop_body_are_counted():
+    """A while loop's body is control flow, not a fusion: its instructions count."""
+
+    def body(i, x):
+        return jnp.sin(x) * i
+
+    fn = jax.jit(lambda x: jax.lax.fori_loop(0, 3, body, x))
+    text = fn.lower(jnp.zeros(4096)).compile().as_text()
+    assert aot.hlo_bytes_accessed(text) >= 2 * 4 * 4096  # the body's read and write
+
+
+def test_unknown_machine_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"unknown accelerator 'v9-8'.*'h100-8'"):
+        deviceless.accelerator("v9-8")
+
+
+def test_gpu_target_configs_ship_with_the_package():
+    for name in {a.topology for a in deviceless.ACCELERATORS.values() if a.platform == "cuda"}:
+        text = deviceless.gpu_target_config(name)
+        assert "gpu_device_info" in text and "cuda_compute_capability" in text
+    with pytest.raises(ConfigError, match="no GPU target config"):
+        deviceless.gpu_target_config("b200")
