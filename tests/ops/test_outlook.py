@@ -13,6 +13,7 @@ import pytest
 from volo_jax.ops import cpu
 from volo_jax.ops.outlook import (
     ACCELERATOR_IMPLEMENTATION,
+    ACCELERATOR_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     OutlookAttention,
     outlook_aggregate,
@@ -153,7 +154,8 @@ def test_layer_gradients_equal_the_reference(impl):
 
 def test_auto_is_the_cpu_choice_only_where_lowered_for_the_cpu():
     """`impl="auto"` resolves while tracing: to the CPU module's choice in
-    `cpu_kernels`' CPU branch, to the accelerators' everywhere else."""
+    `cpu_kernels`' CPU branch, to each accelerator's own where the jit boundary names it
+    (`for_platform`, as the trainer), and to the all-platform choice elsewhere."""
     seen = []
 
     def trace(x):
@@ -163,7 +165,12 @@ def test_auto_is_the_cpu_choice_only_where_lowered_for_the_cpu():
     assert resolve_implementation("auto") == ACCELERATOR_IMPLEMENTATION
     jax.jit(cpu.cpu_kernels(trace)).lower(jnp.zeros(2))
     assert sorted(seen) == sorted([cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION])
-    assert {cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION} <= set(IMPLEMENTATIONS)
+    for platform, expected in [("tpu", "tpu"), ("gpu", "cuda"), ("cuda", "cuda")]:
+        seen.clear()
+        cpu.for_platform(trace, platform)(jnp.zeros(2))
+        assert seen == [ACCELERATOR_IMPLEMENTATIONS[expected]]
+    implementations = {cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION}
+    assert implementations | set(ACCELERATOR_IMPLEMENTATIONS.values()) <= set(IMPLEMENTATIONS)
     with pytest.raises(ValueError, match="unknown outlook attention implementation"):
         resolve_implementation("fast")
 

@@ -59,10 +59,15 @@ IMPLEMENTATIONS = {
     "pallas": outlook_aggregate_pallas,
 }
 
-#: What `impl="auto"` runs on GPU and TPU: 'slices' (windows as strided slices, one
-#: batched product, folds as strided placements: all of it fuses under XLA), until
-#: 'pallas' has been timed on the hardware (docs/performance.md). On the CPU,
+#: What `impl="auto"` runs on each accelerator: of the implementations that compile
+#: there, the one whose VOLO-D1 train step moves the fewest bytes per image (XLA:TPU's
+#: cost model; on GPUs, whose compile-only client has none, the compiled HLO's count),
+#: measured by benchmarks/compile_table.py (docs/performance.md). On the CPU,
 #: `cpu.cpu_kernels` makes it `cpu.OUTLOOK_IMPLEMENTATION`.
+ACCELERATOR_IMPLEMENTATIONS = {"tpu": "pallas", "cuda": "slices"}
+#: Where the accelerator is not known while tracing (a plain `jax.jit(model.apply)`
+#: outside the trainer's `for_platform`): the implementation that is good on every
+#: platform (all of it fuses under XLA).
 ACCELERATOR_IMPLEMENTATION = "slices"
 
 
@@ -70,7 +75,9 @@ def resolve_implementation(impl: str) -> str:
     """'auto' -> the implementation for the platform being traced for; anything else is
     checked."""
     if impl == "auto":
-        return cpu.OUTLOOK_IMPLEMENTATION if cpu.tracing_for_cpu() else ACCELERATOR_IMPLEMENTATION
+        if cpu.tracing_for_cpu():
+            return cpu.OUTLOOK_IMPLEMENTATION
+        return ACCELERATOR_IMPLEMENTATIONS.get(cpu.traced_accelerator(), ACCELERATOR_IMPLEMENTATION)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown outlook attention implementation {impl!r}; choose 'auto' or one of "
