@@ -57,9 +57,9 @@ PROGRESS_MIN_IMAGES = 8
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _probabilities(model: Any, platform: str, variables: dict, batch: jax.Array) -> jax.Array:
-    """Class probabilities of a batch, traced for the devices' `platform`."""
-    logits = for_platform(cpu_kernels(model.apply), platform)(variables, batch)
+def _probabilities(model: Any, device: jax.Device, variables: dict, batch: jax.Array) -> jax.Array:
+    """Class probabilities of a batch, traced for the platform of `device`."""
+    logits = for_platform(cpu_kernels(model.apply), device)(variables, batch)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -86,7 +86,7 @@ def predict(
         batch = np.zeros((batch_size, size, size, 3), np.float32)
         for i, im in enumerate(chunk):
             batch[i] = eval_transform(im, size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
-        probs = _probabilities(model, jax.devices()[0].platform, variables, batch)
+        probs = _probabilities(model, jax.devices()[0], variables, batch)
         out.append(np.asarray(probs)[: len(chunk)])
         if progress is not None:
             progress.update(len(chunk))

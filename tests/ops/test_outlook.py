@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from volo_jax.errors import ConfigError
 from volo_jax.ops import cpu
 from volo_jax.ops.outlook import (
     ACCELERATOR_IMPLEMENTATION,
     ACCELERATOR_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
+    TPU_FALLBACK,
     OutlookAttention,
     outlook_aggregate,
     resolve_implementation,
@@ -173,6 +175,24 @@ def test_auto_is_the_cpu_choice_only_where_lowered_for_the_cpu():
     assert implementations | set(ACCELERATOR_IMPLEMENTATIONS.values()) <= set(IMPLEMENTATIONS)
     with pytest.raises(ValueError, match="unknown outlook attention implementation"):
         resolve_implementation("fast")
+
+
+def test_tpus_without_the_kernels_products_take_the_fallback():
+    """Mosaic on TPU v2 / v3 has no bf16 matrix products (compile-tested): there 'auto'
+    is the fallback and an explicit 'pallas' a config error naming the chip."""
+
+    class Device:  # what for_platform reads of a jax.Device
+        platform = "tpu"
+
+        def __init__(self, kind: str):
+            self.device_kind = kind
+
+    seen = []
+    cpu.for_platform(lambda: seen.append(resolve_implementation("auto")), Device("TPU v2"))()
+    cpu.for_platform(lambda: seen.append(resolve_implementation("auto")), Device("TPU v5"))()
+    assert seen == [TPU_FALLBACK, ACCELERATOR_IMPLEMENTATIONS["tpu"]]
+    with pytest.raises(ConfigError, match="needs TPU v4 or newer: Mosaic on TPU v3"):
+        cpu.for_platform(lambda: resolve_implementation("pallas"), Device("TPU v3"))()
 
 
 PLANE_GEOMETRIES = [

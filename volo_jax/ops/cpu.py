@@ -599,6 +599,18 @@ def tracing_for_cpu() -> bool:
     return _TRACED_FOR.get() in ("cpu", "rewriting")
 
 
+#: The device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3') `for_platform` was given.
+_DEVICE_KIND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "volo_jax_device_kind", default=None
+)
+
+
+def traced_device_kind() -> str | None:
+    """The `jax.Device.device_kind` the code being traced is for, where the jit boundary
+    gave a device (`for_platform(fn, device)`), else None."""
+    return _DEVICE_KIND.get()
+
+
 def traced_accelerator() -> str | None:
     """The accelerator platform ('tpu', 'cuda', 'rocm') the code being traced is for,
     where a jit boundary said so (`for_platform`); None where it is the CPU or not known
@@ -734,18 +746,26 @@ def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def for_platform(fn: Callable[..., Any], platform: str) -> Callable[..., Any]:
-    """`fn` traced for `platform` alone ('cpu', 'gpu', 'cuda', 'rocm' or 'tpu'): every
-    `cpu_kernels` inside it takes that platform's branch while tracing, one trace instead
-    of one per branch (AD through `jax.lax.platform_dependent` retraces each branch, a
-    train step's trace took about 3x as long). For jit boundaries whose devices are known,
-    e.g. `for_platform(step, mesh.devices.flat[0].platform)`; such a function must be
+def for_platform(fn: Callable[..., Any], platform: str | jax.Device) -> Callable[..., Any]:
+    """`fn` traced for `platform` alone ('cpu', 'gpu', 'cuda', 'rocm' or 'tpu', or a device
+    of it, whose kind then reaches the trace-time choices too: `traced_device_kind`):
+    every `cpu_kernels` inside it takes that platform's branch while tracing, one trace
+    instead of one per branch (AD through `jax.lax.platform_dependent` retraces each
+    branch, a train step's trace took about 3x as long). For jit boundaries whose devices
+    are known, e.g. `for_platform(step, mesh.devices.flat[0])`; such a function must be
     lowered for that platform only."""
+    device_kind = None
+    if not isinstance(platform, str):
+        platform, device_kind = platform.platform, platform.device_kind
     kind = {"cpu": "cpu", "gpu": "cuda"}.get(platform, platform)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with _traced_for(kind):
-            return fn(*args, **kwargs)
+        token = _DEVICE_KIND.set(device_kind)
+        try:
+            with _traced_for(kind):
+                return fn(*args, **kwargs)
+        finally:
+            _DEVICE_KIND.reset(token)
 
     return run

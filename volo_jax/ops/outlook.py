@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax.errors import ConfigError
 from volo_jax.layers import dense, softmax
 from volo_jax.ops import cpu
 from volo_jax.ops.outlook_pallas import outlook_aggregate_pallas, outlook_attention_pallas
@@ -71,17 +72,38 @@ ACCELERATOR_IMPLEMENTATIONS = {"tpu": "pallas", "cuda": "slices"}
 ACCELERATOR_IMPLEMENTATION = "slices"
 
 
+#: TPU generations whose Mosaic compiler lacks what the Pallas kernel needs (bf16 matrix
+#: products: "Unsupported matmul RHS type"): 'auto' takes TPU_FALLBACK there, the
+#: implementation with the fewest bytes per image after the kernel on TPU v5e.
+MOSAIC_UNSUPPORTED = ("TPU v2", "TPU v3")
+TPU_FALLBACK = "reference"
+
+
+def _old_tpu(device_kind: str | None) -> bool:
+    return device_kind is not None and device_kind.startswith(MOSAIC_UNSUPPORTED)
+
+
 def resolve_implementation(impl: str) -> str:
     """'auto' -> the implementation for the platform being traced for; anything else is
-    checked."""
+    checked (the Pallas kernel on a TPU that cannot compile it is a clear error)."""
+    kind = cpu.traced_device_kind()
     if impl == "auto":
         if cpu.tracing_for_cpu():
             return cpu.OUTLOOK_IMPLEMENTATION
-        return ACCELERATOR_IMPLEMENTATIONS.get(cpu.traced_accelerator(), ACCELERATOR_IMPLEMENTATION)
+        platform = cpu.traced_accelerator()
+        if platform == "tpu" and _old_tpu(kind):
+            return TPU_FALLBACK
+        return ACCELERATOR_IMPLEMENTATIONS.get(platform, ACCELERATOR_IMPLEMENTATION)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown outlook attention implementation {impl!r}; choose 'auto' or one of "
             f"{sorted(IMPLEMENTATIONS)}"
+        )
+    if impl == "pallas" and cpu.traced_accelerator() == "tpu" and _old_tpu(kind):
+        raise ConfigError(
+            f"config.model_overrides.outlook_impl='pallas' needs TPU v4 or newer: Mosaic "
+            f"on {kind} has no bf16 matrix products; use 'auto' (here: {TPU_FALLBACK!r}) "
+            f"or another of {sorted(IMPLEMENTATIONS)}"
         )
     return impl
 

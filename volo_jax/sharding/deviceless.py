@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from importlib import resources
 
 import jax
@@ -54,6 +55,9 @@ class Accelerator:
 ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
+        # Colab's TPU v2-8 (v3-8 alike): 4 chips of 2 cores, 8 GiB a core.
+        Accelerator("v2-8", "tpu", "v2:2x2", 8, "TPU v2-8 (Colab): 8 cores", 8),
+        Accelerator("v3-8", "tpu", "v3:2x2", 8, "TPU v3-8: 8 cores", 16),
         Accelerator("v5e-1", "tpu", "v5e:1x1", 1, "Colab / Cloud TPU v5e, one chip", 16, True),
         Accelerator("v5e-4", "tpu", "v5e:2x2", 4, "TPU v5e, 4 chips", 16),
         Accelerator("v5e-8", "tpu", "v5e:2x4", 8, "TPU v5e, 8 chips (one host)", 16),
@@ -100,6 +104,12 @@ def devices(name: str) -> tuple[jax.Device, ...]:
     missing."""
     acc = accelerator(name)
     from jax.experimental import topologies
+
+    if acc.platform == "tpu":
+        # libtpu takes a host-wide lock file when it starts, meant for the process that
+        # owns the chips; compile-only topologies own none, so several processes (pytest
+        # workers, a benchmark beside them) may load it at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     try:
         if acc.platform == "tpu":

@@ -63,7 +63,7 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = Non
     in_shardings = None if shardings is None else (shardings, batch_sharding(mesh))
     step = functools.partial(eval_step, model=model)
     return jax.jit(
-        for_platform(step, mesh.devices.flat[0].platform),
+        for_platform(step, mesh.devices.flat[0]),
         in_shardings=in_shardings,
         out_shardings=replicated(mesh),
     )

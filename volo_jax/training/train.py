@@ -368,9 +368,10 @@ def jit_train_step(
     step = functools.partial(
         train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
     )
-    platform = mesh.devices.flat[0].platform
+    device = mesh.devices.flat[0]
+    platform = device.platform
     return jax.jit(
-        for_platform(step, platform),
+        for_platform(step, device),
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
