@@ -180,6 +180,14 @@ class TpuPlan:
         return max(1, -self.first, self.last)
 
     @property
+    def wp(self) -> int:  # w padded to the 8-row sublane tile: row stride of stacked offsets
+        return _round_up(self.w, 8)
+
+    @property
+    def stacked(self) -> int:  # rows of the K*K offsets' (w, ...) arrays stacked
+        return self.kk * self.wp
+
+    @property
     def groups(self) -> int:  # 128-lane channel groups of the f32 band images
         return -(-self.channels // LANES)
 
@@ -222,13 +230,14 @@ def tpu_vmem_bytes(plan: TpuPlan, backward: bool) -> int:
         logit_halos = 2 * _tile_bytes((plan.kk, plan.logit_halo, plan.w, plan.lanes), it)
     f32_image = _tile_bytes((plan.image_rows, plan.groups, plan.image_width, LANES), 4)
     f32_logits = _tile_bytes((plan.kk, plan.window_rows, plan.w, plan.lanes), 4)
-    f32_weights = _tile_bytes((plan.kk, plan.w, plan.lanes), 4)
+    f32_weights = _tile_bytes((plan.stacked, plan.lanes), 4)
+    f32_channels = _tile_bytes((plan.stacked, plan.groups * LANES), 4)
     if backward:  # in: v, g, logits (and halos); out: dv, dlogits
         blocks = 2 * (3 * image + 2 * logits + 2 * image_halos + logit_halos)
-        scratch = 3 * f32_image + f32_logits + 2 * f32_weights
+        scratch = 3 * f32_image + f32_logits + 2 * f32_weights + 3 * f32_channels
     else:  # in: v, logits (and halos); out: o
         blocks = 2 * (2 * image + logits + image_halos + logit_halos)
-        scratch = 2 * f32_image + f32_logits + f32_weights
+        scratch = 2 * f32_image + f32_logits + f32_weights + f32_channels
     return blocks + scratch
 
 
@@ -284,30 +293,26 @@ def _onehot(plan: TpuPlan, i: int, dtype) -> jax.Array:
     return hit.astype(dtype)
 
 
-def _expand(p: jax.Array, onehot: jax.Array) -> list[jax.Array]:
-    """(w, lanes) weights -> per channel group, (w, 128) float32 weights (a one-hot
-    product, split at lane-tile boundaries)."""
+def _expand(p: jax.Array, onehot: jax.Array) -> jax.Array:
+    """(rows, lanes) weights -> (rows, G * 128) float32 per-channel weights (a one-hot
+    product)."""
     # Explicit either way: a bf16 product under jax_default_matmul_precision='highest'
     # would ask Mosaic for an fp32-precision product of bf16 operands, which it rejects.
     precision = jax.lax.Precision.HIGHEST if p.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-    full = jnp.dot(p, onehot, precision=precision, preferred_element_type=jnp.float32)
-    return [full[:, g * LANES : (g + 1) * LANES] for g in range(onehot.shape[1] // LANES)]
+    return jnp.dot(p, onehot, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _head_sums(x: list[jax.Array], onehot: jax.Array) -> jax.Array:
-    """Per channel group (w, 128) float32 values -> (w, lanes): each lane's head summed
-    over its channels (the transposed one-hot product, on the MXU)."""
-    total = None
-    for g, xg in enumerate(x):
-        part = jax.lax.dot_general(
-            xg,
-            onehot[:, g * LANES : (g + 1) * LANES],
-            (((1,), (1,)), ((), ())),
-            precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        total = part if total is None else total + part
-    return total
+def _head_sums(x: jax.Array, onehot: jax.Array) -> jax.Array:
+    """(rows, G * 128) float32 values -> (rows, lanes): each of output offset i's lanes
+    gets its head's channels summed (the transposed one-hot product, on the MXU), the
+    other lanes 0."""
+    return jax.lax.dot_general(
+        x,
+        onehot,
+        (((1,), (1,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def _softmax(logits: list[jax.Array]) -> list[jax.Array]:
@@ -399,13 +404,28 @@ def _write_image(plan: TpuPlan, out_ref, acc_ref) -> None:
         out_ref[:, :, pl.ds(g * LANES, lanes)] = x.astype(out_ref.dtype)
 
 
+def _rows(plan: TpuPlan, j):
+    """Rows of input offset j (static or traced) in a stacked (K*K * wp, ...) array."""
+    start = j * plan.wp
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, 8), plan.w)
+
+
 def _store_weights(plan: TpuPlan, lsc_ref, p_ref, u, softmax: bool) -> list[jax.Array]:
-    """Float32 weights P_j (w, lanes) of window row u into p_ref; returns them."""
+    """Float32 weights P_j (w, lanes) of window row u into the stacked p_ref (rows
+    j * wp ...); returns them."""
     rows = [lsc_ref[j, u - plan.first] for j in range(plan.kk)]
     p = _softmax(rows) if softmax else rows
     for j in range(plan.kk):
-        p_ref[j] = p[j]
+        p_ref[_rows(plan, j), :] = p[j]
     return p
+
+
+def _expand_all(plan: TpuPlan, p_ref, onehot: jax.Array, dtype) -> jax.Array:
+    """Every input offset's weights for output offset i, per channel: the stacked
+    (K*K * wp, lanes) weights times the (lanes, G * 128) one-hot of i, one MXU product of
+    K*K * wp rows (not K*K products of w rows: the one-hot matrix is loaded into the MXU
+    once per output offset)."""
+    return _expand(p_ref[...].astype(dtype), onehot)
 
 
 def _split(refs, plan: TpuPlan, n_images: int):
@@ -427,11 +447,12 @@ def _offsets(plan: TpuPlan, body, init):
 
 
 def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> None:
-    (v, logits), (o_ref, image_ref, acc_ref, lsc_ref, p_ref) = _split(refs, plan, 1)
+    (v, logits), (o_ref, image_ref, acc_ref, lsc_ref, p_ref, e_ref) = _split(refs, plan, 1)
     band = pl.program_id(1)
     _fill_image(plan, image_ref, *v, band)
     _fill_logits(plan, lsc_ref, *logits)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    p_ref[...] = jnp.zeros(p_ref.shape, jnp.float32)  # the pad rows of each offset
     dtype = v[0].dtype
     zeros = [jnp.zeros((plan.w, LANES), jnp.float32)] * plan.groups
 
@@ -443,12 +464,15 @@ def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> N
             _store_weights(plan, lsc_ref, p_ref, u, softmax)
 
             def output_offset(i, carry):
-                onehot = _onehot(plan, i, dtype)
+                e_ref[...] = _expand_all(plan, p_ref, _onehot(plan, i, dtype), dtype)
 
                 def input_offset(j, acc):
-                    weight = _expand(p_ref[j].astype(dtype), onehot)
                     window = _load_window(plan, image_ref, u, j, strided)
-                    return [a + wg * xg for a, wg, xg in zip(acc, weight, window, strict=True)]
+                    rows = _rows(plan, j)
+                    return [
+                        a + e_ref[rows, pl.ds(g * LANES, LANES)] * xg
+                        for g, (a, xg) in enumerate(zip(acc, window, strict=True))
+                    ]
 
                 _add_window(plan, acc_ref, u, i, _offsets(plan, input_offset, zeros), strided)
                 return carry
@@ -463,16 +487,16 @@ def _tpu_forward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> N
 
 def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> None:
     (v, g, logits), rest = _split(refs, plan, 2)
-    dv_ref, dl_ref, v_image, g_image, acc_ref, lsc_ref, p_ref, dp_ref = rest
+    dv_ref, dl_ref, v_image, g_image, acc_ref, lsc_ref, p_ref, dp_ref, e_ref, d_ref, x_ref = rest
     band = pl.program_id(1)
     _fill_image(plan, v_image, *v, band)
     _fill_image(plan, g_image, *g, band)
     _fill_logits(plan, lsc_ref, *logits)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    p_ref[...] = jnp.zeros(p_ref.shape, jnp.float32)
+    x_ref[...] = jnp.zeros(x_ref.shape, jnp.float32)  # pad rows stay 0
     dtype = v[0].dtype
     kk = plan.kk
-    zeros = [jnp.zeros((plan.w, LANES), jnp.float32)] * plan.groups
-    zeros_p = jnp.zeros((plan.w, plan.lanes), jnp.float32)
 
     def window_row(u, carry):
         y = band * plan.rows + u
@@ -480,30 +504,39 @@ def _tpu_backward_kernel(*refs, plan: TpuPlan, softmax: bool, strided: bool) -> 
         @pl.when((y >= 0) & (y < plan.h))
         def _():
             p = _store_weights(plan, lsc_ref, p_ref, u, softmax)
+            d_ref[...] = jnp.zeros(d_ref.shape, jnp.float32)  # d_v of each input offset
+            dp_ref[...] = jnp.zeros(dp_ref.shape, jnp.float32)  # dP, stacked like P
 
-            def input_offset(j, carry):
-                v_j = _load_window(plan, v_image, u, j, strided)
-                p_j = p_ref[j].astype(dtype)
+            def output_offset(i, carry):
+                g_i = _load_window(plan, g_image, u, i, strided)
+                onehot = _onehot(plan, i, jnp.float32)
+                e_ref[...] = _expand_all(plan, p_ref, onehot.astype(dtype), dtype)
 
-                def output_offset(i, accs):
-                    d_v, d_p = accs
-                    g_i = _load_window(plan, g_image, u, i, strided)
-                    onehot = _onehot(plan, i, jnp.float32)
-                    weight = _expand(p_j, onehot.astype(dtype))
-                    d_v = [a + wg * gg for a, wg, gg in zip(d_v, weight, g_i, strict=True)]
-                    # dP[.., i, j] per head: the head's channels summed by a one-hot product.
-                    d_p = d_p + _head_sums(
-                        [gg * vg for gg, vg in zip(g_i, v_j, strict=True)], onehot
-                    )
-                    return d_v, d_p
+                def input_offset(j, carry):
+                    v_j = _load_window(plan, v_image, u, j, strided)
+                    rows = _rows(plan, j)
+                    for c, (gg, vg) in enumerate(zip(g_i, v_j, strict=True)):
+                        cols = pl.ds(c * LANES, LANES)
+                        d_ref[rows, cols] = d_ref[rows, cols] + e_ref[rows, cols] * gg
+                        x_ref[rows, cols] = gg * vg  # g_i * v_j
+                    return carry
 
-                d_v, d_p = _offsets(plan, output_offset, (zeros, zeros_p))
-                _add_window(plan, acc_ref, u, j, d_v, strided)
-                dp_ref[j] = d_p
+                _offsets(plan, input_offset, 0)
+                # dP[.., n, i, j] for every j: head n's channels of g_i * v_j summed, one
+                # MXU product for all input offsets (the lanes of i, 0 elsewhere).
+                dp_ref[...] = dp_ref[...] + _head_sums(x_ref[...], onehot)
                 return carry
 
-            _offsets(plan, input_offset, 0)
-            dp = [dp_ref[j] for j in range(kk)]
+            _offsets(plan, output_offset, 0)
+
+            def fold(j, carry):
+                rows = _rows(plan, j)
+                d_v = [d_ref[rows, pl.ds(c * LANES, LANES)] for c in range(plan.groups)]
+                _add_window(plan, acc_ref, u, j, d_v, strided)
+                return carry
+
+            _offsets(plan, fold, 0)
+            dp = [dp_ref[_rows(plan, j), :] for j in range(kk)]
             if softmax:
                 dp = _softmax_vjp(p, dp)
 
@@ -601,8 +634,10 @@ def _tpu_call(plan: TpuPlan, batch: int, backward: bool, softmax: bool, interpre
     in_specs = image_specs * images + _logit_specs(plan)
     f32_image = pltpu.VMEM((plan.image_rows, plan.groups, plan.image_width, LANES), jnp.float32)
     lsc = pltpu.VMEM((plan.kk, plan.window_rows, plan.w, plan.lanes), jnp.float32)
-    weights = pltpu.VMEM((plan.kk, plan.w, plan.lanes), jnp.float32)
+    weights = pltpu.VMEM((plan.stacked, plan.lanes), jnp.float32)
+    channels = pltpu.VMEM((plan.stacked, plan.groups * LANES), jnp.float32)
     scratch = [f32_image] * (images + 1) + [lsc] + [weights] * images
+    scratch += [channels] * (3 if backward else 1)
     return (
         functools.partial(
             pl.pallas_call,
