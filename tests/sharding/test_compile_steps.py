@@ -45,7 +45,7 @@ def _compile(machine: str, impl: str):
     "impl",
     [
         "pallas",
-        "slices",  # what impl='auto' runs on accelerators
+        "slices",  # what impl='auto' runs where the platform is not known while tracing
         pytest.param("reference", marks=pytest.mark.slow),
         pytest.param("planes", marks=pytest.mark.slow),
     ],
