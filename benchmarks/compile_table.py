@@ -33,6 +33,7 @@ os.environ["XLA_FLAGS"] = (
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
