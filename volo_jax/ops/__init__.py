@@ -3,7 +3,8 @@
 Window primitives: `geometry.py` (the window geometry every primitive shares),
 `patches.py` (unfold / fold), `slices.py` (windows as strided slices), `planes.py`
 (windows as unit-stride slices of stride planes, the CPU's layout). Operators:
-`outlook.py` and `outlook_pallas.py` (outlook attention; its Pallas kernels),
+`outlook.py` and `outlook_pallas.py` (outlook attention; its Pallas kernels, whose
+platform code is in `tpu/` (Mosaic) and `gpu/` (Triton)),
 `attention.py` (global self-attention), `halo.py`, `involution.py`, `dwconv.py`,
 `window.py`; `cpu.py` (what a program runs where it is lowered for the CPU).
 

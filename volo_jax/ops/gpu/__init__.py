@@ -1,0 +1,1 @@
+"""GPU kernels (Pallas on Triton), kept apart from the platform-neutral operators."""

@@ -1,0 +1,1 @@
+"""TPU kernels (Pallas on Mosaic), kept apart from the platform-neutral operators."""
