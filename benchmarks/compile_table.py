@@ -8,11 +8,12 @@ image (`cost_analysis()`; XLA:GPU's compile-only client has none), the HLO's own
 bytes moved per image (`aot.hlo_bytes_accessed`, every platform) and the collectives.
 `--fit` adds the largest per-device batch that fits (a line through two compiles,
 checked by a third). `--peer` compiles a plain Flax ViT-S/16 step the same way.
-`--pod` compiles D1 and D5 for a 256-chip v5e pod, data parallel and FSDP.
+`--pod` compiles the models for a 256-chip v5e pod, data parallel and FSDP.
 
   python -m benchmarks.compile_table --models volo_d1_224 --machines v5e-1,h100-8 \\
       --impls slices,reference,pallas --peer --json benchmarks/results/compile_table.json
-  python -m benchmarks.compile_table --pod --json benchmarks/results/compile_table.json
+  python -m benchmarks.compile_table --pod --models volo_d1_224,volo_d5_224 \\
+      --json benchmarks/results/compile_table.json
 
 Every row is appended to the JSON file as soon as it is measured (one compile of D1 takes
 minutes on a 2-core host), so an interrupted run keeps what it measured. Installs:
@@ -214,13 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fit", action="store_true", help="bisect the largest batch")
     parser.add_argument("--peer", action="store_true", help="also a plain Flax ViT-S/16")
     parser.add_argument(
-        "--pod", action="store_true", help="D1 and D5 on v5e-256: data parallel and FSDP"
+        "--pod", action="store_true", help="--models on v5e-256: data parallel and FSDP"
     )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
     args = parser.parse_args(argv)
 
     if args.pod:
-        for model in ("volo_d1_224", "volo_d5_224"):
+        for model in args.models.split(","):
             for sharding in ("replicated", "fsdp"):
                 row = measure(model, "v5e-256", "auto", args.batch, sharding)
                 _print(row)
