@@ -206,6 +206,50 @@ def _print(row: dict[str, Any]) -> None:
     )
 
 
+def report(path: Path) -> str:
+    """The rows of a results file as a markdown table (the last row of each model,
+    machine, impl, sharding and batch)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for row in json.loads(path.read_text())["rows"]:
+        key = (row["model"], row["machine"], row["impl"], row["sharding"], row["per_device_batch"])
+        rows[key] = row
+    lines = [
+        "| model | machine | impl | sharding | images / device | compile | peak / HBM "
+        "| GFLOP / image | XLA MiB / image | FLOP / byte | HLO MiB / image | largest batch "
+        "| collectives |",
+        "|" + "---|" * 13,
+    ]
+    for row in rows.values():
+        if not row.get("compiled"):
+            lines.append(
+                f"| {row['model']} | {row['machine']} | {row['impl']} | {row['sharding']} "
+                f"| {row['per_device_batch']} | fails: {row.get('error', '')[:120]} |" + " |" * 7
+            )
+            continue
+        hbm = row["hbm_mib"] / 1024
+        cells = [
+            row["model"],
+            row["machine"],
+            row["impl"],
+            row["sharding"],
+            str(row["per_device_batch"]),
+            f"{row['compile_s']:.0f} s",
+            f"{row['peak_mib'] / 1024:.2f} / {hbm:.0f} GiB" + ("" if row["fits"] else " (over)"),
+            _cell(row.get("gflop_per_image")),
+            _cell(row.get("xla_mib_per_image"), "{:,.0f}"),
+            _cell(row.get("flop_per_byte")),
+            _cell(row.get("hlo_mib_per_image"), "{:,.0f}"),
+            _cell(row.get("max_batch"), "{}"),
+            ", ".join(f"{k} {v}" for k, v in sorted(row.get("collectives", {}).items())) or "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="volo_d1_224", help="comma-separated names")
@@ -218,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
         "--pod", action="store_true", help="--models on v5e-256: data parallel and FSDP"
     )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print a results file as markdown and stop"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
 
     if args.pod:
         for model in args.models.split(","):
