@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Sourced by the other scripts: makes .venv, installs the project in it (editable) with the
-# extras given as the first argument (default: train) at the versions of constraints.txt
-# (again whenever pyproject.toml, constraints.txt or the extras change), and activates it.
+# Sourced by the other scripts: makes .venv (or $VOLO_JAX_VENV), installs the project in it
+# (editable) with the extras given as the first argument (default: train) at the versions
+# of constraints.txt (again whenever pyproject.toml, constraints.txt or the extras change),
+# and activates it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${1:-train}"
-VENV="$ROOT/.venv"
+VENV="${VOLO_JAX_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "error: volo-jax needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1)." \

@@ -5,7 +5,11 @@
 # must run here: VOLO_JAX_REQUIRE_REFERENCE=1 makes a missing package a failure, not a skip.
 # --dist loadfile: the tests of one file run in one worker, so a module fixture (a training
 # run, the 8-device worker) runs once.
+# The suite has its own venv, .venv-test: it holds the references (torch, timm) and the
+# compile-only TPU and GPU toolchains (the accel-compile extra: libtpu, the CUDA plugin, whose
+# start-up lines on a host without a GPU a training venv should not have).
 set -euo pipefail
+export VOLO_JAX_VENV="${VOLO_JAX_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv-test}"
 source "$(dirname "$0")/env.sh" train,torch,test,accel-compile
 export VOLO_JAX_REQUIRE_REFERENCE=1
 ruff check volo_jax tests main.py configs benchmarks
