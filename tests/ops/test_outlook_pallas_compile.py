@@ -73,7 +73,7 @@ def test_triton_compiles_forward_and_gradient(accelerator, resolution):
     _check_calls(_compile(accelerator, size, jnp.bfloat16), size, per_stage=3)
 
 
-@pytest.mark.parametrize("accelerator", ["v5e-1", "h100-1"])
+@pytest.mark.parametrize("accelerator", ["v5e-1", pytest.param("h100-1", marks=pytest.mark.slow)])
 def test_float32_kernels_compile(accelerator):
     """float32 activations (the configs' default dtype): the one-hot products at full
     precision, the same structure."""

@@ -44,8 +44,10 @@ def _compile(machine: str, impl: str):
 @pytest.mark.parametrize(
     "impl",
     [
-        "pallas",
-        "slices",  # what impl='auto' runs where the platform is not known while tracing
+        "pallas",  # what impl='auto' runs on both (tests/ops/test_outlook.py)
+        # The others compile too (benchmarks/compile_table.py compiles each for D1); about
+        # 40 s a compile here, so in the slow tier.
+        pytest.param("slices", marks=pytest.mark.slow),
         pytest.param("reference", marks=pytest.mark.slow),
         pytest.param("planes", marks=pytest.mark.slow),
     ],
