@@ -77,18 +77,8 @@ def measure(
     acc = deviceless.accelerator(machine)
     config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     compiled, seconds, error = aot.timed_compile(config, machine)
-    row: dict[str, Any] = {
-        "model": model,
-        "machine": machine,
-        "device": acc.description,
-        "impl": impl,
-        "sharding": sharding,
-        "mesh": dict(config.mesh),
-        "per_device_batch": per_device_batch,
-        "compiled": compiled is not None,
-        "compile_s": round(seconds, 1),
-        "hbm_mib": acc.hbm_bytes / MIB,
-    }
+    row = _row(model, acc, impl, sharding, dict(config.mesh), per_device_batch, seconds)
+    row["compiled"] = compiled is not None
     if compiled is None:
         row["error"] = error
         return row
@@ -106,6 +96,29 @@ def _top_scopes(compiled: jax.stages.Compiled, per_device_batch: int, top: int =
         scopes[key] = scopes.get(key, 0) + n
     ranked = sorted(scopes.items(), key=lambda kv: -kv[1])[:top]
     return {k or "(no scope)": round(v / per_device_batch / MIB, 1) for k, v in ranked}
+
+
+def _row(
+    model: str,
+    acc: deviceless.Accelerator,
+    impl: str,
+    sharding: str,
+    mesh: dict[str, int] | None,
+    per_device_batch: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The fields that name a row: what was compiled, for which machine, how long it took."""
+    return {
+        "model": model,
+        "machine": acc.name,
+        "device": acc.description,
+        "impl": impl,
+        "sharding": sharding,
+        "mesh": mesh,
+        "per_device_batch": per_device_batch,
+        "compile_s": round(seconds, 1),
+        "hbm_mib": acc.hbm_bytes / MIB,
+    }
 
 
 def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, Any]:
@@ -157,17 +170,11 @@ def measure_peer(machine: str, per_device_batch: int) -> dict[str, Any]:
     devices = deviceless.devices(machine)
     start = time.perf_counter()
     compiled = vit_peer.compile_train_step(devices, per_device_batch * acc.num_devices)
-    row: dict[str, Any] = {
-        "model": "vit_s16_224 (plain Flax peer)",
-        "machine": machine,
-        "device": acc.description,
-        "impl": "-",
-        "sharding": "replicated",
-        "per_device_batch": per_device_batch,
-        "compiled": True,
-        "compile_s": round(time.perf_counter() - start, 1),
-        "hbm_mib": acc.hbm_bytes / MIB,
-    }
+    seconds = time.perf_counter() - start
+    row = _row(
+        "vit_s16_224 (plain Flax peer)", acc, "-", "replicated", None, per_device_batch, seconds
+    )
+    row["compiled"] = True
     row.update(_summary_fields(aot.summary(compiled, per_device_batch * acc.num_devices), acc))
     return row
 
