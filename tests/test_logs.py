@@ -2,7 +2,9 @@
 or a pipe: no TensorFlow / absl / JAX start-up lines, no carriage returns, and progress as
 whole lines (training at every log step, evaluation with img/s, predict past a handful of
 images). Every command runs as a real subprocess with TF_CPP_MIN_LOG_LEVEL unset, as a bare
-command would."""
+command would, and with TensorFlow's oneDNN start-up forced on or off
+(TF_ENABLE_ONEDNN_OPTS): on by default it is only on CPUs with AVX-512 VNNI/BF16 or AMX, and
+its line ignores TF_CPP_MIN_LOG_LEVEL, so both settings are run on every CPU."""
 
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ OWN_FILES = {p.name for p in Path(volo_jax.__file__).parent.rglob("*.py")} | {"m
 STEPS, LOG_EVERY = 6, 2
 
 
-def _bare_env() -> dict[str, str]:
+def _bare_env(onednn: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = str(REPO)
+    env["TF_ENABLE_ONEDNN_OPTS"] = onednn
     return env
 
 
@@ -55,11 +58,13 @@ _COMPILE_ONLY_CUDA_PLUGIN = re.compile(
 )
 
 
-def _run(argv: list[str], out: Path, timeout: int = 600) -> str:
-    """Runs `argv` with stdout and stderr into the file `out`; returns its text."""
+def _run(argv: list[str], out: Path, onednn: str = "1", timeout: int = 600) -> str:
+    """Runs `argv` with stdout and stderr into the file `out`, with TF_ENABLE_ONEDNN_OPTS
+    at `onednn`; returns its text."""
+    env = _bare_env(onednn)
     with open(out, "w") as f:
         done = subprocess.run(
-            argv, cwd=REPO, env=_bare_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
         )
     text = out.read_text()
     assert done.returncode == 0, text[-5000:]
@@ -74,6 +79,32 @@ def assert_readable(text: str) -> None:
         assert marker not in text, text
     for match in re.finditer(r"^[IDV]\d{4} [\d:.]+ +\d+ (\S+):\d+\]", text, re.M):
         assert match.group(1) in OWN_FILES, text  # another library's INFO line
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_importing_the_input_pipeline_prints_nothing(onednn, tmp_path):
+    code = "import volo_jax.data.input_pipeline, volo_jax.data.prepare"
+    text = _run([sys.executable, "-c", code], tmp_path / "import.txt", onednn=onednn)
+    assert text == "", text
+
+
+def test_only_tensorflows_startup_lines_are_dropped():
+    from volo_jax.logs import drop_startup_lines
+
+    startup = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to "
+        "STDERR\n"
+        "I0000 00:00:1796612559.504931    2068 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796612559.549491    2068 cpu_feature_guard.cc:227] This TensorFlow "
+        "binary is optimized to use available CPU instructions.\n"
+        "To enable the following instructions: AVX512F AVX512_VNNI AVX512_BF16 AMX_TILE, in "
+        "other operations, rebuild TensorFlow with the appropriate compiler flags.\n"
+    )
+    kept = (
+        "E0000 00:00:1796612559.549491    2068 op_kernel.cc:1857] OP_REQUIRES failed\n"
+        "/x/y.py:3: UserWarning: something a user should see\n"
+    )
+    assert drop_startup_lines(startup + kept + startup) == kept
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +155,7 @@ def test_eval_mode_logs_progress_with_images_per_second(trained):
             "--config.log_every_steps=3",
         ],
         workdir.parent / "eval.txt",
+        onednn="0",
     )
     assert_readable(text)
     # 360 test images in batches of 40: a line every 3 batches, then the summary.

@@ -43,15 +43,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # see input_pipeline.py
-
 import numpy as np
-import tensorflow as tf
 
+from volo_jax.data.tf_quiet import tf
 from volo_jax.data.transforms import RandAugmentSpec, parse_randaugment
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, argument) -> image

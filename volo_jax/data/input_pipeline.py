@@ -29,22 +29,13 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the TensorFlow import.
-# TensorFlow's CPU allocator as a BFC pool that keeps freed buffers for reuse: with the
-# default (malloc), every batch of float32 images (38 MB at 64 x 224 x 224 x 3, above
-# glibc's largest mmap threshold) is a fresh mapping whose pages fault in one by one,
-# about 0.4 ms of CPU per image on a KVM guest (150 page faults per image; 3 with the
-# pool). Read when TensorFlow first allocates; a value in the environment is kept.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from volo_jax.data.augment import TrainAugment
 from volo_jax.data.prepare import PREPARED_BY_COMMAND
 from volo_jax.data.score_maps import load_score_map, score_map_suffix
+from volo_jax.data.tf_quiet import tf, tfds
 from volo_jax.data.transforms import INTERPOLATIONS, decode_image, eval_resize_crop
 from volo_jax.errors import ConfigError, DatasetError
 

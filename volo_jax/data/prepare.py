@@ -222,7 +222,7 @@ def prepare(
     data_dir = os.path.expanduser(data_dir) if data_dir else None
     manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
     _require_importlib_resources()
-    import tensorflow_datasets as tfds
+    from volo_jax.data.tf_quiet import tfds
 
     tfds.disable_progress_bar()  # ours instead
     with _quiet_tfds():
