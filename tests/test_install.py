@@ -1,12 +1,15 @@
 """What the core install (`pip install volo-jax`, no extras) runs on: its entry points import
 no TensorFlow, PyTorch or other extra; a command that needs an extra names it; the console
-scripts; the Colab install's requirements."""
+scripts; the Colab install's requirements; `pip install -r requirements.txt`."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import subprocess
+import sys
 import tomllib
 
 import numpy as np
@@ -241,3 +244,73 @@ def test_the_extras_named_in_errors_are_those_of_pyproject():
         declared = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in optional[extra]}
         for _, dist in modules:
             assert dist.lower() in declared, (extra, dist)
+
+
+def _pin(name: str) -> str:
+    """`name`'s version in constraints.txt."""
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.split("==")[0].strip().lower().replace("_", "-") == name:
+            return line.split("==")[1].strip()
+    raise AssertionError(f"{name} is not pinned in constraints.txt")
+
+
+def test_requirements_txt_is_the_train_extra_at_the_tested_versions(tmp_path):
+    # Resolved in the suite's environment (installed from constraints.txt): pip would add
+    # this checkout with the train extra and nothing else, every other package already
+    # being there at its tested version.
+    report = tmp_path / "report.json"
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "-q"]
+    done = subprocess.run(
+        [*pip, "--report", str(report), "-r", "requirements.txt"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (install,) = json.loads(report.read_text())["install"]
+    assert install["metadata"]["name"] == "volo-jax", install["metadata"]
+    assert install["requested_extras"] == ["train"], install
+    assert install["download_info"]["dir_info"] == {"editable": True}, install
+
+
+@pytest.mark.slow
+def test_requirements_txt_makes_a_venv_that_trains(tmp_path):
+    # What a user types, in a new virtual environment: ~2 min of pip with a warm cache.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+
+    def run(*argv: str, timeout: float) -> str:
+        done = subprocess.run(
+            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, (argv, done.stdout[-3000:], done.stderr[-5000:])
+        return done.stdout + done.stderr
+
+    run(python, "-m", "pip", "install", "-q", "-r", "requirements.txt", timeout=1800)
+    installed = json.loads(run(python, "-m", "pip", "list", "--format=json", timeout=120))
+    versions = {p["name"].lower().replace("_", "-"): p["version"] for p in installed}
+    for name in (
+        "jax",
+        "flax",
+        "optax",
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "orbax-checkpoint",
+    ):
+        assert versions.get(name) == _pin(name), (name, versions.get(name))
+    workdir = tmp_path / "run"
+    text = run(
+        python,
+        "main.py",
+        "--config=configs/smoke.py",
+        f"--workdir={workdir}",
+        "--config.max_steps=4",
+        "--config.log_every_steps=2",
+        timeout=900,
+    )
+    assert "step 4/4 done in " in text, text[-3000:]
+    assert (workdir / "weights").exists(), text[-3000:]
