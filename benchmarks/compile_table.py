@@ -140,18 +140,27 @@ def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, An
 
 def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dict[str, Any]:
     """The largest per-device batch (a multiple of 8) whose peak fits the device: the
-    peak is linear in the batch, so a second compile at half the batch gives the line,
-    and a third checks the batch it predicts (stepping down 10% if that fails)."""
+    peak is linear in the batch, so two compiles at halved batches (halving again while
+    a compile runs out of HBM) give the line, and a third checks the batch it predicts
+    (stepping down 10% if that fails)."""
     acc = deviceless.accelerator(machine)
-    b1 = first["per_device_batch"]
-    second = measure(model, machine, impl, max(8, b1 // 2))
-    if not (first.get("compiled") and second.get("compiled")):
-        return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": [second]}
-    b2 = second["per_device_batch"]
-    slope = (first["peak_mib"] - second["peak_mib"]) / (b1 - b2)
-    base = first["peak_mib"] - slope * b1
+    rows: list[dict[str, Any]] = []
+    points = [first] if first.get("compiled") else []
+    batch = first["per_device_batch"]
+    while len(points) < 2 and batch > 8:
+        batch = max(8, batch // 2)
+        row = measure(model, machine, impl, batch)
+        rows.append(row)
+        if row.get("compiled"):
+            points.append(row)
+        elif "RESOURCE_EXHAUSTED" not in row.get("error", ""):
+            return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
+    if len(points) < 2:
+        return {"max_batch": None, "fit_note": "fewer than 2 batches compile", "fit_rows": rows}
+    (b1, p1), (b2, p2) = ((r["per_device_batch"], r["peak_mib"]) for r in points[:2])
+    slope = (p1 - p2) / (b1 - b2)
+    base = p1 - slope * b1
     guess = int((acc.hbm_bytes / MIB - base) / slope) // 8 * 8 if slope > 0 else b1
-    rows = [second]
     for _ in range(3):
         if guess < 8:
             break
