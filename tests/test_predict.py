@@ -108,6 +108,8 @@ def test_cli_errors_are_one_clear_line(converted, tmp_path):
             "holds weights for volo_d1_224",
         ),
         (["--weights", str(weights), "--model", "volo_q", str(images[0])], "known models"),
+        (["--weights", str(weights), "--batch-size", "0", str(images[0])], "must be positive"),
+        (["--weights", str(weights), "--top", "-3", str(images[0])], "must be positive, got -3"),
     ]
     for argv, needle in cases:
         done = _run_predict(*argv)

@@ -114,8 +114,9 @@ def main() -> int:
         help=f"images per batch (default {BATCH_SIZE}, or fewer when there are fewer images)",
     )
     args = parser.parse_args()
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--top", args.top)):
+        if value < 1:
+            parser.error(f"{flag} must be positive, got {value}")
 
     pixels = [load_image(path) for path in args.images]  # unreadable files fail first
     model, variables, name = load_classifier(args.weights, args.model)

@@ -17,7 +17,12 @@ from ml_collections import config_flags
 from tests.support import REPO
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
-from volo_jax.training.config import model_overrides, token_grid, validate_config
+from volo_jax.training.config import (
+    POSITIVE_SIZES,
+    model_overrides,
+    token_grid,
+    validate_config,
+)
 from volo_jax.training.optim import peak_learning_rate
 from volo_jax.training.train import StepOptions
 
@@ -127,6 +132,16 @@ def test_bad_values_name_the_field(field, value, message):
     section, _, name = field.rpartition(".")
     setattr(config[section] if section else config, name, value)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("field", POSITIVE_SIZES)
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_sizes_are_named_as_such(field, value):
+    config = load("default")
+    section, _, name = field.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+    with pytest.raises(ConfigError, match=rf"config\.{field}: must be positive, got {value}$"):
         validate_config(config)
 
 

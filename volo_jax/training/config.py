@@ -52,6 +52,27 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"config.{field}: {message}")
 
 
+#: Sizes and counts that must be positive whatever else they must be (checked first, so
+#: that -3 gets "must be positive" rather than a divisibility rule).
+POSITIVE_SIZES = (
+    "img_size",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.num_epochs",
+    "eval.batch_size",
+    "token_label.mix_group_size",
+)
+
+
+def _require_positive_sizes(config: ml_collections.ConfigDict) -> None:
+    for field in POSITIVE_SIZES:
+        value = config
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            _require(value > 0, field, f"must be positive, got {value}")
+
+
 def _weights_not_found(path: str) -> str:
     return f"weights {'file' if is_weights_file(path) else 'directory'} not found: {path}"
 
@@ -62,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for old in MOVED_FIELDS:
         _require(old not in config, old, f"moved to config.{MOVED_FIELDS[old]}")
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
+    _require_positive_sizes(config)
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
     precision = config.get("matmul_precision")
     _require(
