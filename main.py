@@ -5,6 +5,7 @@ python main.py --config=configs/volo_d1.py --workdir=runs/d1 --config.train.batc
 python main.py --config=configs/volo_d1.py --config.mode=eval --config.init_from=DIR
 """
 
+import os
 import sys
 
 from volo_jax.extras import MissingExtraError, require_extra
@@ -33,12 +34,35 @@ def _config_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return [(flag, flag.removeprefix("--config.")) for flag in flags_given]
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The path given by --config=PATH or --config PATH (without a ':argument' suffix)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.removeprefix("--config=")
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return value.split(":")[0]
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, plus one line (not a stack trace) for an override of a field that
-    moved (naming its new place) or that the config lacks (for which ml_collections raises
-    AttributeError or KeyError)."""
+    """absl's parsing, plus one line (not a stack trace) for a config file that does not
+    exist, and for an override of a field that moved (naming its new place) or that the
+    config lacks (for which ml_collections raises AttributeError or KeyError)."""
     # Imported here, after the malloc restart: it imports JAX.
     from volo_jax.training.config import MOVED_FIELDS
+
+    path = _config_file(argv)
+    if path is not None and not os.path.isfile(path):
+        print(
+            f"error: --config: no config file {path} (the configs are in "
+            f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')}, "
+            "e.g. configs/volo_d1.py)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     for flag, path in _config_overrides(argv):
         if path in MOVED_FIELDS:

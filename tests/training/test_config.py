@@ -180,6 +180,29 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert "error: config.mode" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def _own_lines(stderr: str) -> list[str]:
+    """stderr's lines without the compile-only CUDA plugin's start-up pair (the suite's
+    venv has it, see test_logs)."""
+    noise = ("absl::InitializeLog", "cudart_stub.cc")
+    return [line for line in stderr.splitlines() if not any(n in line for n in noise)]
+
+
+def test_a_missing_config_file_or_a_negative_batch_is_one_line(tmp_path):
+    missing = _main("--config=configs/volo_d9.py", f"--workdir={tmp_path}")
+    assert missing.returncode == 2
+    assert _own_lines(missing.stderr) == [
+        f"error: --config: no config file configs/volo_d9.py (the configs are in "
+        f"{REPO / 'configs'}, e.g. configs/volo_d1.py)"
+    ], missing.stderr
+    negative = _main(
+        "--config=configs/default.py", "--config.train.batch_size=-3", f"--workdir={tmp_path}"
+    )
+    assert negative.returncode == 2
+    assert _own_lines(negative.stderr) == [
+        "error: config.train.batch_size: must be positive, got -3"
+    ], negative.stderr
+
+
 def test_old_command_line_of_a_moved_field_names_its_new_place(tmp_path):
     moved = _main("--config=configs/default.py", "--config.batch_size=256", f"--workdir={tmp_path}")
     assert moved.returncode == 2
