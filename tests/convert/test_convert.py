@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
@@ -100,6 +101,25 @@ def test_a_checkpoint_of_another_variant_is_named():
     model = timm_pairs.jax_volo("volo_d1_224")
     with pytest.raises(CheckpointError, match="fits volo_d2_224 / volo_d2_384"):
         torch_to_flax(state, model, model_name="volo_d1_224")
+
+
+def test_only_candidates_with_the_checkpoints_block_counts_and_widths_are_traced(monkeypatch):
+    from volo_jax.convert import mapping
+    from volo_jax.models import create_model, list_models
+
+    for name in list_models():  # the fingerprint never rules out the model itself
+        model = create_model(name)
+        names = mapping._registered_torch_shapes(model)  # once per architecture
+        assert not collections.Counter(model.block_counts) - mapping.numbered_groups(names)
+        assert set(model.widths) <= {d for shape in names.values() for d in shape}, name
+    traced = []
+    monkeypatch.setattr(mapping, "_ARCHITECTURE_SHAPES", {})
+    real = mapping.torch_shapes
+    monkeypatch.setattr(mapping, "torch_shapes", lambda m: traced.append(m) or real(m))
+    shapes = real(create_model("volo_d3_224"))  # D4 has D3's block counts, not its widths
+    state = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    assert mapping.identify_model(state) == ["volo_d3_224", "volo_d3_448"]
+    assert [m.embed_dims for m in traced] == [(256, 512, 512, 512)]  # one trace
 
 
 def test_skip_leaves_out_the_classifier(tiny):

@@ -18,6 +18,7 @@ every tensor used; anything else is one error listing what did not fit.
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -200,15 +201,35 @@ def _mismatch_message(
     return message
 
 
+def numbered_groups(names: Iterable[str]) -> collections.Counter[int]:
+    """How many numbered submodules each container of a state dict holds, as a multiset of
+    sizes: 'network.0.3.norm1.weight' is block 3 of 'network.0'. A numbered entry that is
+    a tensor itself ('patch_embed.conv.0.weight', a Sequential's layer) does not count."""
+    groups: dict[str, set[int]] = collections.defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) - 2):
+            if parts[i].isdigit() and not parts[i + 1].isdigit():
+                groups[".".join(parts[:i])].add(int(parts[i]))
+    return collections.Counter(len(indices) for indices in groups.values())
+
+
 def identify_model(state_dict: Mapping[str, np.ndarray]) -> list[str]:
     """Registered models whose structure this state dict fits (classifier width and
-    position grid aside)."""
+    position grid aside). Candidates whose blocks per stage (`block_counts`) are not among
+    the state dict's `numbered_groups` are ruled out before any is traced (tracing one
+    takes about a second), and so are those with a width (`widths`) no tensor has."""
     from volo_jax.models import create_model, list_models
 
     names = {n for n in state_dict if not n.endswith(IGNORED_TORCH_SUFFIXES)}
+    groups = numbered_groups(names)
+    dims = {d for name in names for d in np.shape(state_dict[name])}
     found = []
     for candidate in list_models():
-        expected = _registered_torch_shapes(create_model(candidate))
+        model = create_model(candidate)
+        if collections.Counter(model.block_counts) - groups or not set(model.widths) <= dims:
+            continue  # a stage's block count or a width that the checkpoint lacks
+        expected = _registered_torch_shapes(model)
         if set(expected) != names:
             continue
         if all(

@@ -150,6 +150,17 @@ class HaloNet(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def block_counts(self) -> tuple[int, ...]:
+        """Blocks per stage, as a checkpoint numbers them: the converter's cheap
+        fingerprint (`convert.mapping.identify_model`)."""
+        return tuple(len(blocks) for blocks in self.stage_blocks)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output channels of the stages: with `block_counts`, the converter's cheap fingerprint."""
+        return tuple(self.stage_channels)
+
     def setup(self) -> None:
         n = len(self.stage_blocks)
         for field in ("halo_cfgs", "stage_channels", "stage_strides"):

@@ -119,6 +119,18 @@ class RedNet(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def block_counts(self) -> tuple[int, ...]:
+        """Blocks per stage, as a checkpoint numbers them: the converter's cheap
+        fingerprint (`convert.mapping.identify_model`)."""
+        return tuple(self.depths)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output channels of the stages (bottleneck expansion 4, doubling a stage): with
+        `block_counts`, the converter's cheap fingerprint."""
+        return tuple(self.base_channels * 4 * 2**i for i in range(len(self.depths)))
+
     def setup(self) -> None:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.backbone = RedNetBackbone(

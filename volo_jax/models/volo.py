@@ -481,6 +481,17 @@ class VOLO(nn.Module):
         if self.global_pool == "token" and not self.post_layers:
             raise ValueError("VOLO: global_pool='token' needs post_layers (the class token)")
 
+    @property
+    def block_counts(self) -> tuple[int, ...]:
+        """Blocks per stage, then the class-attention blocks, as a checkpoint numbers
+        them: the converter's cheap fingerprint (`convert.mapping.identify_model`)."""
+        return (*self.layers, len(self.post_layers))
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Token widths of the stages: with `block_counts`, the converter's cheap fingerprint."""
+        return tuple(self.embed_dims)
+
     def forward_features(
         self, x: jax.Array, train: bool = False, mix_box: jax.Array | None = None
     ) -> jax.Array:
