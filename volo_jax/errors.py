@@ -16,6 +16,10 @@ class CheckpointError(VoloJaxError):
     """A checkpoint that is missing, corrupt, or made for another model."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A training checkpoint whose write failed (a full disk, a quota, a file size limit)."""
+
+
 class DatasetError(VoloJaxError):
     """A dataset that is not prepared or cannot be read."""
 

@@ -1,5 +1,6 @@
 """Checkpoints: retention, corruption, an exact resume after SIGTERM (a preemption notice)
-and SIGKILL, a broken latest checkpoint, and a diverged run."""
+and SIGKILL, a broken latest checkpoint, a diverged run, and a save that fails (a real
+EFBIG from a file size limit)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ def _command(workdir, data_dir, max_steps: int = 30) -> list[str]:
         f"--workdir={workdir}",
         f"--config.dataset.data_dir={data_dir}",
         f"--config.max_steps={max_steps}",
+        "--config.log_every_steps=1",
         "--config.eval_every_steps=1000",
         "--config.train.ema_decay=0.999",
     ]
@@ -191,15 +193,17 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
 
 
-def _train(workdir, runs, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The 30-step command run to its end in `workdir` (with extra `flags`)."""
+def _train(
+    workdir, runs, *flags: str, timeout: int = 600, file_size_kib: int | None = None
+) -> subprocess.CompletedProcess:
+    """The 30-step command run to its end in `workdir` (with extra `flags`), writing no
+    file beyond `file_size_kib` KiB if given (the shell's `ulimit -f`: a write past it
+    fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    command = [*_command(workdir, runs["data"]), *flags]
+    if file_size_kib is not None:
+        command = ["bash", "-c", f'ulimit -f {file_size_kib} && exec "$@"', "bash", *command]
     return subprocess.run(
-        [*_command(workdir, runs["data"]), *flags],
-        cwd=REPO,
-        env=runs["env"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=REPO, env=runs["env"], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -237,14 +241,15 @@ def _damage(checkpoint) -> None:
 
 
 def test_preempted_killed_and_broken_runs_resume_exactly(runs, tmp_path):
-    """One workdir, three runs of one command. SIGTERM (a preemption notice) just after
-    the periodic checkpoint of step 10: the run saves the step it reached (between two
-    periodic ones) and exits 0. The second run resumes from there and is killed (SIGKILL)
-    after the checkpoint of step 20. Then the newest checkpoint is damaged (a truncated and
-    a deleted file): the third run names it in a warning, moves it aside, resumes from the
-    one before and ends with the uninterrupted run's final parameters and eval."""
+    """One workdir, three runs of one command. SIGTERM (a preemption notice) at step 13,
+    after the periodic checkpoint of step 10: the run saves the step it reached (between
+    two periodic ones) and exits 0. The second run resumes from there and is killed
+    (SIGKILL) at step 25, after the periodic checkpoint of step 20 began. Then the newest
+    checkpoint is damaged (a truncated and a deleted file): the third run names it in a
+    warning, moves it aside, resumes from the one before and ends with the uninterrupted
+    run's final parameters and eval."""
     workdir = tmp_path / "interrupted"
-    status, text = _interrupt(workdir, runs, "step 10: checkpoint saved", signal.SIGTERM)
+    status, text = _interrupt(workdir, runs, "step 13/30 ", signal.SIGTERM)
     assert status == 0, text[-3000:]
     match = re.search(r"preempted: stopped at step (\d+)", text)
     assert match, text[-3000:]
@@ -253,7 +258,7 @@ def test_preempted_killed_and_broken_runs_resume_exactly(runs, tmp_path):
     assert _checkpoint_steps(workdir)[-1] == stopped
     assert not os.path.exists(workdir / "weights")  # it did not finish
 
-    status, text = _interrupt(workdir, runs, "step 20: checkpoint saved", signal.SIGKILL)
+    status, text = _interrupt(workdir, runs, "step 25/30 ", signal.SIGKILL)
     assert status == -signal.SIGKILL, text[-3000:]
     assert f"resuming from step {stopped} " in text, text[-3000:]
     assert not os.path.exists(workdir / "weights")
@@ -271,6 +276,34 @@ def test_preempted_killed_and_broken_runs_resume_exactly(runs, tmp_path):
     assert f"resuming from step {intact} " in log, log[-3000:]
     assert os.path.isdir(workdir / "checkpoints_broken" / str(latest))
     assert _checkpoint_steps(workdir)[-1] == 30
+    _same_final_state(workdir, runs["straight"])
+
+
+def test_a_failed_save_stops_the_run_with_one_line_and_the_next_run_resumes(runs, tmp_path):
+    """A run resumed from step 10 whose files may not exceed 100 KiB: the checkpoint of
+    step 20 fails to write (EFBIG). It is never called saved, the run stops at once with
+    one line naming the step, the path, the OS error and the last complete checkpoint, and
+    exits 2. The same command without the limit resumes from step 10 and ends as the
+    uninterrupted run does."""
+    workdir = tmp_path / "full"
+    shutil.copytree(runs["straight"] / "checkpoints" / "10", workdir / "checkpoints" / "10")
+    full = _train(workdir, runs, file_size_kib=100)
+    assert full.returncode == 2, full.stderr[-3000:]
+    log = full.stderr.splitlines()
+    assert log[-1] == (
+        f"error: saving the checkpoint of step 20 to {workdir}/checkpoints/20 failed: File "
+        f"too large; the last complete checkpoint is step 10 in {workdir}/checkpoints; the "
+        "same command resumes from it"
+    ), full.stderr[-5000:]
+    run = full.stderr[full.stderr.index("resuming from step 10 ") :]
+    assert "Traceback" not in run and "checkpoint saved" not in run, run[-5000:]
+    assert len(run.splitlines()) < 40, run  # the step lines, orbax's one warning, the error
+    assert _checkpoint_steps(workdir) == [10] and not os.path.exists(workdir / "weights")
+
+    resumed = _train(workdir, runs)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 10 " in resumed.stderr, resumed.stderr[-3000:]
+    assert f"step 20: checkpoint saved to {workdir}/checkpoints/20" in resumed.stderr
     _same_final_state(workdir, runs["straight"])
 
 

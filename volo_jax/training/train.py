@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -633,6 +633,7 @@ class _Loop:
         # same cores (measured 3x slower on 2 cores), so there the host waits for each step.
         wait_each_step = jax.default_backend() == "cpu"
         for step in range(start + 1, last_step + 1):
+            self._report_saved(say)  # a failed save stops the run here, before the step
             state, metrics = self.step_fn(
                 state, shard_batch(next(batches), self.mesh), self.teacher_variables
             )
@@ -663,13 +664,19 @@ class _Loop:
                 )
             if is_eval or is_save:
                 self.ckpt.save(step, state, {"top1": eval_metrics["top1"]} if is_eval else None)
-                say(f"step {step}: checkpoint saved to {self.ckpt.directory}")
             if preempted:
-                self.ckpt.wait()
                 self.stopped_at = step
                 break
+        self.ckpt.wait()
+        self._report_saved(say)
         bar.close()
         return state, eval_metrics
+
+    def _report_saved(self, say: Callable[[str], None]) -> None:
+        """Says which checkpoints have been written completely since the last call; raises
+        CheckpointSaveError (one line) if a save failed."""
+        for saved in self.ckpt.completed():
+            say(f"step {saved}: checkpoint saved to {self.ckpt.path / str(saved)}")
 
     def _log_train(self, step: int, pending: list[Metrics], steps_per_sec: float) -> dict:
         """Writes the means of the pending step metrics, images/s and the lr."""
