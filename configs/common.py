@@ -92,6 +92,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"
     config.dataset.num_classes = 1000
+    # The classes' names, stored with the final weights (volo-jax-predict prints them). None:
+    # an image folder's class folder names, or a TFDS dataset's label names.
+    config.dataset.class_names = config_dict.placeholder(tuple)
     config.dataset.image_key = "image"
     config.dataset.label_key = "label"
     config.dataset.shuffle_buffer = 16_384
@@ -132,13 +135,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.cooldown_epochs = 10
     config.train.label_smoothing = 0.1
     config.train.ema_decay = 0.0
+    # The schedule's length in steps instead of epochs (with optim.warmup_steps; no
+    # cooldown): what a short fine-tuning on a small dataset is set in. None: epochs.
+    config.train.num_steps = config_dict.placeholder(int)
 
     # Optimisation (main.py's defaults): AdamW, lr = base_lr * train.batch_size /
-    # lr_batch_base, warmup then cosine.
+    # lr_batch_base, warmup then cosine. name 'sgd': SGD with momentum, weight decay added
+    # to the gradient as torch.optim.SGD's (the other common choice for fine-tuning).
     config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"
+    config.optim.momentum = 0.9  # SGD only
     config.optim.base_lr = BASE_LR["d1"]
     config.optim.lr_batch_base = 1024
     config.optim.warmup_epochs = 20
+    config.optim.warmup_steps = config_dict.placeholder(int)  # with train.num_steps
     config.optim.warmup_lr = 1e-6
     config.optim.min_lr = 1e-5
     config.optim.weight_decay = 0.05
@@ -151,7 +161,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.grad_clip_norm = 0.0  # 0: no clipping (the official default)
 
     # Token labeling: loss = cls_weight * CE(class) + dense_weight * CE(aux tokens).
+    # enabled=False: cross-entropy on the model's output alone, no MixToken (timm's
+    # train.py; any registered model, VOLO or not).
     config.token_label = ml_collections.ConfigDict()
+    config.token_label.enabled = True
     config.token_label.cls_weight = 1.0
     config.token_label.dense_weight = 0.5
     config.token_label.mix_token = True

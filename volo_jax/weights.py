@@ -17,6 +17,7 @@ Both may be local or gs:// (`volo_jax.paths`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Mapping
@@ -228,15 +229,30 @@ def variant(model_name: str) -> str:
     return head if tail.isdigit() and head else model_name
 
 
+#: The Flax paths of a classifier: VOLO's head and aux_head, the CNNs' head/fc.
+CLASSIFIER_PATHS = "^params/(head|aux_head)/"
+
+
+def classifier_classes(variables: Mapping[str, Any]) -> int | None:
+    """The number of classes of the classifier in `variables` (its head's kernel's last
+    dimension); None without one."""
+    head = variables.get("params", {}).get("head", {})
+    while isinstance(head, Mapping) and "kernel" not in head and len(head) == 1:
+        head = next(iter(head.values()))  # head/fc/kernel
+    kernel = head.get("kernel") if isinstance(head, Mapping) else None
+    return None if kernel is None else int(np.shape(kernel)[-1])
+
+
 def load_weights_into(
     path: str | os.PathLike,
     model: Any,
     model_name: str,
     skip: tuple[str, ...] = (),
     antialias: bool = True,
+    new_classifier: bool = False,
 ) -> dict[str, Any]:
     """Loads a weights file or directory for `model`, which may differ in resolution (the
-    position embedding is resized) or, with `skip`, in its classifier.
+    position embedding is resized) or, with `skip` or `new_classifier`, in its classifier.
 
     Args:
       model: the Flax module to fill.
@@ -244,12 +260,24 @@ def load_weights_into(
       skip: regexes of Flax paths not to load (see `torch_to_flax`).
       antialias: the position embedding's bicubic resize as timm's (True) or as the
         official fine-tuning's `load_pretrained_weights` (False).
+      new_classifier: when the weights' classifier has another number of classes than
+        `model.num_classes`, leave it out (`CLASSIFIER_PATHS`), for a fresh one.
     Returns:
       Variables for `model` as NumPy arrays (skipped paths absent).
     """
     from volo_jax.convert.mapping import flax_to_torch, torch_to_flax
 
     variables, _ = load_weights(path, expected_model=model_name)
+    classes = classifier_classes(variables)
+    if new_classifier and classes not in (None, model.num_classes):
+        skip = (*skip, CLASSIFIER_PATHS)
+        logging.info(
+            "%s has a classifier for %d classes, the model %d: the classifier (%s) starts afresh",
+            path,
+            classes,
+            model.num_classes,
+            CLASSIFIER_PATHS,
+        )
     return torch_to_flax(
         flax_to_torch(variables), model, skip=skip, model_name=model_name, antialias=antialias
     )

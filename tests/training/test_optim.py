@@ -108,3 +108,35 @@ def test_adamw_decays_only_masked_params():
     np.testing.assert_allclose(updates["kernel"], -lr * 0.05 * np.ones((2, 2)), rtol=1e-5)
     np.testing.assert_array_equal(updates["bias"], 0)
     np.testing.assert_array_equal(updates["pos_embed"], 0)
+
+
+def test_schedule_in_steps_for_finetuning():
+    from configs.finetune import get_config as finetune_config
+
+    config = finetune_config()  # 1000 steps, 100 of warmup, AdamW 1e-4 for batch 64
+    lr = create_learning_rate_fn(config, steps_per_epoch=7)  # epochs play no part
+    np.testing.assert_allclose(float(lr(0)), 1e-6, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(50)), 1e-6 + (1e-4 - 1e-6) / 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(lr(100)), 1e-6 + (1e-4 - 1e-6) * (1 + math.cos(0.1 * math.pi)) / 2, rtol=1e-5
+    )
+    np.testing.assert_allclose(float(lr(1000)), 1e-6, rtol=1e-5)
+
+
+def test_sgd_takes_momentum_steps_with_weight_decay_on_masked_params():
+    config = get_config()
+    config.optim.name, config.optim.momentum, config.optim.weight_decay = "sgd", 0.9, 0.1
+    config.train.num_steps, config.optim.warmup_steps = 10, 0
+    config.optim.base_lr = config.optim.min_lr = 0.5
+    config.optim.lr_batch_base = config.train.batch_size
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    tx = create_optimizer(config, steps_per_epoch=1)
+    state = tx.init(params)
+    grads = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    # step 1: -lr * (g + wd * w) for w (decayed), -lr * g for the bias (not decayed)
+    np.testing.assert_allclose(first["w"], -0.5 * 1.1, rtol=1e-6)
+    np.testing.assert_allclose(first["b"], -0.5, rtol=1e-6)
+    # step 2: the momentum buffer: 0.9 * previous + current
+    np.testing.assert_allclose(second["b"], -0.5 * 1.9, rtol=1e-6)

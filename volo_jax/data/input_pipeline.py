@@ -206,6 +206,27 @@ def _tfds_records(
     return _Records(dataset, counts[process_index], max(counts), num_total)
 
 
+def class_names(
+    dataset: str, split: str, data_dir: str | None = None, label_key: str = "label"
+) -> list[str]:
+    """The classes of `dataset` in label order: an image folder's class folders under
+    `split` (sorted), or a TFDS dataset's label names (its info, no data read).
+    DatasetError if there are none."""
+    if os.path.isdir(dataset):
+        split_dir = pathlib.Path(dataset) / split
+        if not split_dir.is_dir():
+            _folder_split(pathlib.Path(dataset), split)  # raises, naming what is there
+        names = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    else:
+        feature = _tfds_builder(dataset, data_dir).info.features[label_key]
+        names = list(getattr(feature, "names", None) or [])
+    if not names:
+        raise DatasetError(
+            f"{dataset} ({split}) names no classes: give --config.dataset.num_classes"
+        )
+    return names
+
+
 def _list_image_folder(split_dir: pathlib.Path) -> tuple[list[str], list[int]]:
     """Image paths under ``split_dir/<class>/`` and their labels, classes in sorted order."""
     classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())

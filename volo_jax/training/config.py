@@ -19,7 +19,7 @@ import ml_collections
 
 from volo_jax.data.location import DIGITS
 from volo_jax.data.transforms import parse_randaugment
-from volo_jax.errors import ConfigError, UnknownModelError
+from volo_jax.errors import ConfigError, DatasetError, UnknownModelError
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
 from volo_jax.ops.cpu import CPU_SCHEDULERS
@@ -47,6 +47,10 @@ MOVED_FIELDS = {
 }
 
 
+#: optim.name's values (volo_jax.training.optim.create_optimizer).
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}: {message}")
@@ -59,6 +63,7 @@ POSITIVE_SIZES = (
     "train.batch_size",
     "train.grad_accum_steps",
     "train.num_epochs",
+    "train.num_steps",
     "eval.batch_size",
     "token_label.mix_group_size",
 )
@@ -73,6 +78,59 @@ def _require_positive_sizes(config: ml_collections.ConfigDict) -> None:
             _require(value > 0, field, f"must be positive, got {value}")
 
 
+def complete_config(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """Fills in what a config leaves to its weights and its data (configs/finetune.py):
+    with config.model None, the model, its overrides and (if None) img_size from
+    init_from's metadata; with dataset.num_classes None, the number of classes of the
+    dataset, and with dataset.class_names None their names (stored with the final
+    weights). ConfigError if init_from is needed and missing."""
+    _require(
+        bool(config.dataset.name),
+        "dataset.name",
+        "required: an image folder (DIR/<split>/<class>/<image>) or a prepared TFDS dataset",
+    )
+    with config.unlocked():
+        if config.model is None:
+            _require(
+                bool(config.init_from),
+                "init_from",
+                "the weights to start from are required (config.model is None: the model "
+                "is the one they hold)",
+            )
+            _require(
+                weights_exist(config.init_from), "init_from", _weights_not_found(config.init_from)
+            )
+            meta = read_metadata(config.init_from)
+            config.model = meta["model"]
+            given = config.model_overrides.to_dict()
+            for key, value in meta.get("overrides", {}).items():
+                if key not in given and key not in ("img_size", "num_classes", "dtype"):
+                    config.model_overrides[key] = value
+            if config.img_size is None:
+                config.img_size = (
+                    meta.get("overrides", {}).get("img_size") or create_model(config.model).img_size
+                )
+        if config.dataset.num_classes is None or config.dataset.class_names is None:
+            from volo_jax.data.input_pipeline import class_names
+            from volo_jax.data.location import dataset_location
+
+            split = config.dataset.train_split if config.mode == "train" else None
+            known = config.dataset.num_classes is not None
+            # With num_classes given, names are a nicety: a dataset without them (or not
+            # there) is for the input pipeline to report.
+            with contextlib.suppress(DatasetError) if known else contextlib.nullcontext():
+                names = class_names(
+                    dataset_location(config.dataset.name, config.dataset.data_dir, workdir),
+                    split or config.dataset.eval_split,
+                    config.dataset.data_dir,
+                    config.dataset.label_key,
+                )
+                if not known:
+                    config.dataset.num_classes = len(names)
+                if len(names) == config.dataset.num_classes:
+                    config.dataset.class_names = tuple(names)
+
+
 def _weights_not_found(path: str) -> str:
     return f"weights {'file' if is_weights_file(path) else 'directory'} not found: {path}"
 
@@ -84,6 +142,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _require(old not in config, old, f"moved to config.{MOVED_FIELDS[old]}")
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
     _require_positive_sizes(config)
+    if config.model is None:  # configs/finetune.py: `complete_config` takes it from init_from
+        _require(
+            bool(config.init_from),
+            "init_from",
+            "the weights to start from are required (config.model is None: the model is the "
+            "one they hold)",
+        )
+        _require(False, "model", "None: complete_config(config) reads it from init_from")
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
     precision = config.get("matmul_precision")
     _require(
@@ -139,13 +205,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"must be a positive multiple of the {devices} devices of "
         f"the batch axes (mesh data x fsdp), got {config.eval.batch_size}",
     )
-    if config.mode == "train":
+    if config.mode == "train" and config.token_label.enabled:
         _require(
             pixels is not None,
             "model",
             f"{config.model} has no token grid (patch_size x pooling_scale): training with "
-            "token labeling needs a VOLO model",
+            "token labeling needs a VOLO model (or --config.token_label.enabled=False)",
         )
+    if config.mode == "train":
         _validate_training(config, devices)
 
 
@@ -190,10 +257,23 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
     _require(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     optim = config.optim
     _require(
-        0 <= optim.warmup_epochs < train.num_epochs,
-        "optim.warmup_epochs",
-        f"must be in [0, train.num_epochs={train.num_epochs}), got {optim.warmup_epochs}",
+        optim.name in OPTIMIZERS,
+        "optim.name",
+        f"must be one of {', '.join(OPTIMIZERS)}, got {optim.name!r}",
     )
+    if train.num_steps:
+        warmup = optim.warmup_steps or 0
+        _require(
+            0 <= warmup < train.num_steps,
+            "optim.warmup_steps",
+            f"must be in [0, train.num_steps={train.num_steps}), got {warmup}",
+        )
+    else:
+        _require(
+            0 <= optim.warmup_epochs < train.num_epochs,
+            "optim.warmup_epochs",
+            f"must be in [0, train.num_epochs={train.num_epochs}), got {optim.warmup_epochs}",
+        )
     _require(optim.base_lr > 0, "optim.base_lr", f"must be positive, got {optim.base_lr}")
     _require(0 <= optim.min_lr <= optim.base_lr, "optim.min_lr", "must be in [0, base_lr]")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -225,7 +305,8 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
         value = config.get(name)
         _require(value is None or value > 0, name, f"must be positive (or None), got {value}")
     _require(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-    _validate_token_label(config)
+    if config.token_label.enabled:
+        _validate_token_label(config)
 
 
 def _validate_token_label(config: ml_collections.ConfigDict) -> None:

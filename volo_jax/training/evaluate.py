@@ -35,7 +35,12 @@ from volo_jax.sharding import (
     use_mesh,
     variables_shardings,
 )
-from volo_jax.training.config import matmul_precision, model_overrides, validate_config
+from volo_jax.training.config import (
+    complete_config,
+    matmul_precision,
+    model_overrides,
+    validate_config,
+)
 from volo_jax.weights import load_weights_into
 
 SUMS = ("top1", "top5", "loss", "count")
@@ -136,6 +141,7 @@ def create_eval_batches(config: ml_collections.ConfigDict, workdir: str | None) 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, float]:
     """Evaluates the weights in config.init_from; returns and logs top-1 / top-5."""
     maybe_initialize_distributed(config.get("distributed") or None)
+    complete_config(config, workdir)
     validate_config(config)
     ds, num_examples = create_eval_batches(config, workdir)
     mesh = create_mesh(config.get("mesh"))

@@ -38,9 +38,14 @@ def create_learning_rate_fn(
     opt = config.optim
     warmup, total = float(opt.warmup_epochs), float(config.train.num_epochs)
     per_epoch = bool(opt.per_epoch_schedule)
+    in_steps = bool(config.train.get("num_steps"))
+    if in_steps:  # t counts steps: W = optim.warmup_steps, T = train.num_steps
+        warmup, total = float(opt.get("warmup_steps") or 0), float(config.train.num_steps)
 
     def schedule(step: jax.Array) -> jax.Array:
-        if per_epoch:  # whole epochs, in integers (exact at any step count)
+        if in_steps:
+            t = jnp.asarray(step, jnp.float32)
+        elif per_epoch:  # whole epochs, in integers (exact at any step count)
             t = (jnp.asarray(step, jnp.int32) // steps_per_epoch).astype(jnp.float32)
         else:
             t = jnp.asarray(step, jnp.float32) / steps_per_epoch
@@ -65,16 +70,25 @@ def weight_decay_mask(params: Any) -> Any:
 def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-    """AdamW (+ optional global-norm clipping) on the config's schedule."""
+    """AdamW (decoupled weight decay) or SGD with momentum (weight decay added to the
+    gradient, as torch.optim.SGD's), per optim.name, decaying `weight_decay_mask`'s
+    parameters, + optional global-norm clipping, on the config's schedule."""
     opt = config.optim
-    adamw = optax.adamw(
-        create_learning_rate_fn(config, steps_per_epoch),
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        mask=weight_decay_mask,
-    )
+    lr = create_learning_rate_fn(config, steps_per_epoch)
+    if opt.get("name", "adamw") == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+            optax.sgd(lr, momentum=opt.momentum or None),
+        )
+    else:
+        tx = optax.adamw(
+            lr,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=weight_decay_mask,
+        )
     if opt.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx

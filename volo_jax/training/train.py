@@ -52,6 +52,7 @@ from volo_jax.sharding import (
 from volo_jax.training import evaluate as eval_lib
 from volo_jax.training.checkpointing import Checkpointer
 from volo_jax.training.config import (
+    complete_config,
     matmul_precision,
     model_overrides,
     teacher_overrides,
@@ -63,6 +64,7 @@ from volo_jax.training.losses import (
     mix_class_targets,
     smooth_labels,
     smooth_targets,
+    soft_cross_entropy,
     token_label_loss,
 )
 from volo_jax.training.metrics import MetricWriter, plot_curves
@@ -93,7 +95,8 @@ class StepOptions:
     """The static hyper-parameters of `train_step`."""
 
     num_classes: int
-    grid: int  # token grid side: img_size / (patch_size x pooling_scale)
+    grid: int  # token grid side: img_size / (patch_size x pooling_scale); 0: none
+    token_labeling: bool = True  # False: cross-entropy on the model's output alone
     label_smoothing: float = 0.1
     cls_weight: float = 1.0
     dense_weight: float = 0.5
@@ -111,11 +114,12 @@ class StepOptions:
         tl, train = config.token_label, config.train
         return cls(
             num_classes=config.dataset.num_classes,
-            grid=token_grid(config),
+            grid=token_grid(config) if tl.enabled else 0,
+            token_labeling=tl.enabled,
             label_smoothing=train.label_smoothing,
             cls_weight=tl.cls_weight,
             dense_weight=tl.dense_weight,
-            mix_token=tl.mix_token,
+            mix_token=tl.enabled and tl.mix_token,
             mix_beta=tl.mix_beta,
             mix_group_size=tl.mix_group_size,
             ground_truth=tl.ground_truth,
@@ -147,6 +151,8 @@ def compute_targets(
     """
     labels = smooth_labels(batch["label"], opts.num_classes, opts.label_smoothing)
     n = opts.grid * opts.grid
+    if not opts.token_labeling:  # no dense target: (B, 1, K), unused
+        return labels, labels[:, None]
     if "label_map" in batch:
         cls, dense = targets_from_score_maps(
             batch["label_map"],
@@ -206,7 +212,24 @@ def train_step(
     )
     keys = jax.random.split(jax.random.fold_in(state.rng, state.step), opts.grad_accum_steps)
 
+    def plain_loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
+        """Cross-entropy on the model's output (VOLO's: head + 0.5 x max of the aux head),
+        any model: what timm's train.py does."""
+        logits, new_vars = cpu_kernels(model.apply)(
+            {"params": params, "batch_stats": batch_stats},
+            mb["image"],
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        loss = soft_cross_entropy(logits, mb["cls"])
+        parts = {"cls_loss": loss, "dense_loss": jnp.zeros_like(loss)}
+        parts["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == mb["label"])
+        return loss, (new_vars.get("batch_stats", {}), parts)
+
     def loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
+        if not opts.token_labeling:
+            return plain_loss_fn(params, batch_stats, mb, key)
         box_key, dropout_key = jax.random.split(key)
         grid = (opts.grid, opts.grid)
         box = None
@@ -273,15 +296,18 @@ def initial_variables(model: nn.Module, img_size: int, rng: jax.Array) -> dict[s
 
 
 def load_init_weights(config: ml_collections.ConfigDict, model: nn.Module) -> dict[str, Any]:
-    """config.init_from's variables for `model` (NumPy), without config.init_skip's paths;
-    a position embedding of another resolution resized bicubically, with antialias only
-    if config.init_antialias (the official fine-tuning resizes without)."""
+    """config.init_from's variables for `model` (NumPy), without config.init_skip's paths
+    and, if it has another number of classes than the dataset, without the classifier
+    (initialised afresh, with a log line); a position embedding of another resolution
+    resized bicubically, with antialias only if config.init_antialias (the official
+    fine-tuning resizes without)."""
     return load_weights_into(
         config.init_from,
         model,
         config.model,
         skip=tuple(config.init_skip),
         antialias=config.init_antialias,
+        new_classifier=True,
     )
 
 
@@ -478,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     before the first eval).
     """
     maybe_initialize_distributed(config.get("distributed") or None)
+    complete_config(config, workdir)
     validate_config(config)
     workdir = os.fspath(makedirs(workdir))
     if jax.process_index() == 0:
@@ -487,7 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_data = create_train_input(config, workdir)
     eval_data, _ = eval_lib.create_eval_batches(config, workdir)
     steps_per_epoch = train_data.steps_per_epoch
-    total_steps = (config.train.num_epochs + config.train.cooldown_epochs) * steps_per_epoch
+    total_steps = config.train.num_steps or (
+        (config.train.num_epochs + config.train.cooldown_epochs) * steps_per_epoch
+    )
     last_step = min(total_steps, config.max_steps or total_steps)
 
     model = create_model(config.model, **model_overrides(config))
@@ -586,6 +615,7 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
         config.model,
         overrides,
         source=f"volo_jax training, step {int(state.step)}",
+        **({"class_names": list(names)} if (names := config.dataset.class_names) else {}),
     )
     logging.info("final weights written to %s", directory)
 
