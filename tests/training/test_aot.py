@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from volo_jax.errors import ConfigError
@@ -43,3 +44,20 @@ def test_gpu_target_configs_ship_with_the_package():
         assert "gpu_device_info" in text and "cuda_compute_capability" in text
     with pytest.raises(ConfigError, match="no GPU target config"):
         deviceless.gpu_target_config("b200")
+
+
+def test_images_per_device_counts_model_parallel_devices_once():
+    # 2 x 2 TPU chips, data x model: each chip holds half the batch (its 'model' peer the
+    # same half), not a quarter.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from tests.support.accelerators import require_accelerator
+
+    mesh = Mesh(np.array(require_accelerator("v5e-4")).reshape(2, 2), ("data", "model"))
+    whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    images = {"image": jax.ShapeDtypeStruct((16, 4, 4, 3), jnp.float32)}
+    shardings = (whole, {"image": split}, whole)
+    step = jax.jit(lambda s, b, t: s + b["image"].sum(), in_shardings=shardings)
+    compiled = step.lower(scalar, images, scalar).compile()
+    assert aot.images_per_device(compiled, 16) == 8

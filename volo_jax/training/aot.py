@@ -223,18 +223,29 @@ def _scope(rest: str, depth: int) -> str:
     return "/".join(parts[:depth])
 
 
+def images_per_device(compiled: jax.stages.Compiled, global_batch: int) -> int:
+    """The images of `global_batch` one device holds in a compiled train step: read from
+    the sharding of its batch's 'image' (split over the batch axes, whole over 'model',
+    whose devices hold the same images)."""
+    args, _ = compiled.input_shardings
+    batch = args[1] if len(args) > 1 else None
+    if isinstance(batch, dict) and "image" in batch:
+        return int(batch["image"].shard_shape((global_batch, 1, 1, 1))[0])
+    leaves = jax.tree_util.tree_leaves(compiled.input_shardings)
+    devices = len(leaves[0].device_set) if leaves else 1
+    return max(1, global_batch // max(1, devices))
+
+
 def summary(compiled: jax.stages.Compiled, global_batch: int) -> Summary:
     """Per-device memory, XLA's cost per image, and the collectives of a compiled step.
 
-    XLA's cost analysis describes one device's program (its share of the batch: the
-    global batch over the devices)."""
+    XLA's cost analysis describes one device's program, which holds its share of the
+    batch (`images_per_device`)."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, list):  # older jax: one dict per program
         cost = cost[0] if cost else None
-    leaves = jax.tree_util.tree_leaves(compiled.input_shardings)
-    devices = len(leaves[0].device_set) if leaves else 1
-    per_device_batch = max(1, global_batch // max(1, devices))
+    per_device_batch = images_per_device(compiled, global_batch)
     flops = bytes_accessed = None
     if cost:
         flops = cost.get("flops", 0.0) / per_device_batch
