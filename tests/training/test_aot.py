@@ -61,3 +61,14 @@ def test_images_per_device_counts_model_parallel_devices_once():
     step = jax.jit(lambda s, b, t: s + b["image"].sum(), in_shardings=shardings)
     compiled = step.lower(scalar, images, scalar).compile()
     assert aot.images_per_device(compiled, 16) == 8
+
+
+def test_the_gpu_flags_are_set_before_jax_starts_where_gpus_are_compiled_for():
+    # XLA reads XLA_FLAGS once, when JAX starts its first backend: tests/conftest.py and
+    # benchmarks/compile_table.py set deviceless.GPU_XLA_FLAGS before importing JAX.
+    import os
+
+    from tests.support import REPO
+
+    assert deviceless.GPU_XLA_FLAGS in os.environ["XLA_FLAGS"]
+    assert deviceless.GPU_XLA_FLAGS in (REPO / "benchmarks" / "compile_table.py").read_text()
