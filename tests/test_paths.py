@@ -147,7 +147,10 @@ def test_train_resume_predict_and_eval_on_gs(gcs, tmp_path):
         env,
         cwd,
     )
-    assert str(image) in predicted.stdout and "class " in predicted.stdout
+    # The digits' class names (their folders 0-9) travel with the weights.
+    lines = predicted.stdout.splitlines()
+    assert lines[0] == str(image) and len(lines) == 6, predicted.stdout
+    assert all(line.split()[-1] in "0123456789" for line in lines[1:]), predicted.stdout
     evaluated = _run(
         [
             sys.executable,

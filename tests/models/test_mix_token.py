@@ -232,7 +232,7 @@ def test_group_sizes_that_fit_validate(changes):
             {"token_label.mix_group_size": 24, "train.grad_accum_steps": 2},
             "24 does not divide the \\(micro-\\)batch of 32",
         ),
-        ({"token_label.mix_group_size": 0}, "must be a positive number of images"),
+        ({"token_label.mix_group_size": 0}, "must be positive, got 0"),
     ],
 )
 def test_bad_group_sizes_name_the_field(changes, message):

@@ -42,8 +42,12 @@ class Accelerator:
     topology: str
     num_devices: int
     description: str
-    hbm_gib: float  # memory of one device (a chip; a TensorCore's share on v4)
+    hbm_gib: float  # memory of one device (a chip, or a core on v2 and v3)
     single_host: bool = False  # libtpu's one-chip hosts (Colab v5e-1 / v6e-1)
+    # libtpu's chip configuration: 'megacore' makes a v4 chip's two TensorCores one device,
+    # as a Cloud TPU v4 VM shows it to JAX (libtpu's compile-only default is a device per
+    # TensorCore, which jax.make_mesh refuses for TPUs after v3).
+    chip_config: str | None = None
 
     @property
     def hbm_bytes(self) -> int:
@@ -64,8 +68,9 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("v5e-256", "tpu", "v5e:16x16", 256, "TPU v5e pod, 256 chips", 16),
         Accelerator("v6e-1", "tpu", "v6e:1x1", 1, "Colab / Cloud TPU v6e, one chip", 32, True),
         Accelerator("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6e (Trillium), 8 chips", 32),
-        # libtpu's compile-only v4 has a device per TensorCore (2 a chip, 32 GiB a chip).
-        Accelerator("v4-8", "tpu", "v4:2x2x1", 8, "TPU v4-8: 4 chips, 8 TensorCores", 16),
+        Accelerator(
+            "v4-8", "tpu", "v4:2x2x1", 4, "TPU v4-8: 4 chips (megacore)", 32, False, "megacore"
+        ),
         Accelerator("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p-8: 4 chips", 95),
         Accelerator("h100-1", "cuda", "h100_sxm", 1, "one NVIDIA H100 SXM 80 GB", 79.1),
         Accelerator("h100-8", "cuda", "h100_sxm", 8, "8 x NVIDIA H100 SXM 80 GB", 79.1),
@@ -113,7 +118,9 @@ def devices(name: str) -> tuple[jax.Device, ...]:
 
     try:
         if acc.platform == "tpu":
-            kwargs = {"chips_per_host_bounds": (1, 1, 1)} if acc.single_host else {}
+            kwargs: dict = {"chips_per_host_bounds": (1, 1, 1)} if acc.single_host else {}
+            if acc.chip_config:
+                kwargs["chip_config_name"] = acc.chip_config
             topo = topologies.get_topology_desc(
                 platform="tpu", topology_name=acc.topology, **kwargs
             )
