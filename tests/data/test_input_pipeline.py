@@ -279,3 +279,15 @@ def test_image_folder_errors(image_folder):
     ds, _ = input_pipeline.create_eval_dataset(str(root), "val", batch_size=8, **TRANSFORM)
     with pytest.raises(tf.errors.OpError, match=f"Cannot read image {corrupt}"):
         list(ds.as_numpy_iterator())
+
+
+def test_class_names_of_a_tfds_dataset_and_of_an_image_folder(tfds_dir, tmp_path):
+    # What a fine-tuning config without num_classes reads (training.config.complete_config).
+    names = input_pipeline.class_names("volo_jax_tiny_images", "validation", tfds_dir)
+    assert names == [str(i) for i in range(len(SOURCES))]  # ClassLabel(num_classes=7)
+    for split, classes in (("train", ("tabby", "espresso")), ("validation", ("tabby",))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+    assert input_pipeline.class_names(str(tmp_path), "train") == ["espresso", "tabby"]
+    with pytest.raises(DatasetError, match="no split folder 'test'"):
+        input_pipeline.class_names(str(tmp_path), "test")
