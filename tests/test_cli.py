@@ -1,11 +1,7 @@
-"""volo_jax.cli: the process setup every training run starts with (glibc malloc tunables by
-a restart, synchronous CPU dispatch)."""
+"""volo_jax.cli: the process setup of a training run (the glibc malloc tunables its launcher
+puts in the environment, synchronous CPU dispatch)."""
 
-import sys
-
-import pytest
-
-from tests.support import run_python
+from tests.support import REPO, run_python
 from volo_jax.cli import MALLOC_TUNABLES, MALLOC_TUNABLES_SWITCH, with_malloc_tunables
 
 OURS = ":".join(MALLOC_TUNABLES)
@@ -32,25 +28,21 @@ def test_with_malloc_tunables_leaves_the_users_own():
     assert with_malloc_tunables(off) == off
 
 
-_PROBE = (
-    "import os; print('start', flush=True); from volo_jax.cli import restart_with_malloc_tunables;"
-    " restart_with_malloc_tunables(); print(os.environ.get('GLIBC_TUNABLES'))"
-)
-
-
-def _probe(**env: str) -> list[str]:
+def _glibc_tunables(**env: str | None) -> str:
+    """What `python -m volo_jax.cli glibc-tunables` prints (scripts/train_default.sh)."""
     unset = {"GLIBC_TUNABLES": None, MALLOC_TUNABLES_SWITCH: None}
-    return run_python("-c", _PROBE, env={**unset, **env}, timeout=60, check=True).stdout.split()
+    argv = ("-m", "volo_jax.cli", "glibc-tunables")
+    return run_python(*argv, env={**unset, **env}, timeout=60, check=True).stdout.strip()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables: Linux only")
-def test_restart_happens_once_with_the_same_command_line():
-    # The restarted process runs the same command line again: 'start' twice, then the
-    # environment it ends with; it does not restart a second time.
-    assert _probe() == ["start", "start", OURS]
-    assert _probe(**{MALLOC_TUNABLES_SWITCH: "0"}) == ["start", "None"]
-    complete = ":".join(t.replace("=1", "=0", 1) for t in MALLOC_TUNABLES)
-    assert _probe(GLIBC_TUNABLES=complete) == ["start", complete]
+def test_the_launchers_tunables_come_from_one_place():
+    assert _glibc_tunables() == OURS
+    assert _glibc_tunables(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
+        f"glibc.malloc.arena_max=2:{OURS}"
+    )
+    assert _glibc_tunables(**{MALLOC_TUNABLES_SWITCH: "0"}) == ""
+    script = (REPO / "scripts" / "train_default.sh").read_text()
+    assert 'GLIBC_TUNABLES="$(python -m volo_jax.cli glibc-tunables)"' in script
 
 
 def test_synchronous_cpu_dispatch_switches_off_async_dispatch():

@@ -1,6 +1,10 @@
 """What every command-line entry point shares: one clear line for user errors, the
-process setup for XLA:CPU's large host buffers (glibc malloc tunables, synchronous
-dispatch), and the imported modules kept out of the garbage collector's way."""
+process setup for XLA:CPU's large host buffers (the glibc malloc tunables a launcher puts
+in the environment, synchronous dispatch), and the imported modules kept out of the
+garbage collector's way.
+
+`python -m volo_jax.cli glibc-tunables` prints GLIBC_TUNABLES with `MALLOC_TUNABLES`
+added (what scripts/train_default.sh exports before it starts Python)."""
 
 from __future__ import annotations
 
@@ -46,19 +50,12 @@ def with_malloc_tunables(env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def restart_with_malloc_tunables() -> None:
-    """Re-executes this process with `with_malloc_tunables(os.environ)` if that differs
-    from its environment (glibc reads its tunables only at start). Linux only; call it
-    first thing in a script's `__main__`, before anything worth keeping has run."""
-    if not sys.platform.startswith("linux"):
-        return
-    env = with_malloc_tunables(os.environ)
-    if env == dict(os.environ):
-        return
-    env[MALLOC_TUNABLES_SWITCH] = "0"  # never more than one restart
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+def malloc_tunables_missing(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this Linux process started without `MALLOC_TUNABLES` (glibc reads
+    GLIBC_TUNABLES only at start: a launcher sets them, as scripts/train_default.sh does
+    with `with_malloc_tunables`); False elsewhere and with VOLO_JAX_MALLOC_TUNABLES=0."""
+    env = os.environ if env is None else env
+    return sys.platform.startswith("linux") and with_malloc_tunables(env) != dict(env)
 
 
 def synchronous_cpu_dispatch() -> None:
@@ -100,3 +97,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
     gc.collect()
     gc.freeze()
     sys.exit(status or 0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["glibc-tunables"]:
+        sys.exit("usage: python -m volo_jax.cli glibc-tunables")
+    print(with_malloc_tunables(os.environ).get("GLIBC_TUNABLES", ""))
