@@ -317,7 +317,8 @@ class Config:
     profile_top: int = 0  # > 0: profile the JAX step's HLO ops after timing
     torch_tf32: bool = False  # CUDA: let torch's float32 matmuls use TF32 (as JAX's default)
     cpu_amp: bool = False  # torch_amp on CPU: bfloat16 autocast (worth it with AMX/AVX512-BF16)
-    # Workers start with volo_jax.cli.with_malloc_tunables (both frameworks), as main.py.
+    # Workers start with volo_jax.cli.with_malloc_tunables (both frameworks), as
+    # scripts/train_default.sh starts main.py.
     malloc_tunables: bool = True
 
 
