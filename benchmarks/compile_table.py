@@ -48,6 +48,8 @@ from volo_jax.training import aot
 MIB = 2**20
 DEFAULT_MACHINES = ("v5e-1", "v5e-8", "v4-8", "v5p-8", "v6e-8", "h100-8")
 DEFAULT_IMPLS = ("slices", "reference", "pallas")
+#: GELU, softmax and LayerNorm: volo_jax.layers' ("custom VJPs") or `--plain-autodiff`'s.
+LAYERS = "custom VJPs"
 #: Chips an FSDP group spans (`--pod`): divides VOLO's widths 192, 256, 384, 512.
 FSDP_GROUP = 16
 
@@ -118,6 +120,7 @@ def _row(
         "per_device_batch": per_device_batch,
         "compile_s": round(seconds, 1),
         "hbm_mib": acc.hbm_bytes / MIB,
+        **({"layers": LAYERS} if LAYERS != "custom VJPs" else {}),
     }
 
 
@@ -136,6 +139,33 @@ def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, An
         "hlo_mib_per_image": round(s.hlo_bytes_per_image / MIB, 1),
         "collectives": s.collectives,
     }
+
+
+def use_plain_autodiff() -> None:
+    """Compiles with flax's and jax's own exact GELU, softmax and LayerNorm (autodiff keeps
+    what it keeps for the backward) instead of `volo_jax.layers`' versions, whose custom
+    VJPs keep only their inputs (or the softmax's output) and recompute the rest: the A/B
+    of those CPU-motivated VJPs on the accelerators. Patches the names the model's modules
+    hold; a benchmark-only switch."""
+    import flax.linen as nn
+
+    from volo_jax import layers
+    from volo_jax.models import volo
+    from volo_jax.ops import attention, outlook
+
+    def exact_gelu(x: jax.Array) -> jax.Array:
+        return nn.gelu(x, approximate=False)
+
+    global LAYERS
+    LAYERS = "plain autodiff"
+    layers.gelu = layers._ACTIVATIONS["gelu"] = exact_gelu
+    for module in (attention, outlook):
+        module.softmax = jax.nn.softmax
+
+    class LayerNorm(nn.LayerNorm):  # PyTorch's epsilon, flax's own path
+        epsilon: float = 1e-5
+
+    volo.TorchLayerNorm = LayerNorm
 
 
 def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pod-shardings", default="replicated,fsdp", help="--pod: the presets to compile"
     )
+    parser.add_argument(
+        "--plain-autodiff",
+        action="store_true",
+        help="flax/jax's own GELU, softmax and LayerNorm instead of volo_jax.layers' custom VJPs",
+    )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
     parser.add_argument(
         "--report", type=Path, default=None, help="print a results file as markdown and stop"
     )
     args = parser.parse_args(argv)
+    if args.plain_autodiff:
+        use_plain_autodiff()
     if args.report:
         print(report(args.report))
         return
