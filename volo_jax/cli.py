@@ -31,14 +31,12 @@ def with_malloc_tunables(env: Mapping[str, str]) -> dict[str, str]:
     set there already (the user's own settings win); VOLO_JAX_MALLOC_TUNABLES=0 leaves
     `env` alone.
 
-    Why: XLA:CPU allocates an executable's temporaries as one block (about 2 GiB for a
-    VOLO-D1 train step at batch 8) on every call. glibc maps a block that large afresh each
-    time and unmaps it after, so the kernel faults in and zeroes it again on every step:
-    about 590,000 page faults and 1 s of system time per step on 4 KiB pages, and on huge
-    pages still a full zeroing, which costs 1-2 s on every other step on the 2-core
-    virtual machines of docs/performance.md. With the main thread's large blocks kept in
-    its heap (and `synchronous_cpu_dispatch`, so that the main thread is the one that
-    allocates them), the step reuses the same memory.
+    Why: XLA:CPU allocates an executable's temporaries as one block (gigabytes for a
+    VOLO-D1 train step) on every call. glibc maps a block that large afresh each time and
+    unmaps it after, so the kernel faults in and zeroes it again on every step (the page
+    faults and their cost are measured in docs/performance.md). With the main thread's
+    large blocks kept in its heap (and `synchronous_cpu_dispatch`, so that the main thread
+    is the one that allocates them), the step reuses the same memory.
     """
     env = dict(env)
     if env.get(MALLOC_TUNABLES_SWITCH) == "0":

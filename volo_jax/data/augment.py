@@ -33,8 +33,8 @@ geometric ops truncate their bilinear samples as PIL does (tests/data/test_augme
 They are written for TensorFlow's CPU kernels: same-shape or scalar operands (a (3,)
 vector broadcast over an image costs about 10 times as much), no `tf.where` over
 images, `tf.reverse` for the flip, translations and shears as shifted slices and row
-gathers (ImageProjectiveTransformV3, kept for rotation, costs 3-4 ms per 224 x 224
-image). The score-map ops match `tlt`'s exactly
+gathers (ImageProjectiveTransformV3, much slower on the CPU, is kept for rotation;
+docs/performance.md has the per-op times). The score-map ops match `tlt`'s exactly
 (tests/training/test_official_token_labeling.py).
 """
 

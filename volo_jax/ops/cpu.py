@@ -250,8 +250,8 @@ def _shifted_weight_grad(
     matmul precision).
 
     XLA:CPU computes it as a convolution with an output-sized kernel over transposed
-    copies: about 40 GFLOP/s for VOLO's stem (3 x 3, 64 channels, 112 x 112) and 64 for
-    its 7 x 7 stride-2 first convolution (docs/performance.md).
+    copies, a fraction of the rate of its batched products (docs/performance.md has both
+    rates for VOLO's stem, with their machines).
     """
     kh, kw = kernel
     sh, sw = strides
@@ -320,7 +320,8 @@ def _conv_shifted_cpu_bwd(strides, pad, precision, grad_dtype, residuals, g):
     x, w = residuals
     # The weight gradient's shifted copies of x, 9x its size for a 3 x 3 kernel, read x
     # alone: XLA:CPU made them with the forward pass and kept them through the whole
-    # backward (500 MiB of VOLO-D1's batch-8 train step) until they waited for g.
+    # backward until they waited for g (docs/performance.md, "Train-step memory on the
+    # CPU").
     _, input_grad = jax.vjp(lambda x: _conv_xla(x, w, strides, pad, precision), x)
     (dx,) = input_grad(g)
     dw = _shifted_weight_grad(after(x, g), g, w.shape[:2], strides, pad, grad_dtype)
@@ -448,8 +449,8 @@ OUTLOOK_IMPLEMENTATION = "planes"
 #: How `ops.attention.dot_product_attention` runs in the CPU branch: 'explicit' forms the
 #: weights with heads-major products, (B, heads, N, d) operands, which XLA:CPU's batched
 #: products take without a copy per operand; `jax.nn.dot_product_attention`'s token-major
-#: einsums add two layout copies per block forward and eight per gradient, about 15% of a
-#: D1 transformer block's forward on the AMD EPYC machine (docs/performance.md).
+#: einsums add two layout copies per block forward and eight per gradient (their cost is
+#: in docs/performance.md).
 #: 'fused' would call `jax.nn.dot_product_attention` as other platforms do.
 ATTENTION_IMPLEMENTATION = "explicit"
 
@@ -544,11 +545,9 @@ aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
 #: memory than the memory-optimized one (a ratio allowed that shrinks as programs grow).
 #: 'memory' always takes the memory-optimized one (list, DFS and post-order schedules, the
 #: smallest peak of the three); 'concurrency' always the other, which lets independent
-#: operations run at once and starts work as early as its operands allow. Neither is
-#: smaller for every program: VOLO-D1's batch-8 float32 train step planned 2,641 MiB of
-#: temporaries with the default and 1,603 with 'memory' before the backward passes of
-#: `layers.gelu`, `softmax` and `TorchLayerNorm`, and plans 1,163 and 1,330 MiB with
-#: them; 'memory' ran a step 7% slower (docs/performance.md).
+#: operations run at once and starts work as early as its operands allow. Neither plans
+#: less memory for every program, nor is faster (docs/performance.md, "Train-step memory
+#: on the CPU", has VOLO-D1's plans and step times with each).
 CPU_SCHEDULERS = {
     "default": None,
     "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",

@@ -63,11 +63,10 @@ IMPLEMENTATIONS = {
 #: What `impl="auto"` runs on each accelerator: of the implementations that compile
 #: there, the one whose VOLO-D1 train step moves the fewest bytes per image (XLA:TPU's
 #: cost model; on GPUs, whose compile-only client has none, the compiled HLO's count),
-#: measured by benchmarks/compile_table.py at 128 images a device, bf16
-#: (docs/performance.md): on a TPU v5e chip the kernel's step moves 1,152 MiB an image
-#: (reference 1,512, slices 1,650, planes 2,275), on an H100 341 (slices 361, reference
-#: 481). Its speed on the chips is not measured yet. On the CPU, `cpu.cpu_kernels` makes
-#: it `cpu.OUTLOOK_IMPLEMENTATION`.
+#: measured by benchmarks/compile_table.py at 128 images a device, bf16 (the table and
+#: its machines are in docs/performance.md, "What `outlook_impl="auto"` runs"). Its
+#: speed on the chips is not measured yet. On the CPU, `cpu.cpu_kernels` makes it
+#: `cpu.OUTLOOK_IMPLEMENTATION`.
 ACCELERATOR_IMPLEMENTATIONS = {"tpu": "pallas", "cuda": "pallas"}
 #: Where the platform is not known while tracing (a plain `jax.jit(model.apply)` outside
 #: the trainer's `for_platform`): an implementation that is plain XLA on every platform
