@@ -250,8 +250,8 @@ def _shifted_weight_grad(
     matmul precision).
 
     XLA:CPU computes it as a convolution with an output-sized kernel over transposed
-    copies, a fraction of the rate of its batched products (docs/performance.md has both
-    rates for VOLO's stem, with their machines).
+    copies, at a fraction of the rate of its batched products (docs/performance.md has
+    the stem's weight-gradient times and rates, with their machines).
     """
     kh, kw = kernel
     sh, sw = strides
