@@ -162,8 +162,10 @@ def use_plain_autodiff() -> None:
     for module in (attention, outlook):
         module.softmax = jax.nn.softmax
 
-    class LayerNorm(nn.LayerNorm):  # PyTorch's epsilon, flax's own path
+    class LayerNorm(nn.LayerNorm):  # PyTorch's epsilon and the 'norm' axes, flax's own path
         epsilon: float = 1e-5
+        scale_init: nn.initializers.Initializer = layers.with_axes(nn.initializers.ones, "norm")
+        bias_init: nn.initializers.Initializer = layers.with_axes(nn.initializers.zeros, "norm")
 
     volo.TorchLayerNorm = LayerNorm
 
