@@ -18,7 +18,7 @@ except MissingExtraError as missing:
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from volo_jax.cli import malloc_tunables_missing, run_cli, synchronous_cpu_dispatch
+from volo_jax.cli import run_cli, synchronous_cpu_dispatch
 from volo_jax.logs import OwnInfoOnly, quiet_native_logs
 
 FLAGS = flags.FLAGS
@@ -94,14 +94,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required for training")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(OwnInfoOnly())
-    import jax
-
-    if malloc_tunables_missing() and jax.default_backend() == "cpu":
-        logging.info(
-            'on the CPU, steps are faster started with GLIBC_TUNABLES="$(python -m '
-            'volo_jax.cli glibc-tunables)" (scripts/train_default.sh does; '
-            "docs/performance.md)"
-        )
     from volo_jax.training import evaluate, train
 
     def run() -> None:

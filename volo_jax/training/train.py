@@ -30,6 +30,7 @@ from flax import traverse_util
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
+from volo_jax.cli import malloc_tunables_missing
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
@@ -577,6 +578,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.device_count(),
     )
     logging.info("mesh %s, sharding %r", dict(mesh.shape), config.get("sharding", "auto"))
+    if jax.default_backend() == "cpu" and malloc_tunables_missing():
+        logging.info(
+            'on the CPU, steps are faster in a process started with GLIBC_TUNABLES="$(python '
+            '-m volo_jax.cli glibc-tunables)" (scripts/train_default.sh does; '
+            "docs/performance.md)"
+        )
     try:
         with use_mesh(mesh), matmul_precision(config), PreemptionWatch(ckpt) as preemption:
             loop.preemption = preemption
