@@ -278,8 +278,6 @@ def _ours_stages(root: Path, cfg: Config) -> dict:
     """img/s of the training augmentation cut after each of its steps, on the same files
     with the same parallel map as `create_train_dataset` (batches of the outputs, or of
     their shapes where they differ in size)."""
-    import tensorflow as tf
-
     from volo_jax.data import augment as aug
     from volo_jax.data.input_pipeline import (
         _list_image_folder,
@@ -287,6 +285,7 @@ def _ours_stages(root: Path, cfg: Config) -> dict:
         configure_tensorflow,
     )
     from volo_jax.data.score_maps import load_score_map
+    from volo_jax.data.tf_quiet import tf
 
     configure_tensorflow()
     paths, _ = _list_image_folder(root / "train")
