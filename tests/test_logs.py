@@ -8,7 +8,6 @@ its line ignores TF_CPP_MIN_LOG_LEVEL, so both settings are run on every CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 import volo_jax
-from tests.support import REPO
+from tests.support import REPO, without_cuda_plugin_lines
 
 # Start-up lines of TensorFlow (oneDNN, cpu_feature_guard, TF-TRT, CUDA plugins), absl's
 # native logging and JAX's backend probing.
@@ -47,18 +46,6 @@ def _bare_env(onednn: str) -> dict[str, str]:
     return env
 
 
-#: What the compile-only CUDA plugin of the suite's environment (the accel-compile extra,
-#: for the deviceless GPU compile tests) prints at every `import jax` on a host without a
-#: GPU driver: absl's first-log notice and one line. A user's environment has no plugin
-#: without a GPU (scripts/test.sh keeps its own venv), so these exact pairs, and nothing
-#: else, are taken out before the output is read.
-_COMPILE_ONLY_CUDA_PLUGIN = re.compile(
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
-    r"STDERR\n[IW]\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on "
-    r"your machine, GPU will not be used\.\n"
-)
-
-
 def _run(argv: list[str], out: Path, onednn: str = "1", timeout: int = 600) -> str:
     """Runs `argv` with stdout and stderr into the file `out`, with TF_ENABLE_ONEDNN_OPTS
     at `onednn`; returns its text."""
@@ -69,9 +56,7 @@ def _run(argv: list[str], out: Path, onednn: str = "1", timeout: int = 600) -> s
         )
     text = out.read_text()
     assert done.returncode == 0, text[-5000:]
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
-        text = _COMPILE_ONLY_CUDA_PLUGIN.sub("", text)
-    return text
+    return without_cuda_plugin_lines(text)
 
 
 def assert_readable(text: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from tests.support import REPO
+from tests.support import REPO, without_cuda_plugin_lines
 from volo_jax.errors import ConfigError
 from volo_jax.models import create_model
 from volo_jax.training.config import (
@@ -185,10 +185,7 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 def _own_lines(stderr: str) -> list[str]:
-    """stderr's lines without the compile-only CUDA plugin's start-up pair (the suite's
-    venv has it, see test_logs)."""
-    noise = ("absl::InitializeLog", "cudart_stub.cc")
-    return [line for line in stderr.splitlines() if not any(n in line for n in noise)]
+    return without_cuda_plugin_lines(stderr).splitlines()
 
 
 def test_a_missing_config_file_or_a_negative_batch_is_one_line(tmp_path):
