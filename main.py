@@ -51,7 +51,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, plus one line (not a stack trace) for a config file that does not
     exist, and for an override of a field that moved (naming its new place) or that the
     config lacks (for which ml_collections raises AttributeError or KeyError)."""
-    # Imported here, after the malloc restart: it imports JAX.
+    # Imported here, when the flags are parsed, not at the top: it imports JAX.
     from volo_jax.training.config import MOVED_FIELDS
 
     path = _config_file(argv)

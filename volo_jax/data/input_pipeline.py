@@ -216,7 +216,7 @@ def class_names(
         split_dir = pathlib.Path(dataset) / split
         if not split_dir.is_dir():
             _folder_split(pathlib.Path(dataset), split)  # raises, naming what is there
-        names = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+        names = _class_folders(split_dir)
     else:
         feature = _tfds_builder(dataset, data_dir).info.features[label_key]
         names = list(getattr(feature, "names", None) or [])
@@ -227,9 +227,14 @@ def class_names(
     return names
 
 
+def _class_folders(split_dir: pathlib.Path) -> list[str]:
+    """The class folders of ``split_dir``, sorted: their order is the labels'."""
+    return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+
+
 def _list_image_folder(split_dir: pathlib.Path) -> tuple[list[str], list[int]]:
     """Image paths under ``split_dir/<class>/`` and their labels, classes in sorted order."""
-    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    classes = _class_folders(split_dir)
     paths, labels = [], []
     for label, class_name in enumerate(classes):
         files = sorted(

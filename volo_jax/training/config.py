@@ -78,6 +78,15 @@ def _require_positive_sizes(config: ml_collections.ConfigDict) -> None:
             _require(value > 0, field, f"must be positive, got {value}")
 
 
+def _require_init_for_model(config: ml_collections.ConfigDict) -> None:
+    _require(
+        bool(config.init_from),
+        "init_from",
+        "the weights to start from are required (config.model is None: the model is the "
+        "one they hold)",
+    )
+
+
 def complete_config(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """Fills in what a config leaves to its weights and its data (configs/finetune.py):
     with config.model None, the model, its overrides and (if None) img_size from
@@ -91,12 +100,7 @@ def complete_config(config: ml_collections.ConfigDict, workdir: str | None) -> N
     )
     with config.unlocked():
         if config.model is None:
-            _require(
-                bool(config.init_from),
-                "init_from",
-                "the weights to start from are required (config.model is None: the model "
-                "is the one they hold)",
-            )
+            _require_init_for_model(config)
             _require(
                 weights_exist(config.init_from), "init_from", _weights_not_found(config.init_from)
             )
@@ -143,12 +147,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config.mode in MODES, "mode", f"must be one of {MODES}, got {config.mode!r}")
     _require_positive_sizes(config)
     if config.model is None:  # configs/finetune.py: `complete_config` takes it from init_from
-        _require(
-            bool(config.init_from),
-            "init_from",
-            "the weights to start from are required (config.model is None: the model is the "
-            "one they hold)",
-        )
+        _require_init_for_model(config)
         _require(False, "model", "None: complete_config(config) reads it from init_from")
     _require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {config.dtype!r}")
     precision = config.get("matmul_precision")
@@ -249,7 +248,6 @@ def _validate_training(config: ml_collections.ConfigDict, devices: int) -> None:
         f"{train.batch_size} must be divisible by train.grad_accum_steps x "
         f"batch devices (mesh data x fsdp) = {accum} x {devices}",
     )
-    _require(train.num_epochs > 0, "train.num_epochs", f"must be positive, got {train.num_epochs}")
     _require(train.cooldown_epochs >= 0, "train.cooldown_epochs", "must be >= 0")
     _require(
         0 <= train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}"
