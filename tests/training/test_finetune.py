@@ -17,20 +17,14 @@ import pytest
 from PIL import Image
 
 from tests.support import REPO
+from tests.support.small import smoke_config
 from volo_jax.models import create_model
+from volo_jax.training.config import weights_overrides
 from volo_jax.weights import read_metadata, save_weights
 
-#: The tiny VOLO of configs/default.py and configs/smoke.py's sizes, as weights trained
-#: on 32 x 32 digits (10 classes) would record it.
-TINY = {
-    "layers": (1, 1, 1, 1),
-    "embed_dims": (32, 64, 64, 64),
-    "num_heads": (1, 2, 2, 2),
-    "stem_hidden_dim": 16,
-    "mlp_ratio": 2.0,
-    "img_size": 32,
-    "num_classes": 10,
-}
+#: configs/smoke.py's tiny VOLO as weights trained by it on the 32 x 32 digits (10
+#: classes) record it.
+TINY = weights_overrides(smoke_config(**{"dataset.num_classes": 10}))
 TRAIN_CROPS, HELD_OUT_CROPS = 40, 15
 
 

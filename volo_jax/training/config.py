@@ -419,6 +419,12 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
     return overrides
 
 
+def weights_overrides(config: ml_collections.ConfigDict) -> dict:
+    """The constructor overrides that weights trained with `config` record (their
+    metadata): `model_overrides` without the compute dtype."""
+    return {k: v for k, v in model_overrides(config).items() if k != "dtype"}
+
+
 def teacher_overrides(config: ml_collections.ConfigDict) -> dict:
     """Constructor overrides of the online teacher: the architecture its weights record
     (their model.json), at the student's resolution and compute dtype."""

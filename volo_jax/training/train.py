@@ -59,6 +59,7 @@ from volo_jax.training.config import (
     teacher_overrides,
     token_grid,
     validate_config,
+    weights_overrides,
 )
 from volo_jax.training.losses import (
     ground_truth_mix,
@@ -615,12 +616,11 @@ def export_weights(config: ml_collections.ConfigDict, state: TrainState, directo
     }
     if jax.process_count() > 1:  # each process holds only its shards: gather whole arrays
         variables = multihost_utils.process_allgather(variables, tiled=True)
-    overrides = {k: v for k, v in model_overrides(config).items() if k != "dtype"}
     save_weights(
         directory,
         variables,
         config.model,
-        overrides,
+        weights_overrides(config),
         source=f"volo_jax training, step {int(state.step)}",
         **({"class_names": list(names)} if (names := config.dataset.class_names) else {}),
     )
