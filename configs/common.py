@@ -71,7 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # with AMX it is the fastest setting (docs/performance.md).
     config.matmul_precision = config_dict.placeholder(str)
     # XLA:CPU's instruction scheduler for the train step on a CPU ('default': XLA's choice,
-    # 'memory' or 'concurrency'; volo_jax.ops.cpu.CPU_SCHEDULERS, docs/performance.md);
+    # 'memory' or 'concurrency'; volo_jax.platforms.cpu.CPU_SCHEDULERS, docs/performance.md);
     # other platforms ignore it.
     config.cpu_scheduler = "default"
     # Weights to start from (a .safetensors file or a weights directory, as volo-jax-convert

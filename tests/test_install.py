@@ -41,7 +41,7 @@ CORE_MODULES = (
     "volo_jax.logs",
     "volo_jax.models",
     "volo_jax.ops",
-    "volo_jax.ops.cpu",
+    "volo_jax.platforms.cpu",
     "volo_jax.paths",
     "volo_jax.predict",
     "volo_jax.progress",

@@ -1,7 +1,7 @@
 """What a train step keeps for its backward: `layers.gelu` and `layers.TorchLayerNorm`
 keep only their input, `layers.softmax` only its output, the CPU convolution's weight
 gradient makes its copies of the input after the cotangent exists, and
-`ops.cpu.compiler_options` picks XLA:CPU's scheduler. Each memory check compares XLA:CPU's
+`platforms.cpu.compiler_options` picks XLA:CPU's scheduler. Each memory check compares XLA:CPU's
 plan (`memory_analysis().temp_size_in_bytes`) of a small gradient with the plan the plain
 JAX or flax version gets."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from volo_jax.layers import TorchLayerNorm, gelu, softmax
 from volo_jax.models import create_model
-from volo_jax.ops import cpu
+from volo_jax.platforms import cpu
 
 LAYERS = 8
 
@@ -31,6 +31,32 @@ def _weights(n: int, width: int) -> list[jax.Array]:
     return [jax.random.normal(k, (width, width)) / np.sqrt(width) for k in keys]
 
 
+def cpu_gelu(x):
+    """GELU as a model built for the CPU has it (the custom VJP keeping only x)."""
+    return gelu(x, "cpu")
+
+
+def cpu_softmax(x, axis=-1):
+    """Softmax as a model built for the CPU has it (the custom VJP keeping only y)."""
+    return softmax(x, axis, "cpu")
+
+
+@pytest.mark.parametrize("platform", [None, "gpu", "tpu", "cpu"])
+def test_only_the_cpu_takes_the_custom_vjps(platform):
+    """GELU, softmax and LayerNorm have their input-keeping backward passes only in a
+    model built for the CPU; elsewhere they are flax's and jax's own (autodiff)."""
+    x = jnp.ones((4, 8))
+    norm = TorchLayerNorm(platform=platform)
+    variables = nn.unbox(norm.init(jax.random.key(0), x))
+    for fn in (
+        lambda x: gelu(x, platform),
+        lambda x: softmax(x, -1, platform),
+        lambda x: norm.apply(variables, x),
+    ):
+        jaxpr = str(jax.make_jaxpr(fn)(x))
+        assert ("custom_vjp_call" in jaxpr) == (platform == "cpu"), jaxpr
+
+
 def test_gelu_is_exact_gelu_with_the_same_gradient():
     x = 3.0 * jax.random.normal(jax.random.key(1), (64, 300))
     g = jax.random.normal(jax.random.key(2), x.shape)
@@ -38,8 +64,8 @@ def test_gelu_is_exact_gelu_with_the_same_gradient():
     def exact(x):
         return nn.gelu(x, approximate=False)
 
-    np.testing.assert_array_equal(gelu(x), exact(x))
-    got = jax.jit(lambda x, g: jax.vjp(gelu, x)[1](g)[0])(x, g)
+    np.testing.assert_array_equal(cpu_gelu(x), exact(x))
+    got = jax.jit(lambda x, g: jax.vjp(cpu_gelu, x)[1](g)[0])(x, g)
     want = jax.jit(lambda x, g: jax.vjp(exact, x)[1](g)[0])(x, g)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -49,11 +75,11 @@ def test_softmax_is_jax_softmax_with_a_gradient_as_accurate():
     g = jax.random.normal(jax.random.key(4), x.shape)
     x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
     for axis in (-1, 1):
-        np.testing.assert_array_equal(softmax(x, axis), jax.nn.softmax(x, axis=axis))
+        np.testing.assert_array_equal(cpu_softmax(x, axis), jax.nn.softmax(x, axis=axis))
         e = np.exp(x64 - x64.max(axis, keepdims=True))
         y = e / e.sum(axis, keepdims=True)
         exact = y * (g64 - (g64 * y).sum(axis, keepdims=True))
-        ours = jax.vjp(lambda x, axis=axis: softmax(x, axis), x)[1](g)[0]
+        ours = jax.vjp(lambda x, axis=axis: cpu_softmax(x, axis), x)[1](g)[0]
         plain = jax.vjp(lambda x, axis=axis: jax.nn.softmax(x, axis=axis), x)[1](g)[0]
         error = np.abs(np.asarray(ours, np.float64) - exact).max()
         plain_error = np.abs(np.asarray(plain, np.float64) - exact).max()
@@ -70,7 +96,7 @@ def test_gelu_backward_keeps_only_the_input():
     x = jax.random.normal(jax.random.key(5), (512, 256))
     weights = _weights(LAYERS, 256)
     buffer = x.size * 4
-    ours = _temp_bytes(lambda x: _mlp_chain(gelu, x, weights), x)
+    ours = _temp_bytes(lambda x: _mlp_chain(cpu_gelu, x, weights), x)
     plain = _temp_bytes(
         lambda x: _mlp_chain(lambda h: nn.gelu(h, approximate=False), x, weights), x
     )
@@ -81,7 +107,7 @@ def test_gelu_backward_keeps_only_the_input():
 def test_layer_norm_is_flax_layer_norm_with_the_same_gradient():
     x = 2.0 * jax.random.normal(jax.random.key(10), (4, 10, 48)) + 1.0
     g = jax.random.normal(jax.random.key(11), x.shape)
-    ours, plain = TorchLayerNorm(), nn.LayerNorm(epsilon=1e-5)
+    ours, plain = TorchLayerNorm(platform="cpu"), nn.LayerNorm(epsilon=1e-5)
     variables = nn.unbox(ours.init(jax.random.key(12), x))
     variables = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.arange(p.size), variables)
     np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
@@ -100,7 +126,7 @@ def test_layer_norm_backward_keeps_only_the_input():
         variables = nn.unbox(norm.init(jax.random.key(0), x))
         return lambda x: _mlp_chain(lambda h: norm.apply(variables, jnp.tanh(h)), x, weights)
 
-    ours = _temp_bytes(chain(TorchLayerNorm()), x)
+    ours = _temp_bytes(chain(TorchLayerNorm(platform="cpu")), x)
     plain = _temp_bytes(chain(nn.LayerNorm(epsilon=1e-5)), x)
     # flax's keeps about one more tensor of x's size per norm (the centred input).
     assert ours <= plain - LAYERS // 2 * buffer, (ours / buffer, plain / buffer)
@@ -116,7 +142,7 @@ def test_softmax_backward_keeps_only_the_output():
     q = jax.random.normal(jax.random.key(6), (512, 256)) / 16
     weights = _weights(LAYERS, 256)
     weights_bytes = 512 * 512 * 4  # one layer's attention weights
-    ours = _temp_bytes(lambda q: _attention_chain(softmax, q, weights), q)
+    ours = _temp_bytes(lambda q: _attention_chain(cpu_softmax, q, weights), q)
     plain = _temp_bytes(lambda q: _attention_chain(jax.nn.softmax, q, weights), q)
     # Autodiff keeps the unnormalised exponentials besides the weights themselves.
     assert ours <= plain - LAYERS // 2 * weights_bytes, (
@@ -127,17 +153,19 @@ def test_softmax_backward_keeps_only_the_output():
 
 def test_stem_weight_gradient_copies_wait_for_the_cotangent():
     """The CPU weight gradient of VOLO's 3 x 3 stem convolutions copies their input nine
-    times (`ops.cpu._shifted_weight_grad`). Made as soon as the input exists, as XLA:CPU's
+    times (`platforms.cpu._shifted_weight_grad`). Made as soon as the input exists, as XLA:CPU's
     default scheduler did, the copies stayed alive with the whole network's residuals:
     37 stem activations of temporaries for this small VOLO, 16 with the copies made
-    after the cotangent (`ops.cpu._after`)."""
+    after the cotangent (`platforms.cpu.after`)."""
     size, batch = 64, 2
-    model = create_model("volo_d1_224", img_size=size, layers=(1, 1, 1, 1), num_classes=10)
+    model = create_model(
+        "volo_d1_224", platform="cpu", img_size=size, layers=(1, 1, 1, 1), num_classes=10
+    )
     images = jnp.zeros((batch, size, size, 3))
     variables = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1])))
 
     def loss(params, batch_stats):
-        (logits, aux), _ = cpu.cpu_kernels(model.apply)(
+        (logits, aux), _ = model.apply(
             {"params": params, "batch_stats": batch_stats},
             images,
             train=True,
@@ -146,7 +174,7 @@ def test_stem_weight_gradient_copies_wait_for_the_cotangent():
         )
         return logits.sum() + aux.sum()
 
-    step = jax.jit(cpu.for_platform(jax.grad(loss), "cpu"))
+    step = jax.jit(jax.grad(loss))
     compiled = step.lower(variables["params"], variables["batch_stats"]).compile()
     stem_activation = batch * (size // 2) ** 2 * 64 * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -166,7 +194,7 @@ def test_compiler_options_pick_the_cpu_scheduler():
     weights = _weights(LAYERS, 256)
     plans = {
         name: _temp_bytes(
-            lambda x: _mlp_chain(gelu, x, weights),
+            lambda x: _mlp_chain(cpu_gelu, x, weights),
             x,
             compiler_options=cpu.compiler_options("cpu", name),
         )

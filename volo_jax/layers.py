@@ -3,7 +3,12 @@
 Convolutions and BatchNorm with PyTorch's conventions (`conv2d`, `BatchNorm`,
 `ConvNormAct`, `get_act`), LayerNorm with PyTorch's epsilon, Dense layers with timm's
 init (`dense`), the MLP, stochastic depth and the pooled classifier head of the convnets;
-exact GELU and softmax whose backward passes keep one tensor each (`gelu`, `softmax`).
+exact GELU, softmax and LayerNorm.
+
+Every layer takes the `platform` its model is built for (`volo_jax.platforms`): for the
+CPU, `dense` and `conv2d` carry the CPU's products and convolutions in flax's injection
+points, and `gelu`, `softmax` and `TorchLayerNorm` have backward passes that keep one
+tensor each (`RULES[platform].recompute_in_backward`).
 
 Every parameter is made with its logical axes, one name a dimension (`with_axes`, flax's
 logical partitioning): 'embed' the model width, 'heads' and 'mlp' the dimensions tensor
@@ -25,7 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
-from jax import lax
+
+from volo_jax import platforms
+from volo_jax.platforms.cpu import after
 
 Dtype = Any
 Initializer = Callable[..., Any]
@@ -62,9 +69,11 @@ def dense(
     name: str | None = None,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
+    platform: str | None = None,
 ) -> nn.Dense:
     """`nn.Dense` whose kernel (in, out) has the logical `axes` and whose bias has the
-    output's; kernel init timm's truncated normal (std 0.02) unless given."""
+    output's; kernel init timm's truncated normal (std 0.02) unless given; `platform`'s
+    products."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -73,6 +82,7 @@ def dense(
         name=name,
         dtype=dtype,
         param_dtype=param_dtype,
+        dot_general=platforms.rules(platform).dot_general,
     )
 
 
@@ -88,9 +98,11 @@ def conv2d(
     param_dtype: Dtype = jnp.float32,
     kernel_init: Initializer = conv_init,
     bias_axis: str = "conv_bias",
+    platform: str | None = None,
 ) -> nn.Conv:
     """PyTorch's `Conv2d` in NHWC: symmetric padding, (k - 1) // 2 unless given; kernel
-    init He-normal over fan-out unless given. Kernel axes `CONV_AXES`, bias `bias_axis`.
+    init He-normal over fan-out unless given. Kernel axes `CONV_AXES`, bias `bias_axis`;
+    `platform`'s convolution.
 
     (B, H, W, C_in) -> (B, H', W', features), H' = (H + 2 padding - k) // stride + 1.
     """
@@ -107,11 +119,17 @@ def conv2d(
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
+        conv_general_dilated=platforms.rules(platform).conv_general_dilated,
     )
 
 
 def patchify(
-    features: int, patch: int, dtype: Dtype | None, param_dtype: Dtype, name: str
+    features: int,
+    patch: int,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    name: str,
+    platform: str | None = None,
 ) -> nn.Conv:
     """Non-overlapping patch projection: a conv with kernel = stride = `patch`, with bias
     (flax's default init); its bias goes with the width ('embed')."""
@@ -126,6 +144,7 @@ def patchify(
         param_dtype=param_dtype,
         kernel_init=nn.linear.default_kernel_init,
         bias_axis="embed",
+        platform=platform,
     )
 
 
@@ -146,26 +165,17 @@ class BatchNorm(nn.BatchNorm):
         return super().variable(col, name, init_fn, *init_args, **kw)
 
 
-def batch_norm(train: bool, name: str, dtype: Dtype | None, param_dtype: Dtype) -> BatchNorm:
-    """`BatchNorm` normalising with the batch's statistics when `train`, else the running ones."""
+def batch_norm(
+    train: bool,
+    name: str,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    platform: str | None = None,
+) -> BatchNorm:
+    """`BatchNorm` normalising with the batch's statistics when `train`, else the running
+    ones. It is the same on every platform; `platform` is taken with the other layer
+    settings (`dtype`, `param_dtype`) that modules pass on together."""
     return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def after(x: Any, token: jax.Array) -> Any:
-    """x (an array or a tree of arrays) made to depend on `token`: each leaf plus zero
-    times token's first element. The same values (-0.0 aside) wherever that element is
-    finite, NaN where it is not (a cotangent with a NaN or an infinity gives non-finite
-    gradients either way).
-
-    For a backward pass that recomputes from saved inputs: XLA:CPU drops optimization
-    barriers before it schedules (its barrier expander leaves no order behind), and its
-    default scheduler starts work that reads forward values alone as early as it can,
-    with the forward pass, keeping the recomputed tensors alive through the backward. A
-    data dependence on the cotangent is an order XLA keeps; it also keeps XLA from
-    merging the recomputation with the forward's (CSE).
-    """
-    zero = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(()) * 0
-    return jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
 
 
 @functools.cache
@@ -200,22 +210,25 @@ def _layer_norm_keeping_input(
 
 
 class TorchLayerNorm(nn.LayerNorm):
-    """PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm',
-    whose backward keeps only its input: autodiff of flax's LayerNorm keeps the centred
-    input and the normalised input scaled, two more tensors of x's size per norm (four
-    per VOLO block); here the backward recomputes them from x with the same operations.
-    Same parameters, values and gradients. (..., C) -> (..., C); a mask, or axes other
-    than the last, take flax's own path.
+    """PyTorch's LayerNorm (eps 1e-5; flax's default is 1e-6), scale and bias on 'norm'.
+    Built for a platform that recomputes in the backward (the CPU), its backward keeps
+    only its input: autodiff of flax's LayerNorm keeps the centred input and the
+    normalised input scaled, two more tensors of x's size per norm (four per VOLO
+    block); here the backward recomputes them from x with the same operations. Same
+    parameters, values and gradients. (..., C) -> (..., C); a mask, or axes other than
+    the last, take flax's own path.
     """
 
     epsilon: float = 1e-5
     scale_init: Initializer = with_axes(nn.initializers.ones, "norm")
     bias_init: Initializer = with_axes(nn.initializers.zeros, "norm")
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         plain = (
-            mask is None
+            platforms.rules(self.platform).recompute_in_backward
+            and mask is None
             and self.use_bias
             and self.use_scale
             and self.axis_name is None
@@ -241,9 +254,17 @@ def _gelu_erf(x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=False)
 
 
+def gelu(x: jax.Array, platform: str | None = None) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`; built for a platform that recomputes
+    in the backward, with `_gelu_keeping_input`'s backward. (...) -> (...)."""
+    if platforms.rules(platform).recompute_in_backward:
+        return _gelu_keeping_input(x)
+    return _gelu_erf(x)
+
+
 @jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as PyTorch's `nn.GELU()`, whose backward keeps only its input.
+def _gelu_keeping_input(x: jax.Array) -> jax.Array:
+    """Exact GELU whose backward keeps only its input.
 
     Autodiff of `nn.gelu(x, approximate=False)` keeps its two derivative terms (erfc and
     exp of the input, two more tensors of x's size per MLP) from the forward to the
@@ -264,11 +285,19 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return jax.vjp(_gelu_erf, after(x, g))[1](g)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_gelu_keeping_input.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def softmax(x: jax.Array, axis: int = -1, platform: str | None = None) -> jax.Array:
+    """`jax.nn.softmax(x, axis)`; built for a platform that recomputes in the backward,
+    with `_softmax_keeping_output`'s backward. (...) -> (...)."""
+    if platforms.rules(platform).recompute_in_backward:
+        return _softmax_keeping_output(x, axis)
+    return jax.nn.softmax(x, axis=axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+def _softmax_keeping_output(x: jax.Array, axis: int) -> jax.Array:
     """`jax.nn.softmax(x, axis)` whose backward reads only its output y:
     dx = y * (g - sum(g * y)). Autodiff of `jax.nn.softmax` reads the unnormalised
     exponentials and their sums instead, so a train step keeps both them and y (which the
@@ -288,7 +317,7 @@ def _softmax_bwd(axis: int, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
 
 
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_keeping_output.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -299,12 +328,15 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def get_act(name: str | None) -> Callable[[jax.Array], jax.Array]:
-    """An activation by name ('relu', 'silu', 'gelu'), or the identity for None / ''."""
+def get_act(name: str | None, platform: str | None = None) -> Callable[[jax.Array], jax.Array]:
+    """An activation by name ('relu', 'silu', 'gelu': `gelu` for `platform`), or the
+    identity for None / ''."""
     if not name:
         return lambda x: x
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}")
+    if name == "gelu":
+        return functools.partial(gelu, platform=platform)
     return _ACTIVATIONS[name]
 
 
@@ -324,6 +356,7 @@ class ConvNormAct(nn.Module):
     act: str | None = "relu"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -336,11 +369,12 @@ class ConvNormAct(nn.Module):
             self.groups,
             use_bias=not self.norm,
             name="conv",
+            platform=self.platform,
             **dt,
         )(x)
         if self.norm:
             x = batch_norm(train, "bn", **dt)(x)
-        return get_act(self.act)(x)
+        return get_act(self.act, self.platform)(x)
 
 
 class ClassifierHead(nn.Module):
@@ -353,6 +387,7 @@ class ClassifierHead(nn.Module):
     drop_rate: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
@@ -367,6 +402,7 @@ class ClassifierHead(nn.Module):
             name="fc",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            platform=self.platform,
         )(x)
 
 
@@ -396,13 +432,14 @@ class Mlp(nn.Module):
     drop: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         out_dim = self.out_dim or x.shape[-1]
         x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **dt)(x)
-        x = gelu(x)
+        x = gelu(x, self.platform)
         x = nn.Dropout(self.drop, deterministic=not train)(x)
         x = dense(out_dim, ("mlp", "embed"), name="fc2", **dt)(x)
         return nn.Dropout(self.drop, deterministic=not train)(x)

@@ -22,14 +22,14 @@ from volo_jax.cli import prog_name, run_cli
 from volo_jax.data.transforms import eval_transform, imagenet_class_names, load_image
 from volo_jax.logs import quiet_native_logs
 from volo_jax.models import create_model, pretrained_cfg
-from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.progress import Progress
 from volo_jax.weights import load_weights_into, read_metadata
 
 
 def load_classifier(weights: str, model_name: str | None = None) -> tuple[Any, dict, str]:
-    """(model, variables, model name) for a weights file or directory; `model_name` may
-    pick another resolution of the same variant (the position embedding is resized)."""
+    """(model, variables, model name) for a weights file or directory, the model built
+    for the default backend; `model_name` may pick another resolution of the same
+    variant (the position embedding is resized)."""
     meta = read_metadata(weights)
     name = model_name or meta["model"]
     pretrained_cfg(name)  # an unknown name fails with the list of known ones
@@ -56,10 +56,10 @@ BATCH_SIZE = 32
 PROGRESS_MIN_IMAGES = 8
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _probabilities(model: Any, device: jax.Device, variables: dict, batch: jax.Array) -> jax.Array:
-    """Class probabilities of a batch, traced for the platform of `device`."""
-    logits = for_platform(cpu_kernels(model.apply), device)(variables, batch)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _probabilities(model: Any, variables: dict, batch: jax.Array) -> jax.Array:
+    """Class probabilities of a batch."""
+    logits = model.apply(variables, batch)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -86,7 +86,7 @@ def predict(
         batch = np.zeros((batch_size, size, size, 3), np.float32)
         for i, im in enumerate(chunk):
             batch[i] = eval_transform(im, size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
-        probs = _probabilities(model, jax.devices()[0], variables, batch)
+        probs = _probabilities(model, variables, batch)
         out.append(np.asarray(probs)[: len(chunk)])
         if progress is not None:
             progress.update(len(chunk))

@@ -1,6 +1,6 @@
-"""volo_jax.ops.cpu: the CPU's product rules (float32 unchanged; low precision accumulated
-in float32, forward and backward), and `cpu_kernels`, which applies them where a function
-is lowered for the CPU."""
+"""volo_jax.platforms.cpu: the CPU's product rules (float32 unchanged; low precision
+accumulated in float32, forward and backward), and the layers built for the CPU, which
+carry them through flax's injection points."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 from jax import lax
 
 from tests.support import programs
-from volo_jax.ops import cpu
+from volo_jax import layers
+from volo_jax.ops.attention import Attention
+from volo_jax.platforms import cpu
 
 SPECS = [
     "bhqd,bhkd->bhqk",  # attention logits (contract the minor dims)
@@ -85,12 +87,12 @@ def test_no_bfloat16_output_products_on_the_cpu():
     CPU's matrix-unit path), never a bf16-output dot."""
     if jax.default_backend() != "cpu":
         pytest.skip("the rule applies on the CPU")
-    layer = nn.Dense(16, dtype=jnp.bfloat16)
+    layer = nn.Dense(16, dtype=jnp.bfloat16, dot_general=cpu.dot_general)
     x = jnp.ones((2, 8, 12))
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
 
     def loss(p, x):
-        return jnp.sum(cpu.cpu_kernels(layer.apply)(p, x).astype(jnp.float32))
+        return jnp.sum(layer.apply(p, x).astype(jnp.float32))
 
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).as_text(dialect="hlo")
     dots = re.findall(r"= (\w+)\[[^\]]*\][^ ]* dot\(", hlo)
@@ -111,20 +113,19 @@ def _compiled_dot_operand_dtypes(compiled_hlo: str) -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_low_precision_products_stay_low_precision_after_compilation(dtype):
-    """Every product of a Dense layer's forward and backward and of attention reaches the
+    """Every product of an attention layer's forward and backward (its Dense layers and
+    its weights) reaches the
     CPU's matrix unit with bf16 operands: XLA folds a transposed operand into a dot's
     dimension numbers and then upcasts that dot to float32, which `_product_f32` must
     prevent (bf16 layers, and float32 layers under matmul precision 'bfloat16')."""
     if jax.default_backend() != "cpu":
         pytest.skip("the rule applies on the CPU")
-    layer = nn.Dense(384, dtype=dtype)
+    layer = Attention(192, 6, dtype=dtype, platform="cpu")
     x = jnp.ones((8, 196, 192))
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
 
-    @cpu.cpu_kernels
     def forward(p, x):
-        y = layer.apply(p, x).reshape(8, 196, 12, 32)
-        return jax.nn.dot_product_attention(y, y, y)
+        return layer.apply(p, x)
 
     def loss(p, x):
         return jnp.sum(forward(p, x).astype(jnp.float32))
@@ -347,19 +348,22 @@ def test_float32_gradients_are_not_rounded_to_bfloat16(spec):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("platform", ["cpu", "tpu"])
-def test_for_platform_takes_one_branch_while_tracing(platform):
-    """Inside `for_platform`, `cpu_kernels` decides at trace time: one branch in the
-    program (no `case` over platforms), the CPU's rules only for 'cpu'."""
-    layer = nn.Dense(8, dtype=jnp.bfloat16)
-    x = jnp.ones((2, 4))
-    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
-    forward = cpu.cpu_kernels(layer.apply)
-    decided = jax.jit(cpu.for_platform(forward, platform)).trace(params, x).jaxpr
-    undecided = jax.jit(forward).trace(params, x).jaxpr
-    assert "platform_index" in str(undecided)
-    assert "platform_index" not in str(decided)
-    text = jax.export.export(jax.jit(cpu.for_platform(forward, platform)), platforms=[platform])(
+@pytest.mark.parametrize("platform", ["cpu", "tpu", None])
+def test_a_layer_carries_the_cpu_rules_only_when_built_for_the_cpu(platform):
+    """`layers.dense` and `layers.conv2d` built for a platform trace one program, with
+    no choice among platforms left in it, and the CPU's rules (their name scope) only
+    when that platform is the CPU."""
+    x = jnp.ones((2, 8, 8, 4))
+    model = nn.Sequential(
+        [
+            layers.conv2d(8, 3, dtype=jnp.bfloat16, platform=platform),
+            layers.dense(8, ("embed", "mlp"), dtype=jnp.bfloat16, platform=platform),
+        ]
+    )
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+    jaxpr = str(jax.jit(model.apply).trace(params, x).jaxpr)
+    assert "platform_index" not in jaxpr
+    text = jax.export.export(jax.jit(model.apply), platforms=[platform or "tpu"])(
         params, x
     ).mlir_module()
-    assert ("/cpu_branch/" in text) == (platform == "cpu")
+    assert (f"/{cpu.SCOPE}/" in text) == (platform == "cpu")

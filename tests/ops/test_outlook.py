@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from volo_jax import platforms
 from volo_jax.errors import ConfigError
-from volo_jax.ops import cpu
+from volo_jax.models import create_model
 from volo_jax.ops.outlook import (
-    ACCELERATOR_IMPLEMENTATION,
-    ACCELERATOR_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     TPU_FALLBACK,
     OutlookAttention,
@@ -154,45 +153,32 @@ def test_layer_gradients_equal_the_reference(impl):
     )
 
 
-def test_auto_is_the_cpu_choice_only_where_lowered_for_the_cpu():
-    """`impl="auto"` resolves while tracing: to the CPU module's choice in
-    `cpu_kernels`' CPU branch, to each accelerator's own where the jit boundary names it
-    (`for_platform`, as the trainer), and to the all-platform choice elsewhere."""
-    seen = []
-
-    def trace(x):
-        seen.append(resolve_implementation("auto"))
-        return x
-
-    assert resolve_implementation("auto") == ACCELERATOR_IMPLEMENTATION
-    jax.jit(cpu.cpu_kernels(trace)).lower(jnp.zeros(2))
-    assert sorted(seen) == sorted([cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION])
-    for platform, expected in [("tpu", "tpu"), ("gpu", "cuda"), ("cuda", "cuda")]:
-        seen.clear()
-        cpu.for_platform(trace, platform)(jnp.zeros(2))
-        assert seen == [ACCELERATOR_IMPLEMENTATIONS[expected]]
-    implementations = {cpu.OUTLOOK_IMPLEMENTATION, ACCELERATOR_IMPLEMENTATION}
-    assert implementations | set(ACCELERATOR_IMPLEMENTATIONS.values()) <= set(IMPLEMENTATIONS)
+def test_auto_is_the_choice_of_the_platform_a_model_is_built_for():
+    """`impl="auto"` is the platform's entry of `platforms.RULES` (a model built for no
+    platform: the implementation that is plain XLA everywhere); `create_model` resolves
+    it for the platform it builds for."""
+    assert resolve_implementation("auto", None) == "slices"
+    assert resolve_implementation("auto", "cpu") == "planes"
+    for platform in ("gpu", "tpu"):
+        assert resolve_implementation("auto", platform) == "pallas"
+    assert {r.outlook_impl for r in platforms.RULES.values()} <= set(IMPLEMENTATIONS)
+    for where, expected in [("cpu", "planes"), ("tpu", "pallas"), ("cuda", "pallas")]:
+        model = create_model("volo_d1_224", platform=where)
+        assert (model.outlook_impl, model.platform) == (expected, platforms.platform_of(where))
+    assert create_model("volo_d1_224", platform="tpu", outlook_impl="slices").outlook_impl == (
+        "slices"
+    )
     with pytest.raises(ValueError, match="unknown outlook attention implementation"):
-        resolve_implementation("fast")
+        resolve_implementation("fast", "cpu")
 
 
 def test_tpus_without_the_kernels_products_take_the_fallback():
     """Mosaic on TPU v2 / v3 has no bf16 matrix products (compile-tested): there 'auto'
     is the fallback and an explicit 'pallas' a config error naming the chip."""
-
-    class Device:  # what for_platform reads of a jax.Device
-        platform = "tpu"
-
-        def __init__(self, kind: str):
-            self.device_kind = kind
-
-    seen = []
-    cpu.for_platform(lambda: seen.append(resolve_implementation("auto")), Device("TPU v2"))()
-    cpu.for_platform(lambda: seen.append(resolve_implementation("auto")), Device("TPU v5"))()
-    assert seen == [TPU_FALLBACK, ACCELERATOR_IMPLEMENTATIONS["tpu"]]
+    assert resolve_implementation("auto", "tpu", "TPU v2") == TPU_FALLBACK
+    assert resolve_implementation("auto", "tpu", "TPU v5 lite") == "pallas"
     with pytest.raises(ConfigError, match="needs TPU v4 or newer: Mosaic on TPU v3"):
-        cpu.for_platform(lambda: resolve_implementation("pallas"), Device("TPU v3"))()
+        resolve_implementation("pallas", "tpu", "TPU v3")
 
 
 PLANE_GEOMETRIES = [

@@ -1,15 +1,17 @@
-"""Choices made for the platform being lowered, not for the host that traces.
+"""A model is built for one platform, explicitly, and traces that platform's program.
 
-Exporting for a TPU or a GPU from this CPU host must give the program that platform's own
-host would trace, with none of the CPU's kernels (`volo_jax.ops.cpu`) in it. A host of
-another platform is imitated by patching `jax.default_backend`, which is what code that
-(wrongly) chose by the tracing host would read.
+A model built on this CPU host for a TPU or a GPU (`create_model(..., platform=...)`)
+must give the program that platform's own host would build by default, with none of
+the CPU's rules (`volo_jax.platforms.cpu`) in it. A host of another platform is
+imitated by patching `jax.default_backend`, which `create_model(platform=None)` reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -18,21 +20,31 @@ import pytest
 
 from configs.smoke import get_config
 from volo_jax.models import create_model
-from volo_jax.ops.cpu import cpu_kernels, for_platform
+from volo_jax.platforms import cpu
 from volo_jax.training import train
 from volo_jax.training.config import model_overrides
 
-CPU_SCOPE = "/cpu_branch/"  # in the op names of `cpu_kernels`' CPU branch
+CPU_SCOPE = f"/{cpu.SCOPE}/"  # in the op names of the CPU's rules
 
 
-def _module_text(fn, args, platform: str, host: str | None = None) -> str:
-    """`jax.export` of `fn` for `platform` as StableHLO text, traced as if on `host`."""
-    jitted = jax.jit(fn)  # a fresh function: jit's trace cache ignores the backend
-    if host is None:
-        return jax.export.export(jitted, platforms=[platform])(*args).mlir_module()
+@contextlib.contextmanager
+def _host(backend: str | None) -> Iterator[None]:
+    """As if on a host whose default backend is `backend` (None: this host)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jax, "default_backend", lambda: host)
-        return jax.export.export(jitted, platforms=[platform])(*args).mlir_module()
+        if backend is not None:
+            patch.setattr(jax, "default_backend", lambda: backend)
+        yield
+
+
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+#: The Triton call of the GPU kernel has no export compatibility guarantee; allowed here.
+TRITON = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
+
+
+def _module_text(fn, args, platform: str) -> str:
+    """`jax.export` of `fn` for `platform` as StableHLO text."""
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=TRITON)
+    return exported(*args).mlir_module()
 
 
 def _ops(text: str) -> list[str]:
@@ -40,21 +52,21 @@ def _ops(text: str) -> list[str]:
     return re.findall(r"\b(?:stablehlo|chlo|func|sdy|mhlo)\.[\w.]+", text)
 
 
-def _forward_case():
-    model = create_model("volo_d1_224", dtype=jnp.bfloat16)
+def _forward_case(platform: str | None):
+    model = create_model("volo_d1_224", platform=platform, dtype=jnp.bfloat16)
     variables = nn.unbox(
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
     )
     images = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
-    return cpu_kernels(model.apply), (variables, images)
+    return model.apply, (variables, images)
 
 
-def _train_step_case(outlook_impl: str = "auto"):
+def _train_step_case(platform: str | None, outlook_impl: str = "auto"):
     """The smoke config's train step and abstract (state, batch, teacher) arguments."""
     config = get_config()
     config.dataset.num_classes = 10
     config.model_overrides.outlook_impl = outlook_impl
-    model = create_model(config.model, **model_overrides(config))
+    model = create_model(config.model, platform=platform, **model_overrides(config))
     state, _ = train.abstract_train_state(config, model, steps_per_epoch=10)
     size = model.img_size
     batch = {
@@ -72,37 +84,28 @@ CASES = {"volo_d1_224 forward (bf16)": _forward_case, "train step": _train_step_
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_for_an_accelerator_is_what_its_host_would_trace(case, platform):
-    fn, args = CASES[case]()
-    from_cpu = _module_text(fn, args, platform)
-    as_its_host = _module_text(fn, args, platform, host="gpu" if platform == "cuda" else platform)
-    assert CPU_SCOPE not in from_cpu, f"the CPU's kernels are in the {platform} program"
+def test_a_model_built_here_for_an_accelerator_is_what_its_host_builds(case, platform):
+    from_cpu = _module_text(*CASES[case](platform), platform)
+    with _host("gpu" if platform == "cuda" else platform):
+        as_its_host = _module_text(*CASES[case](None), platform)
+    assert CPU_SCOPE not in from_cpu, f"the CPU's rules are in the {platform} program"
     assert _ops(from_cpu) == _ops(as_its_host)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_the_cpu_program_runs_the_cpu_kernels(case):
-    """The same function lowered for the CPU does take the CPU branch: the check above
-    can fail."""
-    fn, args = CASES[case]()
-    text = _module_text(fn, args, "cpu")
+def test_a_model_built_for_the_cpu_runs_the_cpu_rules(case):
+    """The same model built for the CPU (this host's default) does hold the CPU's rules:
+    the check above can fail."""
+    text = _module_text(*CASES[case](None), "cpu")
     assert CPU_SCOPE in text
-    assert _ops(text) != _ops(_module_text(fn, args, "tpu"))
-
-
-KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+    assert _ops(text) != _ops(_module_text(*CASES[case]("tpu"), "tpu"))
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_train_step_with_the_pallas_kernel_lowers(platform):
     """The whole train step with `outlook_impl="pallas"`, as the trainer builds it for
     devices of `platform`, lowers with the compiled kernel (not the interpreter)."""
-    step, args = _train_step_case("pallas")
-    checks = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
-    exported = jax.export.export(
-        jax.jit(for_platform(step, platform)), platforms=[platform], disabled_checks=checks
-    )(*args)
-    text = exported.mlir_module()
+    text = _module_text(*_train_step_case(platform, "pallas"), platform)
     # One outlooker block: the forward kernel, and the forward again plus the backward
     # kernels in the gradient.
     assert text.count(KERNEL_CALLS[platform]) >= 2

@@ -52,7 +52,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_bfloat16_matmul_precision_learns_with_float32_state():
     """config.matmul_precision='bfloat16': a float32 model whose products take bf16
-    operands on the CPU (ops/cpu.py); the state stays float32 and it still learns."""
+    operands on the CPU (platforms/cpu.py); the state stays float32 and it still learns."""
     config = tiny_config(
         matmul_precision="bfloat16", **{"token_label.mix_token": False, "optim.warmup_epochs": 0}
     )
@@ -166,7 +166,7 @@ def test_teacher_targets_and_init_from(tmp_path):
     )
     config.teacher.model = config.model  # its architecture comes from the weights' model.json
     config.teacher.init_from = str(tmp_path / "teacher")
-    teacher, teacher_vars = train.load_teacher(config)
+    teacher, teacher_vars = train.load_teacher(config, create_mesh(config.mesh))
     batch = fixed_batch()
     opts = dataclasses.replace(train.StepOptions.from_config(config), label_smoothing=0.1)
     cls, dense = jax.jit(lambda b, v: train.compute_targets(b, opts, teacher, v))(

@@ -33,10 +33,11 @@ class TieredStem(nn.Module):
     act: str = "relu"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         chs = (3 * self.out_chs // 8, self.out_chs // 2, self.out_chs)
         strides = (2, 1, 1 if self.pool else 2)
         for i, (c, s) in enumerate(zip(chs, strides, strict=True)):
@@ -59,17 +60,18 @@ class BottleneckBlock(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         mid = make_divisible(self.out_chs * self.bottle_ratio)
         shortcut = _shortcut(x, self.out_chs, self.stride, train, dt)
         x = ConvNormAct(mid, 1, act=self.act, name="conv1_1x1", **dt)(x, train)
         x = ConvNormAct(mid, 3, self.stride, act=self.act, name="conv2_kxk", **dt)(x, train)
         x = ConvNormAct(self.out_chs, 1, act=None, name="conv3_1x1", **dt)(x, train)
         x = DropPath(self.drop_path, name="drop_path")(x, train)
-        return get_act(self.act)(x + shortcut)
+        return get_act(self.act, self.platform)(x + shortcut)
 
 
 class SelfAttnBlock(nn.Module):
@@ -87,10 +89,11 @@ class SelfAttnBlock(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         mid = make_divisible(self.out_chs * self.bottle_ratio)
         block_size, halo_size, num_heads = self.halo
         shortcut = _shortcut(x, self.out_chs, self.stride, train, dt)
@@ -104,10 +107,10 @@ class SelfAttnBlock(nn.Module):
             name="self_attn",
             **dt,
         )(x)
-        x = get_act(self.act)(batch_norm(train, "post_attn", **dt)(x))
+        x = get_act(self.act, self.platform)(batch_norm(train, "post_attn", **dt)(x))
         x = ConvNormAct(self.out_chs, 1, act=None, name="conv3_1x1", **dt)(x, train)
         x = DropPath(self.drop_path, name="drop_path")(x, train)
-        return get_act(self.act)(x + shortcut)
+        return get_act(self.act, self.platform)(x + shortcut)
 
 
 def _shortcut(x: jax.Array, out_chs: int, stride: int, train: bool, dt: dict) -> jax.Array:
@@ -149,6 +152,7 @@ class HaloNet(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @property
     def block_counts(self) -> tuple[int, ...]:
@@ -166,7 +170,7 @@ class HaloNet(nn.Module):
         for field in ("halo_cfgs", "stage_channels", "stage_strides"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"HaloNet: {field} needs one entry per stage ({n})")
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         self.stem = TieredStem(self.stem_chs, self.stem_pool, self.act, **dt)
         depths = [len(b) for b in self.stage_blocks]
         rates = np.split(np.linspace(0.0, self.drop_path_rate, sum(depths)), np.cumsum(depths)[:-1])

@@ -45,10 +45,11 @@ class RedBottleneck(nn.Module):
     impl: str = "slices"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         mid = self.out_chs // self.expansion
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.out_chs:
@@ -77,10 +78,11 @@ class RedNetBackbone(nn.Module):
     impl: str = "slices"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         half = self.stem_channels // 2
         x = ConvNormAct(half, 3, 2, name="stem_0", **dt)(x, train)
         x = Involution(half, 3, 1, impl=self.impl, name="stem_1", **dt)(x, train)
@@ -118,6 +120,7 @@ class RedNet(nn.Module):
     impl: str = "slices"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @property
     def block_counts(self) -> tuple[int, ...]:
@@ -132,7 +135,7 @@ class RedNet(nn.Module):
         return tuple(self.base_channels * 4 * 2**i for i in range(len(self.depths)))
 
     def setup(self) -> None:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         self.backbone = RedNetBackbone(
             tuple(self.depths), self.stem_channels, self.base_channels, impl=self.impl, **dt
         )

@@ -1,7 +1,8 @@
 """Model registry: timm's model names, their constructors and pretrained configs.
 
 `create_model('volo_d1_224', num_classes=10, dtype=jnp.bfloat16)` builds the Flax
-module; `pretrained_cfg(name)` gives the preprocessing its weights expect.
+module for the platform it will run on; `pretrained_cfg(name)` gives the preprocessing
+its weights expect.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import flax.linen as nn
 
+from volo_jax import platforms
 from volo_jax.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from volo_jax.errors import ConfigError, UnknownModelError
+from volo_jax.ops.outlook import resolve_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +98,25 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Builds a registered model; `overrides` replace any constructor argument."""
+def create_model(name: str, platform: platforms.Where = None, **overrides: Any) -> nn.Module:
+    """Builds a registered model for `platform`; `overrides` replace any constructor
+    argument.
+
+    `platform`: the platform the model will run on, or the device, devices or mesh it
+    will run on ('cpu', 'gpu', 'tpu', a `jax.Device`, a `Mesh`; None: the default
+    backend's). It picks the products, outlook attention and backward passes the model
+    is traced with (`volo_jax.platforms.RULES`), so `jax.jit(model.apply)` runs that
+    platform's fast path; an outlook attention of 'auto' is resolved here, for the
+    devices' kind where they are given (`ops.outlook.resolve_implementation`).
+    """
     entry = _entry(name)
-    return entry.module(**model_kwargs(name, **overrides))
+    kwargs = model_kwargs(name, **overrides)
+    fields = {f.name: f for f in dataclasses.fields(entry.module)}
+    target = platforms.platform_of(platform)
+    if "platform" in fields:
+        kwargs["platform"] = target
+    if "outlook_impl" in fields:
+        impl = kwargs.get("outlook_impl", fields["outlook_impl"].default)
+        kind = platforms.device_kind_of(platform)
+        kwargs["outlook_impl"] = resolve_implementation(impl, target, kind)
+    return entry.module(**kwargs)

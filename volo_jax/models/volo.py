@@ -40,6 +40,7 @@ JAX_ONLY_FIELDS = (
     "token_mixer_kwargs",
     "dtype",
     "param_dtype",
+    "platform",
 )
 
 #: Token mixers the outlooker stage can use (`VOLO(token_mixer=...)`): `TOKEN_MIXERS`.
@@ -58,10 +59,11 @@ class PatchEmbed(nn.Module):
     stem_stride: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         # Names follow the torch Sequential: conv.0, conv.1 (BN), conv.2 (ReLU), ...; the
         # convolutions keep flax's default init (timm leaves PyTorch's).
         conv = dict(kernel_init=nn.linear.default_kernel_init, **dt)
@@ -72,7 +74,9 @@ class PatchEmbed(nn.Module):
         x = conv2d(self.hidden_dim, 3, 1, 1, name="conv_6", **conv)(x)
         x = nn.relu(batch_norm(train, "conv_7", **dt)(x))
         k = self.patch_size // self.stem_stride
-        return patchify(self.embed_dim, k, self.dtype, self.param_dtype, name="proj")(x)
+        return patchify(
+            self.embed_dim, k, self.dtype, self.param_dtype, name="proj", platform=self.platform
+        )(x)
 
 
 class Downsample(nn.Module):
@@ -82,17 +86,25 @@ class Downsample(nn.Module):
     patch_size: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return patchify(self.out_dim, self.patch_size, self.dtype, self.param_dtype, name="proj")(x)
+        return patchify(
+            self.out_dim,
+            self.patch_size,
+            self.dtype,
+            self.param_dtype,
+            name="proj",
+            platform=self.platform,
+        )(x)
 
 
 def _mixer_mlp_residuals(block: Any, mixer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     """`x + DP(mixer(LN(x)))`, then `x + DP(MLP(LN(x)))`, with timm's names (norm1,
     norm2, mlp, drop_path1/2), called from `block`'s compact `__call__`. `block`
-    supplies dim, mlp_ratio, drop_path, dtype and param_dtype."""
-    dt = dict(dtype=block.dtype, param_dtype=block.param_dtype)
+    supplies dim, mlp_ratio, drop_path, dtype, param_dtype and platform."""
+    dt = dict(dtype=block.dtype, param_dtype=block.param_dtype, platform=block.platform)
     y = mixer(TorchLayerNorm(name="norm1", **dt)(x), train)
     x = x + DropPath(block.drop_path, name="drop_path1")(y, train)
     y = Mlp(int(block.dim * block.mlp_ratio), name="mlp", **dt)(
@@ -124,6 +136,7 @@ class Outlooker(nn.Module):
     token_mixer_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     def _mixer(self) -> nn.Module:
         settings = dict(
@@ -137,7 +150,7 @@ class Outlooker(nn.Module):
         mixer = TOKEN_MIXERS[self.token_mixer]
         kwargs = {k: settings[k] for k in mixer.block_settings}
         kwargs.update(self.token_mixer_kwargs)
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         return mixer(self.dim, self.num_heads, name="attn", **kwargs, **dt)
 
     @nn.compact
@@ -156,10 +169,11 @@ class Transformer(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt)
         return _mixer_mlp_residuals(self, attn, x, train)
 
@@ -175,10 +189,11 @@ class ClassAttention(nn.Module):
     proj_drop: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         b, n, _ = x.shape
         head_dim = self.head_dim or self.dim // self.num_heads
         inner = head_dim * self.num_heads
@@ -189,7 +204,7 @@ class ClassAttention(nn.Module):
         q = dense(inner, ("embed", "heads"), name="q", **in_proj)(x[:, :1])
         q = q.reshape(b, 1, self.num_heads, head_dim)
         attn_drop = nn.Dropout(self.attn_drop, deterministic=not train)
-        cls = dot_product_attention(q, k, v, attn_drop).reshape(b, 1, inner)
+        cls = dot_product_attention(q, k, v, attn_drop, self.platform).reshape(b, 1, inner)
         cls = dense(self.dim, ("heads", "embed"), name="proj", **dt)(cls)
         return nn.Dropout(self.proj_drop, deterministic=not train)(cls)
 
@@ -210,10 +225,11 @@ class ClassBlock(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         attn = ClassAttention(
             self.dim,
             self.num_heads,
@@ -339,8 +355,10 @@ class VOLO(nn.Module):
     group's mirror image (see `mix_tokens`); the aux logits are un-mixed before they
     are returned.
     RNG streams: 'dropout' (dropout and stochastic depth) when training.
-    `outlook_impl` picks how outlook attention runs ('auto': the backend's fastest,
-    see `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same.
+    `platform` is the platform the model is built for (`volo_jax.platforms`; None: none
+    in particular), which `create_model` fills from the devices; `outlook_impl` picks
+    how outlook attention runs ('auto': the platform's, see
+    `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same either way.
     `token_mixer` swaps outlook attention in the outlooker stage for another local
     operator (`MIXER_NAMES`), the ablation of the paper; `token_mixer_kwargs`
     ((name, value) pairs, or a dict through `create_model`) override its defaults,
@@ -373,10 +391,11 @@ class VOLO(nn.Module):
     token_mixer_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     def setup(self) -> None:
         self._check()
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         self.patch_embed = PatchEmbed(
             self.stem_hidden_dim, self.embed_dims[0], self.patch_size, stem_stride=2, **dt
         )

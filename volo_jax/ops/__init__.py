@@ -6,7 +6,8 @@ Window primitives: `geometry.py` (the window geometry every primitive shares),
 `outlook.py` and `outlook_pallas.py` (outlook attention; its Pallas kernels, whose
 platform code is in `tpu/` (Mosaic) and `gpu/` (Triton)),
 `attention.py` (global self-attention), `halo.py`, `involution.py`, `dwconv.py`,
-`window.py`; `cpu.py` (what a program runs where it is lowered for the CPU).
+`window.py`. Each module takes the `platform` its model is built for
+(`volo_jax.platforms`).
 
 `TOKEN_MIXERS` is the one registry of token mixers: VOLO's outlooker stage builds its
 mixer from it (`VOLO(token_mixer=...)`).

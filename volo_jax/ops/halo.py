@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from volo_jax import platforms
 from volo_jax.layers import conv2d, dense, with_axes
 from volo_jax.ops.patches import unfold
 
@@ -32,7 +33,9 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def relative_logits(q: jax.Array, height_rel: jax.Array, width_rel: jax.Array) -> jax.Array:
+def relative_logits(
+    q: jax.Array, height_rel: jax.Array, width_rel: jax.Array, platform: str | None = None
+) -> jax.Array:
     """Relative position logits of queries in a block against keys in its window.
 
     For a query at (y, x) of the block and a key at (ky, kx) of the window:
@@ -42,14 +45,15 @@ def relative_logits(q: jax.Array, height_rel: jax.Array, width_rel: jax.Array) -
     Args:
       q: (..., bq, bq, d), queries of one block laid out on their grid.
       height_rel, width_rel: (2 * win - 1, d).
+      platform: the platform the products are for (`volo_jax.platforms`).
     Returns:
       (..., bq * bq, win * win).
     """
     bq = q.shape[-2]
     win = (height_rel.shape[0] + 1) // 2
     index = np.arange(win)[None, :] - np.arange(bq)[:, None] + win - 1  # (bq, win)
-    rel_h = jnp.einsum("...yxd,ykd->...yxk", q, height_rel[index].astype(q.dtype))
-    rel_w = jnp.einsum("...yxd,xkd->...yxk", q, width_rel[index].astype(q.dtype))
+    rel_h = platforms.einsum("...yxd,ykd->...yxk", q, height_rel[index].astype(q.dtype), platform)
+    rel_w = platforms.einsum("...yxd,xkd->...yxk", q, width_rel[index].astype(q.dtype), platform)
     rel = rel_h[..., :, None] + rel_w[..., None, :]  # (..., bq, bq, win, win)
     return rel.reshape(*q.shape[:-3], bq * bq, win * win)
 
@@ -60,6 +64,7 @@ class PosEmbedRel(nn.Module):
     win_size: int
     dim_head: int
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, q: jax.Array) -> jax.Array:
@@ -68,7 +73,7 @@ class PosEmbedRel(nn.Module):
         shape = (2 * self.win_size - 1, self.dim_head)
         height_rel = self.param("height_rel", init, shape, self.param_dtype)
         width_rel = self.param("width_rel", init, shape, self.param_dtype)
-        return relative_logits(q, height_rel, width_rel)
+        return relative_logits(q, height_rel, width_rel, self.platform)
 
 
 class HaloAttn(nn.Module):
@@ -100,6 +105,7 @@ class HaloAttn(nn.Module):
     proj: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -127,6 +133,7 @@ class HaloAttn(nn.Module):
             kernel_init=nn.initializers.truncated_normal(self.dim**-0.5),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            platform=self.platform,
         )
         q = conv2d(heads * dqk, 1, q_stride, name="q", **conv)(x)
         kv = conv2d(heads * (dqk + dv), 1, name="kv", **conv)(x)
@@ -139,18 +146,19 @@ class HaloAttn(nn.Module):
         k, v = windows[..., :dqk], windows[..., dqk:]
 
         scale = dqk**-0.5
-        logits = jnp.einsum("bijnyxd,bijknd->bijnyxk", q, k).reshape(
+        logits = platforms.einsum("bijnyxd,bijknd->bijnyxk", q, k, self.platform).reshape(
             b, nh, nw, heads, bq * bq, win * win
         )
-        rel = PosEmbedRel(win, dqk, self.param_dtype, name="pos_embed")(q)
+        rel = PosEmbedRel(win, dqk, self.param_dtype, self.platform, name="pos_embed")(q)
         logits = (logits + rel) * scale if self.scale_pos_embed else logits * scale + rel
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bijnqk,bijknd->bijqnd", attn, v)  # (B, nh, nw, bq*bq, heads, dv)
+        out = platforms.einsum("bijnqk,bijknd->bijqnd", attn, v, self.platform)
+        # out: (B, nh, nw, bq*bq, heads, dv)
         out = out.reshape(b, nh, nw, bq, bq, heads * dv).transpose(0, 1, 3, 2, 4, 5)
         out = out.reshape(b, nh * bq, nw * bq, heads * dv)
         if use_pool:
             out = nn.avg_pool(out, (2, 2), (2, 2))
         if self.proj:
-            dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
             out = dense(dim_out, ("heads", "embed"), name="proj", **dt)(out)
         return out

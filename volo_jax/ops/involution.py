@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from volo_jax import platforms
 from volo_jax.layers import ConvNormAct, dense
 from volo_jax.ops.patches import unfold
 from volo_jax.ops.slices import window_slices
@@ -33,6 +34,7 @@ def involution_aggregate(
     padding: int = 0,
     dilation: int = 1,
     impl: str = "slices",
+    platform: str | None = None,
 ) -> jax.Array:
     """Applies per-position, per-group kernels to the K x K windows of `x`.
 
@@ -41,6 +43,7 @@ def involution_aggregate(
       kernels: (B, h, w, G, K*K), h, w the window grid of `unfold(x, K, stride, padding)`.
       impl: 'slices' (a running multiply-add over the K*K strided views of `x`; its
         gradient is pads and slices only) or 'unfold' (materialised windows, einsum).
+      platform: the platform 'unfold''s product is for (`volo_jax.platforms`).
     Returns:
       (B, h, w, C).
     """
@@ -58,7 +61,7 @@ def involution_aggregate(
         windows = unfold(x, *geometry)  # (B, h, w, KK, C)
         h, w = windows.shape[1:3]
         windows = windows.reshape(b, h, w, kk, groups, c // groups)
-        out = jnp.einsum("bhwgk,bhwkgc->bhwgc", kernels, windows)
+        out = platforms.einsum("bhwgk,bhwkgc->bhwgc", kernels, windows, platform)
     elif impl == "slices":
         parts = window_slices(grouped, *geometry)  # K*K of (B, h, w, G, C/G)
         out = parts[0] * kernels[..., 0, None]
@@ -99,6 +102,7 @@ class Involution(nn.Module):
     impl: str = "slices"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @property
     def num_groups(self) -> int:
@@ -114,14 +118,14 @@ class Involution(nn.Module):
             raise ValueError(
                 f"Involution with stride {s} needs H, W divisible by it, got {x.shape}"
             )
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         pooled = x if s == 1 else nn.avg_pool(x, (s, s), (s, s))
         y = ConvNormAct(self.dim // self.reduction, name="conv1", **dt)(pooled, train)
         y = ConvNormAct(k * k * g, norm=False, act=None, name="conv2", **dt)(y, train)
         b, h, w, _ = y.shape
         kernels = y.reshape(b, h, w, g, k * k)  # conv2 channel = g * K*K + (u * K + v)
         pad = self.dilation * (k - 1) // 2
-        out = involution_aggregate(x, kernels, k, s, pad, self.dilation, self.impl)
+        out = involution_aggregate(x, kernels, k, s, pad, self.dilation, self.impl, self.platform)
         if self.proj:
             out = dense(self.dim, ("heads", "embed"), name="proj", **dt)(out)
         return out

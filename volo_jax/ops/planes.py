@@ -1,5 +1,5 @@
 """Windows as unit-stride slices of stride planes: the layout of the CPU's outlook
-attention (`cpu.aggregate_planes`).
+attention (`outlook._aggregate_planes`).
 
 With stride s, window (y, x) reads the padded image at rows s*y + i*d. Viewing the
 padded image (B, s*Hq, s*Wq, ...) as planes (B, Hq, s, Wq, s, ...) (a reshape, no

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from volo_jax import platforms
 from volo_jax.layers import dense, with_axes
 
 Dtype = Any
@@ -79,6 +80,7 @@ class WindowAttention(nn.Module):
     proj_drop: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -89,7 +91,7 @@ class WindowAttention(nn.Module):
                 f"WindowAttention(dim={self.dim}, window={m}, shift={shift}) got {c} channels"
             )
         head_dim = self.head_dim or self.dim // heads
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         table = self.param(
             "relative_position_bias_table",
             with_axes(nn.initializers.truncated_normal(0.02), "rel_pos", None),
@@ -107,7 +109,7 @@ class WindowAttention(nn.Module):
             3 * heads * head_dim, ("embed", "heads"), use_bias=self.qkv_bias, name="qkv", **dt
         )(windows)
         q, k, v = jnp.moveaxis(qkv.reshape(b, nh, nw, n, 3, heads, head_dim), 4, 0)
-        logits = jnp.einsum("bijqhd,bijkhd->bijhqk", q * head_dim**-0.5, k)
+        logits = platforms.einsum("bijqhd,bijkhd->bijhqk", q * head_dim**-0.5, k, self.platform)
         bias = table[relative_position_index(m)].transpose(2, 0, 1)  # (heads, N, N)
         logits = logits + bias.astype(logits.dtype)
         if shift:
@@ -115,7 +117,8 @@ class WindowAttention(nn.Module):
             logits = logits + jnp.asarray(mask.reshape(nh, nw, 1, n, n), logits.dtype)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
-        out = jnp.einsum("bijhqk,bijkhd->bijqhd", attn, v).reshape(b, nh, nw, n, heads * head_dim)
+        out = platforms.einsum("bijhqk,bijkhd->bijqhd", attn, v, self.platform)
+        out = out.reshape(b, nh, nw, n, heads * head_dim)
         out = dense(self.dim, ("heads", "embed"), name="proj", **dt)(out)
         out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
         x = window_reverse(out, m)[:, :height, :width]

@@ -64,8 +64,8 @@ def lower_train_step(
     """The trainer's step for `config` on `accelerator`, lowered from abstract inputs:
     the state in its shardings, a global batch of config.train.batch_size images split
     over the batch axes, no teacher."""
-    model = create_model(config.model, **model_overrides(config))
     mesh = mesh_for(config, accelerator)
+    model = create_model(config.model, platform=mesh, **model_overrides(config))
     abstract, _ = train.abstract_train_state(config, model, steps_per_epoch)
     shardings = state_shardings(abstract, logical_axes(model), mesh, rules_from_config(config))
     step = train.jit_train_step(config, model, mesh, shardings)

@@ -22,7 +22,7 @@ from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, DatasetError, UnknownModelError
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
-from volo_jax.ops.cpu import CPU_SCHEDULERS
+from volo_jax.platforms.cpu import CPU_SCHEDULERS
 from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
 from volo_jax.sharding import mesh_shape, rules_from_config
@@ -438,7 +438,7 @@ def teacher_overrides(config: ml_collections.ConfigDict) -> dict:
 def matmul_precision(config: ml_collections.ConfigDict) -> contextlib.AbstractContextManager:
     """`jax.default_matmul_precision(config.matmul_precision)`, for the steps traced inside
     it (a no-op when unset). 'bfloat16' on the CPU runs float32 models' products with bf16
-    operands (volo_jax/ops/cpu.py); on TPU it is the default already."""
+    operands (volo_jax/platforms/cpu.py); on TPU it is the default already."""
     precision = config.get("matmul_precision")
     return (
         contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)

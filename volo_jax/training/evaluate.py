@@ -22,7 +22,6 @@ import numpy as np
 
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model, pretrained_cfg
-from volo_jax.ops.cpu import cpu_kernels, for_platform
 from volo_jax.progress import Progress
 from volo_jax.sharding import (
     batch_sharding,
@@ -49,7 +48,7 @@ SUMS = ("top1", "top5", "loss", "count")
 def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict:
     """Sums over the real (mask True) examples of a batch {'image' (B, H, W, 3),
     'label' (B,), 'mask' (B,)}: correct top-1, correct top-5, cross-entropy, count."""
-    logits = cpu_kernels(model.apply)(variables, batch["image"]).astype(jnp.float32)
+    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     hits = top == labels[:, None]
@@ -68,7 +67,7 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, shardings: Any = Non
     in_shardings = None if shardings is None else (shardings, batch_sharding(mesh))
     step = functools.partial(eval_step, model=model)
     return jax.jit(
-        for_platform(step, mesh.devices.flat[0]),
+        step,
         in_shardings=in_shardings,
         out_shardings=replicated(mesh),
     )
@@ -145,7 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
     validate_config(config)
     ds, num_examples = create_eval_batches(config, workdir)
     mesh = create_mesh(config.get("mesh"))
-    model = create_model(config.model, **model_overrides(config))
+    model = create_model(config.model, platform=mesh, **model_overrides(config))
     variables = load_weights_into(
         config.init_from, model, config.model, skip=tuple(config.init_skip)
     )

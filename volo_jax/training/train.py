@@ -30,11 +30,11 @@ from flax import traverse_util
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
+from volo_jax import platforms
 from volo_jax.cli import malloc_tunables_missing
 from volo_jax.data.location import dataset_location
 from volo_jax.models import create_model
 from volo_jax.models.volo import MIX_GROUP_SIZE, mix_box_lam, mix_token_groups, sample_mix_box
-from volo_jax.ops.cpu import compiler_options, cpu_kernels, for_platform
 from volo_jax.paths import join, makedirs, write_text
 from volo_jax.progress import Progress
 from volo_jax.sharding import (
@@ -166,9 +166,7 @@ def compute_targets(
             opts.official_box_order,
         )
     elif teacher is not None:
-        logits, aux = cpu_kernels(teacher.apply)(
-            teacher_variables, batch["image"], return_dense=True
-        )
+        logits, aux = teacher.apply(teacher_variables, batch["image"], return_dense=True)
         logits = logits.astype(jnp.float32) + 0.5 * aux.astype(jnp.float32).max(axis=1)
         cls = smooth_targets(jax.nn.softmax(logits, -1), opts.label_smoothing)
         dense = smooth_targets(jax.nn.softmax(aux.astype(jnp.float32), -1), opts.label_smoothing)
@@ -217,7 +215,7 @@ def train_step(
     def plain_loss_fn(params: Any, batch_stats: Any, mb: Batch, key: jax.Array) -> tuple[Any, Any]:
         """Cross-entropy on the model's output (VOLO's: head + 0.5 x max of the aux head),
         any model: what timm's train.py does."""
-        logits, new_vars = cpu_kernels(model.apply)(
+        logits, new_vars = model.apply(
             {"params": params, "batch_stats": batch_stats},
             mb["image"],
             train=True,
@@ -238,7 +236,7 @@ def train_step(
         if opts.mix_token:  # (G, 4): one box per group of the micro-batch
             groups = mix_token_groups(mb["image"].shape[0], opts.mix_group_size)
             box = sample_mix_box(box_key, grid, opts.mix_beta, groups)
-        (logits, aux), new_vars = cpu_kernels(model.apply)(
+        (logits, aux), new_vars = model.apply(
             {"params": params, "batch_stats": batch_stats},
             mb["image"],
             train=True,
@@ -391,19 +389,21 @@ def jit_train_step(
 ) -> Any:
     """`train_step` for `config` and `model`, jitted for `mesh` as the trainer runs it:
     (state, batch, teacher variables) -> (state, metrics), the state in `shardings`
-    (donated unless `donate=False`), the batch split over the batch axes, the CPU's kernels
-    only where the mesh's devices are CPUs (with config.cpu_scheduler's XLA:CPU scheduler)."""
+    (donated unless `donate=False`), the batch split over the batch axes; on CPUs with
+    config.cpu_scheduler's XLA:CPU scheduler. `model` (and `teacher`) are built for the
+    mesh's platform (`create_model(..., platform=mesh)`)."""
     step = functools.partial(
         train_step, model=model, teacher=teacher, opts=StepOptions.from_config(config)
     )
-    device = mesh.devices.flat[0]
-    platform = device.platform
+    platform = platforms.platform_of(mesh)
     return jax.jit(
-        for_platform(step, device),
+        step,
         in_shardings=(shardings, batch_sharding(mesh), teacher_shardings or replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
-        compiler_options=compiler_options(platform, config.get("cpu_scheduler", "default")),
+        compiler_options=platforms.cpu.compiler_options(
+            platform, config.get("cpu_scheduler", "default")
+        ),
     )
 
 
@@ -428,13 +428,16 @@ def _put_loaded(state: TrainState, loaded: dict[str, Any], shardings: TrainState
     )
 
 
-def load_teacher(config: ml_collections.ConfigDict) -> tuple[nn.Module | None, Any]:
-    """The online teacher and its weights: config.teacher.model with the architecture
-    overrides its weights record, at the student's resolution (the position
-    embedding is resized) and compute dtype (`teacher_overrides`)."""
+def load_teacher(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[nn.Module | None, Any]:
+    """The online teacher, built for `mesh`'s platform, and its weights:
+    config.teacher.model with the architecture overrides its weights record, at the
+    student's resolution (the position embedding is resized) and compute dtype
+    (`teacher_overrides`)."""
     if not config.teacher.model:
         return None, None
-    teacher = create_model(config.teacher.model, **teacher_overrides(config))
+    teacher = create_model(config.teacher.model, platform=mesh, **teacher_overrides(config))
     return teacher, load_weights_into(config.teacher.init_from, teacher, config.teacher.model)
 
 
@@ -521,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     last_step = min(total_steps, config.max_steps or total_steps)
 
-    model = create_model(config.model, **model_overrides(config))
+    model = create_model(config.model, platform=mesh, **model_overrides(config))
     ckpt = Checkpointer(join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     # Where the train state comes from: the first of these that applies (the order matters).
     # 1. The newest checkpoint in WORKDIR/checkpoints that restores: the same run resumed
@@ -543,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("resuming from step %d of %s", restored_step, ckpt.directory)
     else:  # 2. or 3.
         state, shardings = create_train_state(config, model, steps_per_epoch, mesh, rules)
-    teacher, teacher_variables = load_teacher(config)
+    teacher, teacher_variables = load_teacher(config, mesh)
     teacher_shardings = (
         None
         if teacher_variables is None

@@ -1,18 +1,14 @@
-"""The CPU's kernels: what a function runs when it is lowered for XLA:CPU, in one place.
+"""XLA:CPU's numerics: the matrix products, convolutions and scheduling a model built for
+the CPU (`create_model(..., platform="cpu")`, `volo_jax.platforms`) runs.
 
-`cpu_kernels(fn)` wraps a function (a model's `apply`, a train step's forward) so that,
-where it is lowered for the CPU, its matrix products and convolutions follow the rules
-below, outlook attention's `impl="auto"` is 'planes' and self-attention forms its weights
-with heads-major products (`ATTENTION_IMPLEMENTATION`); lowered for a GPU or a TPU it
-is `fn` unchanged (`jax.lax.platform_dependent`: the branch is chosen by the platform
-being lowered for, never by the host that traces, so an export made on a CPU host for a
-TPU carries none of this). Models and operators are written with plain `nn.Dense`,
-`nn.Conv`, `jnp.einsum` and `jax.nn.dot_product_attention`; the CPU branch rewrites
-their products in the traced program.
+`dot_general` and `conv_general_dilated` go into flax's own injection points
+(`nn.Dense(dot_general=...)`, `nn.Conv(conv_general_dilated=...)`, which
+`layers.dense` / `layers.conv2d` fill for the CPU), `einsum` into the operators' own
+products. A model built for a TPU or a GPU holds none of them.
 
 The product rules. XLA:CPU runs a bf16 x bf16 -> f32 product on its matrix-unit library
-(AMX where the CPU has it: about 5x the float32 rate on an AMX Xeon; AVX-512 BF16 on
-AMD Zen 4/5), but a bf16 -> bf16 product on a generic path slower than float32. So:
+(AMX where the CPU has it; AVX-512 BF16 on AMD Zen 4/5), but a bf16 -> bf16 product on a
+generic path slower than float32. So:
 - bfloat16 (or float16) operands: the product accumulates in float32 and is cast back
   to their dtype (or to the product's requested output dtype);
 - float32 operands under `jax_default_matmul_precision` 'bfloat16' (what a TPU does
@@ -23,28 +19,56 @@ Operands are laid out row-major (batch, M, K) x (batch, K, N) first, the only fo
 matrix-unit library takes. Gradients follow the same rule (custom VJPs), and a float32
 operand's gradient stays float32. Convolutions: patch projections (stride = kernel) are
 products over rows of patches; other convolutions are XLA's, in float32, with their
-weight gradient as shifted products (`_shifted_weight_grad`). The measurements behind
-each rule are in docs/performance.md.
+weight gradient as shifted products (`_shifted_weight_grad`). Every rule runs under the
+name scope `SCOPE`, so a program shows where they are. The measurements behind each
+rule are in docs/performance.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import string
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import source_info_util  # keeps op names through the rewrite (profiles)
-from jax.extend import core as jex
 
-from volo_jax.layers import after
-from volo_jax.ops.planes import fold_planes, planes_unfold, planes_window_slices, to_planes
+#: The name scope of every rule here (op names read `.../cpu_rules/...`).
+SCOPE = "cpu_rules"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _scoped(fn: F) -> F:
+    """`fn` run under the name scope `SCOPE`."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with jax.named_scope(SCOPE):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def after(x: Any, token: jax.Array) -> Any:
+    """x (an array or a tree of arrays) made to depend on `token`: each leaf plus zero
+    times token's first element. The same values (-0.0 aside) wherever that element is
+    finite, NaN where it is not (a cotangent with a NaN or an infinity gives non-finite
+    gradients either way).
+
+    For a backward pass that recomputes from saved inputs: XLA:CPU drops optimization
+    barriers before it schedules (its barrier expander leaves no order behind), and its
+    default scheduler starts work that reads forward values alone as early as it can,
+    with the forward pass, keeping the recomputed tensors alive through the backward. A
+    data dependence on the cotangent is an order XLA keeps; it also keeps XLA from
+    merging the recomputation with the forward's (CSE).
+    """
+    zero = lax.slice(token, (0,) * token.ndim, (1,) * token.ndim).reshape(()) * 0
+    return jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
+
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -182,15 +206,26 @@ def _explicit_spec(spec: str, a: jax.Array, b: jax.Array) -> str:
     return f"{sa},{sb}->{out}"
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
+@_scoped
+def einsum(
+    spec: str,
+    a: jax.Array,
+    b: jax.Array,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
     """`jnp.einsum` of two operands with an explicit `->`, with the CPU precision rule of
-    the module docstring."""
+    the module docstring; the result has `preferred_element_type` (default: a's dtype)."""
     dtype = _operand_dtype(a, b, precision)
     if dtype is None:
-        return jnp.einsum(spec, a, b, precision=precision)
-    return _product(_explicit_spec(spec, a, b), a, b, precision, dtype, a.dtype)
+        return jnp.einsum(
+            spec, a, b, precision=precision, preferred_element_type=preferred_element_type
+        )
+    out_dtype = a.dtype if preferred_element_type is None else preferred_element_type
+    return _product(_explicit_spec(spec, a, b), a, b, precision, dtype, out_dtype)
 
 
+@_scoped
 def dot_general(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -390,6 +425,7 @@ def _cpu_rule(
     return None
 
 
+@_scoped
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -438,104 +474,6 @@ def conv_general_dilated(
 
 
 # ---------------------------------------------------------------------------------------------
-# Outlook attention on the CPU
-# ---------------------------------------------------------------------------------------------
-
-#: What outlook attention's `impl="auto"` runs in the CPU branch: the fastest forward and
-#: by far the fastest forward+backward on XLA:CPU, with the smallest memory plan
-#: (benchmarks/bench_ops.py; docs/performance.md).
-OUTLOOK_IMPLEMENTATION = "planes"
-
-#: How `ops.attention.dot_product_attention` runs in the CPU branch: 'explicit' forms the
-#: weights with heads-major products, (B, heads, N, d) operands, which XLA:CPU's batched
-#: products take without a copy per operand; `jax.nn.dot_product_attention`'s token-major
-#: einsums add two layout copies per block forward and eight per gradient (their cost is
-#: in docs/performance.md).
-#: 'fused' would call `jax.nn.dot_product_attention` as other platforms do.
-ATTENTION_IMPLEMENTATION = "explicit"
-
-
-def _window_products(attn: jax.Array, parts: list[jax.Array], transpose: bool) -> list[jax.Array]:
-    """out_i = sum_j attn[..., i, j] * parts[j] (or, transposed, sum over i of
-    attn[..., i, j] * parts[i]) for every offset, in float32.
-
-    Args:
-      attn: (B, h, w, heads, KK, KK).
-      parts: KK arrays (B, h, w, heads, hd).
-    Returns:
-      KK float32 arrays (B, h, w, heads, hd).
-    """
-    a = attn.astype(jnp.float32)
-    xs = [p.astype(jnp.float32) for p in parts]
-
-    def weight(i: int, j: int) -> jax.Array:  # (B, h, w, heads, 1), no transposed copy
-        return (a[..., j, i] if transpose else a[..., i, j])[..., None]
-
-    return [
-        functools.reduce(jnp.add, [weight(i, j) * x for j, x in enumerate(xs)])
-        for i in range(len(xs))
-    ]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def aggregate_planes(
-    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
-) -> jax.Array:
-    """Outlook aggregation (`outlook.outlook_aggregate`'s contract) on stride planes
-    (`patches.to_planes`): every window offset a unit-stride slice, the K^4
-    multiply-adds per window elementwise in float32, the fold a sum of unit-stride
-    placements; XLA:CPU fuses the product and the fold into one loop. Custom VJP: d_attn
-    is one batched matmul of the gathered windows of the cotangent and of v
-    (`planes_unfold`, one fused gather each), d_v the transposed products folded the same
-    way; no layout copies of the windows."""
-    return _aggregate_planes_fwd(v, attn, kernel_size, stride, padding)[0]
-
-
-def _aggregate_planes_fwd(
-    v: jax.Array, attn: jax.Array, kernel_size: int, stride: int, padding: int
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    b, height, width, c = v.shape
-    heads = attn.shape[3]
-    geometry = (kernel_size, stride, padding)
-    planes = to_planes(v.reshape(b, height, width, heads, c // heads), *geometry)
-    parts = planes_window_slices(planes, (height, width), *geometry)
-    out = fold_planes(_window_products(attn, parts, False), (height, width), *geometry)
-    return out.reshape(v.shape).astype(v.dtype), (planes, attn)
-
-
-def _aggregate_planes_bwd(
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    residuals: tuple[jax.Array, jax.Array],
-    g: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    planes, attn = residuals  # planes of v (B, Hq, s, Wq, s, heads, hd)
-    b, height, width, _ = g.shape
-    heads = attn.shape[3]
-    geometry = (kernel_size, stride, padding)
-    size = (height, width)
-    g_planes = to_planes(g.astype(planes.dtype).reshape(b, height, width, heads, -1), *geometry)
-    g_windows = planes_unfold(g_planes, size, *geometry, axis=4)  # (B, h, w, heads, KK, hd)
-    v_windows = planes_unfold(planes, size, *geometry, axis=4)
-    # A custom VJP's backward is traced after `cpu_kernels` has rewritten the program, so
-    # its product picks the CPU rule itself ('planes' may be asked for on any platform).
-    spec = "bxynid,bxynjd->bxynij"
-    d_attn = lax.platform_dependent(
-        g_windows,
-        v_windows,
-        cpu=functools.partial(einsum, spec),
-        default=functools.partial(jnp.einsum, spec),
-    )
-    g_parts = [g_windows[:, :, :, :, k] for k in range(g_windows.shape[4])]
-    d_v = fold_planes(_window_products(attn, g_parts, True), size, *geometry)
-    return d_v.reshape(g.shape).astype(planes.dtype), d_attn.astype(attn.dtype)
-
-
-aggregate_planes.defvjp(_aggregate_planes_fwd, _aggregate_planes_bwd)
-
-
-# ---------------------------------------------------------------------------------------------
 # XLA:CPU's instruction scheduler
 # ---------------------------------------------------------------------------------------------
 
@@ -567,204 +505,3 @@ def compiler_options(platform: str, scheduler: str = "default") -> dict[str, str
     if platform != "cpu" or value is None:
         return None
     return {"xla_cpu_scheduler_type": value}
-
-
-# ---------------------------------------------------------------------------------------------
-# The CPU branch
-# ---------------------------------------------------------------------------------------------
-
-#: What the code being traced is traced for: None (not decided: `cpu_kernels` leaves the
-#: choice to the lowering), "other" (a GPU or TPU), an accelerator's platform ("tpu",
-#: "cuda", "rocm": `for_platform`), "cpu", or "rewriting" (inside `cpu_kernels`' CPU
-#: rewrite).
-_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "volo_jax_traced_for", default=None
-)
-
-
-@contextlib.contextmanager
-def _traced_for(kind: str) -> Iterator[None]:
-    token = _TRACED_FOR.set(kind)
-    try:
-        yield
-    finally:
-        _TRACED_FOR.reset(token)
-
-
-def tracing_for_cpu() -> bool:
-    """Whether the code being traced is for the CPU (`cpu_kernels`' CPU branch, or inside
-    `for_platform(fn, "cpu")`). Trace-time choices such as outlook attention's
-    `impl="auto"` read this, never the default backend."""
-    return _TRACED_FOR.get() in ("cpu", "rewriting")
-
-
-#: The device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3') `for_platform` was given.
-_DEVICE_KIND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "volo_jax_device_kind", default=None
-)
-
-
-def traced_device_kind() -> str | None:
-    """The `jax.Device.device_kind` the code being traced is for, where the jit boundary
-    gave a device (`for_platform(fn, device)`), else None."""
-    return _DEVICE_KIND.get()
-
-
-def traced_accelerator() -> str | None:
-    """The accelerator platform ('tpu', 'cuda', 'rocm') the code being traced is for,
-    where a jit boundary said so (`for_platform`); None where it is the CPU or not known
-    at trace time (then `jax.lax.platform_dependent` decides when lowering)."""
-    kind = _TRACED_FOR.get()
-    return None if kind in (None, "other", "cpu", "rewriting") else kind
-
-
-def _unset_precision(precision: Any) -> Any:
-    """None for a precision a trace records when none was asked for (DEFAULT, under
-    `jax.default_matmul_precision` too), which the rules read as 'unset'."""
-    values = precision if isinstance(precision, tuple) else (precision,)
-    return None if all(p in (None, lax.Precision.DEFAULT) for p in values) else precision
-
-
-def _cpu_dot_general(lhs, rhs, *, dimension_numbers, precision, preferred_element_type, **kw):
-    precision = _unset_precision(precision)
-    return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
-
-
-def _cpu_conv(lhs, rhs, **params):
-    if params.get("preferred_element_type") not in (None, lhs.dtype):
-        return None
-    params = {**params, "precision": _unset_precision(params["precision"])}
-    return conv_general_dilated(
-        lhs,
-        rhs,
-        params["window_strides"],
-        params["padding"],
-        params["lhs_dilation"],
-        params["rhs_dilation"],
-        params["dimension_numbers"],
-        params["feature_group_count"],
-        params["batch_group_count"],
-        params["precision"],
-    )
-
-
-def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
-    """Evaluates `jaxpr` on `args` (tracers of the enclosing trace), with this module's
-    products for its `dot_general`s and convolutions, inside nested jits and remat blocks
-    too; every other equation is bound as it is (custom derivatives, control flow)."""
-    env: dict[Any, Any] = {}
-
-    def read(var: Any) -> Any:
-        return var.val if isinstance(var, jex.Literal) else env[var]
-
-    for var, value in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args, strict=True):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-        with (
-            source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
-            eqn.ctx.manager,
-        ):
-            outs = _rewrite(eqn, invals)
-            if outs is None:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for var, value in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(var, jex.DropVar):
-                env[var] = value
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _rewrite(eqn: jex.JaxprEqn, invals: list[Any]) -> Any:
-    """The CPU version of one equation, or None to bind it unchanged."""
-    name, params = eqn.primitive.name, eqn.params
-    if name == "dot_general":
-        return _cpu_dot_general(*invals, **params)
-    if name == "conv_general_dilated":
-        return _cpu_conv(*invals, **params)
-    if name in ("jit", "pjit", "closed_call", "core_call"):
-        inner = params.get("jaxpr", params.get("call_jaxpr"))
-        if isinstance(inner, jex.ClosedJaxpr):
-            return _evaluate(inner.jaxpr, inner.consts, *invals)
-        return None
-    if name in ("remat2", "checkpoint"):
-        body = functools.partial(_evaluate, params["jaxpr"], ())
-        remat = jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])
-        return remat(*invals)
-    return None
-
-
-def cpu_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` that, lowered for the CPU, runs this module's products and outlook choice,
-    and lowered for any other platform is `fn` itself.
-
-    Array arguments (leaves of the positional and keyword arguments that are arrays) are
-    traced; every other leaf (flags, names, `mutable=[...]`) is passed as it is. Use it
-    where a model is applied, before any differentiation (the rewrite keeps the custom
-    gradients of the rules): `cpu_kernels(model.apply)(variables, images, train=True)`.
-    Inside `for_platform` the branch is taken at trace time; otherwise both are traced
-    and `jax.lax.platform_dependent` keeps the one of the platform being lowered for.
-    """
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        traced = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
-        operands = [x for x, t in zip(leaves, traced, strict=True) if t]
-
-        def call(*ops: Any) -> Any:
-            it = iter(ops)
-            full = [next(it) if t else x for x, t in zip(leaves, traced, strict=True)]
-            a, kw = jax.tree_util.tree_unflatten(treedef, full)
-            return fn(*a, **kw)
-
-        def on_cpu(*ops: Any) -> Any:
-            with _traced_for("rewriting"):
-                closed, shapes = jax.make_jaxpr(call, return_shape=True)(*ops)
-            with jax.named_scope("cpu_branch"):
-                outs = _evaluate(closed.jaxpr, closed.consts, *ops)
-            return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outs)
-
-        def elsewhere(*ops: Any) -> Any:
-            with _traced_for("other"):
-                return call(*ops)
-
-        decided = _TRACED_FOR.get()
-        if decided == "rewriting":  # already inside a CPU rewrite
-            return call(*operands)
-        if decided == "cpu":
-            return on_cpu(*operands)
-        if decided is not None:  # an accelerator
-            return call(*operands)
-        return lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
-
-    return run
-
-
-def for_platform(fn: Callable[..., Any], platform: str | jax.Device) -> Callable[..., Any]:
-    """`fn` traced for `platform` alone ('cpu', 'gpu', 'cuda', 'rocm' or 'tpu', or a device
-    of it, whose kind then reaches the trace-time choices too: `traced_device_kind`):
-    every `cpu_kernels` inside it takes that platform's branch while tracing, one trace
-    instead of one per branch (AD through `jax.lax.platform_dependent` retraces each
-    branch, a train step's trace took about 3x as long). For jit boundaries whose devices
-    are known, e.g. `for_platform(step, mesh.devices.flat[0])`; such a function must be
-    lowered for that platform only."""
-    device_kind = None
-    if not isinstance(platform, str):
-        platform, device_kind = platform.platform, platform.device_kind
-    kind = {"cpu": "cpu", "gpu": "cuda"}.get(platform, platform)
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        token = _DEVICE_KIND.set(device_kind)
-        try:
-            with _traced_for(kind):
-                return fn(*args, **kwargs)
-        finally:
-            _DEVICE_KIND.reset(token)
-
-    return run

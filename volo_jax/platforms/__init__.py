@@ -1,0 +1,153 @@
+"""The platform a model is built for, and everything that choice changes, in one table.
+
+A model is built for one platform, an ordinary module field resolved once:
+`create_model(name, platform=None)` takes it from the default backend, or from the
+device, devices or mesh it is given (`platform_of`); every module passes its
+`platform` on to the modules and operators it makes, as it does `dtype`. `RULES` says
+what each platform runs:
+
+- products: the CPU's matrix products and convolutions (`platforms.cpu`) go into
+  flax's own injection points (`nn.Dense(dot_general=...)`,
+  `nn.Conv(conv_general_dilated=...)`) and the operators' einsums; TPUs and GPUs keep
+  XLA's own;
+- `outlook_impl`: what outlook attention's `impl="auto"` runs;
+- `explicit_attention`: self-attention's weights formed by heads-major products
+  instead of `jax.nn.dot_product_attention`;
+- `recompute_in_backward`: GELU, softmax and LayerNorm with custom VJPs that keep only
+  their input (the softmax: its output) and recompute the rest (`volo_jax.layers`).
+
+`None` is a model built for no platform in particular: XLA's products and autodiff,
+and an outlook attention that is plain XLA everywhere. Why each entry is what it is,
+with its measurements and machines: docs/performance.md ("The platform a model is
+built for").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from volo_jax.platforms import cpu
+
+#: The platforms a model can be built for (`jax.Device.platform`'s names).
+PLATFORMS = ("cpu", "gpu", "tpu")
+#: Other names of them: jax.export's and XLA's.
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+#: What `platform_of` takes: a name, a device, devices, a mesh, or None (the default backend).
+Where = str | jax.Device | Sequence[jax.Device] | Mesh | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """What a model built for one platform runs (module docstring)."""
+
+    dot_general: Callable[..., jax.Array] | None  # for nn.Dense; None: lax.dot_general
+    conv_general_dilated: Callable[..., jax.Array] | None  # for nn.Conv; None: lax's
+    einsum: Callable[..., jax.Array]  # (spec, a, b) -> the operators' two-operand products
+    outlook_impl: str  # outlook attention's 'auto' (a key of ops.outlook.IMPLEMENTATIONS)
+    explicit_attention: bool
+    recompute_in_backward: bool
+
+
+_XLA = Rules(
+    dot_general=None,
+    conv_general_dilated=None,
+    einsum=jnp.einsum,
+    outlook_impl="slices",
+    explicit_attention=False,
+    recompute_in_backward=False,
+)
+
+#: platform -> `Rules`; None: built for no platform in particular.
+RULES: dict[str | None, Rules] = {
+    None: _XLA,
+    # XLA:CPU: bf16 products accumulate in f32 on the matrix unit, patch convolutions
+    # as products; outlook attention on stride planes; heads-major attention products
+    # (`jax.nn.dot_product_attention`'s token-major einsums add layout copies); the
+    # custom VJPs lower the train step's peak memory.
+    "cpu": Rules(
+        dot_general=cpu.dot_general,
+        conv_general_dilated=cpu.conv_general_dilated,
+        einsum=cpu.einsum,
+        outlook_impl="planes",
+        explicit_attention=True,
+        recompute_in_backward=True,
+    ),
+    # The Pallas kernels; XLA's own autodiff for GELU, softmax and LayerNorm: the custom
+    # VJPs cost a v5e chip 1.3 GiB and 11% more bytes, and on H100s save 1.3 GiB of 80
+    # for 11% more bytes (compiled by benchmarks/compile_table.py --custom-vjps).
+    "gpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
+    "tpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
+}
+
+
+def _first_device(where: Where) -> jax.Device | None:
+    if isinstance(where, Mesh):
+        return where.devices.flat[0]
+    if isinstance(where, jax.Device):
+        return where
+    if isinstance(where, Sequence) and not isinstance(where, str):
+        devices = list(where)
+        if not devices:
+            raise ValueError("platform_of: no devices given")
+        kinds = {d.platform for d in devices}
+        if len(kinds) > 1:
+            raise ValueError(f"platform_of: devices of several platforms {sorted(kinds)}")
+        return devices[0]
+    return None
+
+
+def platform_of(where: Where = None) -> str:
+    """'cpu', 'gpu' or 'tpu': the platform of a device, devices or mesh; a name as given
+    ('cuda' and 'rocm' are 'gpu'); None: the default backend's."""
+    device = _first_device(where)
+    if device is not None:
+        name = device.platform
+    elif where is None:
+        name = jax.default_backend()
+    else:
+        name = str(where)
+    name = _ALIASES.get(name.lower(), name.lower())
+    if name not in PLATFORMS:
+        raise ValueError(f"unknown platform {where!r}; choose one of {', '.join(PLATFORMS)}")
+    return name
+
+
+def device_kind_of(where: Where) -> str | None:
+    """The `jax.Device.device_kind` ('TPU v5 lite') of a device, devices or mesh; None
+    for a name or None."""
+    device = _first_device(where)
+    return None if device is None else device.device_kind
+
+
+def rules(platform: str | None) -> Rules:
+    """`RULES[platform]`, the platform checked (None: built for no platform)."""
+    if platform not in RULES:
+        raise ValueError(
+            f"unknown platform {platform!r}; choose one of {', '.join(PLATFORMS)} or None"
+        )
+    return RULES[platform]
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, platform: str | None, **kw: Any) -> jax.Array:
+    """The two-operand product `spec` (explicit '->') as `platform`'s rules compute it."""
+    return rules(platform).einsum(spec, a, b, **kw)
+
+
+__all__ = [
+    "PLATFORMS",
+    "RULES",
+    "Rules",
+    "Where",
+    "cpu",
+    "device_kind_of",
+    "einsum",
+    "platform_of",
+    "rules",
+]
