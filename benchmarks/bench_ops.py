@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -208,7 +209,6 @@ def jax_rows(
     from benchmarks.bench_volo import compile_stats
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.ops import TOKEN_MIXERS, fold, outlook, unfold
-    from volo_jax.ops.cpu import cpu_kernels
 
     synchronous_cpu_dispatch()  # as main.py and bench_volo's workers
     dtype = jnp.dtype(cfg.dtype)
@@ -254,8 +254,10 @@ def jax_rows(
     # name -> (function, its arguments, cotangent of its output)
     cases: dict[str, tuple[Callable, tuple, jax.Array]] = {}
     checked: dict[str, str] = {}  # row -> which float32 reference it is compared with
-    for impl, fn in entries.items():
-        logits_in = _takes_logits(fn)
+    for impl, entry in entries.items():
+        logits_in = _takes_logits(entry)
+        # outlook.IMPLEMENTATIONS take the platform their products are for.
+        fn = functools.partial(entry, platform=device.platform) if impl in all_impls else entry
         if not logits_in:
             cases[f"outlook_aggregate[{impl}]"] = (
                 lambda v, a, fn=fn: fn(v, a, k, s, p),
@@ -301,9 +303,11 @@ def jax_rows(
     layer_impls = list(impls) if has_impl else []
     for impl in layer_impls or ([None] if not cfg.impls else []):
         extra = {"impl": impl} if impl else {}
-        layer = outlook.OutlookAttention(cfg.dim, cfg.heads, k, p, s, dtype=layer_dtype, **extra)
+        layer = outlook.OutlookAttention(
+            cfg.dim, cfg.heads, k, p, s, dtype=layer_dtype, platform=device.platform, **extra
+        )
         cases[f"OutlookAttention layer (flax{f', {impl}' if impl else ''})"] = (
-            lambda prm, x, layer=layer: cpu_kernels(layer.apply)(prm, x),
+            layer.apply,
             (params, arr["x"]),
             arr["g"],
         )
@@ -316,10 +320,10 @@ def jax_rows(
         if mixer_name == "halo":  # blocks must tile the grid: the largest divisor <= 7
             block = max(d for d in range(1, 8) if n % d == 0)
             kwargs = {"block_size": block, "halo_size": min(3, block)}
-        mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype, **kwargs)
+        mixer = factory(cfg.dim, cfg.heads, dtype=layer_dtype, platform=device.platform, **kwargs)
         mixer_vars = nn.unbox(jax.jit(mixer.init)(jax.random.key(0), arr["x"]))
         cases[f"{mixer_name} layer (flax)"] = (
-            lambda prm, x, mixer=mixer: cpu_kernels(mixer.apply)(prm, x),
+            mixer.apply,
             (mixer_vars, arr["x"]),
             arr["g"],
         )

@@ -42,7 +42,10 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make volo_jax importable
     sys.path.insert(0, str(REPO_ROOT))
 #: jax_bf16mm: a float32 model whose products take bf16 operands
 #: (jax_default_matmul_precision='bfloat16', config.matmul_precision in training).
-JAX_BACKENDS = ("jax_fp32", "jax_bf16", "jax_bf16mm")
+#: jax_plain: float32 through the README's Python API as a user writes it:
+#: `create_model(name)`, `jax.jit(model.apply)`, an optax AdamW step under a plain
+#: `jax.jit` (no donation, no compiler options, JAX's default asynchronous dispatch).
+JAX_BACKENDS = ("jax_fp32", "jax_bf16", "jax_bf16mm", "jax_plain")
 #: torch_compile: float32 (TF32 only with --torch-tf32); torch_compile_amp: the same
 #: autocast as torch_amp around the compiled model, the like-for-like rival of jax_bf16.
 TORCH_BACKENDS = ("torch_eager", "torch_amp", "torch_compile", "torch_compile_amp")
@@ -470,16 +473,22 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     from volo_jax.cli import synchronous_cpu_dispatch
     from volo_jax.convert import torch_to_flax
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import compiler_options, cpu_kernels, for_platform
+    from volo_jax.platforms.cpu import compiler_options
 
-    synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
+    plain = backend == "jax_plain"
+    if not plain:
+        synchronous_cpu_dispatch()  # as main.py (before the first computation of a worker)
     precision = "bfloat16" if backend == "jax_bf16mm" else cfg.jax_matmul_precision
     if precision:
         jax.config.update("jax_default_matmul_precision", precision)
     dtype = jnp.bfloat16 if backend == "jax_bf16" else jnp.float32
-    model = create_model(cfg.model, dtype=dtype, **cfg.overrides)
-    variables = torch_to_flax(state_dict_of(data), model, model_name=cfg.model)
     device = jax.devices()[0]
+    if plain:  # the README's call: built for the default backend
+        model = create_model(cfg.model, **cfg.overrides)
+    else:
+        model = create_model(cfg.model, platform=device, dtype=dtype, **cfg.overrides)
+    variables = torch_to_flax(state_dict_of(data), model, model_name=cfg.model)
+    options = None if plain else compiler_options(device.platform, cfg.cpu_scheduler)
     variables = jax.device_put(variables, device)
     images = jax.device_put(data["images"], device)
     memory = MemoryProbe("jax_gpu" if device.platform == "gpu" else "rss", device)
@@ -487,10 +496,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
     logits = None
 
     if mode == "infer":
-        forward = jax.jit(
-            for_platform(cpu_kernels(model.apply), device.platform),
-            compiler_options=compiler_options(device.platform, cfg.cpu_scheduler),
-        )
+        forward = jax.jit(model.apply, compiler_options=options)
         xla, hlo = compile_stats(forward, variables, images)
         timing = time_calls(lambda: forward(variables, images), sync, cfg.reps, cfg.warmup, memory)
         logits = np.asarray(forward(variables, images), dtype=np.float32)
@@ -510,7 +516,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
             return -(target * logp).sum(-1).mean()
 
         def loss_fn(params, batch_stats, x, ct, dt, rng):
-            (cls, aux), updates = cpu_kernels(model.apply)(
+            (cls, aux), updates = model.apply(
                 {"params": params, "batch_stats": batch_stats},
                 x,
                 train=True,
@@ -528,9 +534,7 @@ def run_jax(backend: str, mode: str, cfg: Config, data: dict[str, np.ndarray]) -
             return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
         train_step = jax.jit(
-            for_platform(step, device.platform),
-            donate_argnums=(0, 1, 2),
-            compiler_options=compiler_options(device.platform, cfg.cpu_scheduler),
+            step, donate_argnums=() if plain else (0, 1, 2), compiler_options=options
         )
         params = variables["params"]
         state = {

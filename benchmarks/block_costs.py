@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import volo_jax
 from benchmarks.bench_volo import compile_stats, time_calls
 from volo_jax.models.volo import ClassBlock, Outlooker, PatchEmbed, Transformer
-from volo_jax.ops.cpu import cpu_kernels, for_platform
 
 
 def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
@@ -38,32 +37,39 @@ def matmul_peak(reps: int = 5, n: int = 2048) -> float:
 
 def block_rows(model_name: str, batch: int, reps: int) -> list[dict[str, Any]]:
     """One row per block type at the model's shapes: cost, time, count in the model."""
-    model = volo_jax.create_model(model_name)
+    platform = jax.devices()[0].platform  # as the model runs on this machine
+    model = volo_jax.create_model(model_name, platform=platform)
     size, dims, heads = model.img_size, model.embed_dims, model.num_heads
     grid = size // model.patch_size
     key = jax.random.key(0)
     blocks = [
         (
             "stem (PatchEmbed)",
-            PatchEmbed(model.stem_hidden_dim, dims[0]),
+            PatchEmbed(model.stem_hidden_dim, dims[0], platform=model.platform),
             (batch, size, size, 3),
             1,
         ),
         (
             "Outlooker",
-            Outlooker(dims[0], heads[0], mlp_ratio=model.mlp_ratio),
+            Outlooker(
+                dims[0],
+                heads[0],
+                mlp_ratio=model.mlp_ratio,
+                outlook_impl=model.outlook_impl,
+                platform=model.platform,
+            ),
             (batch, grid, grid, dims[0]),
             model.layers[0],
         ),
         (
             "Transformer",
-            Transformer(dims[-1], heads[-1], model.mlp_ratio),
+            Transformer(dims[-1], heads[-1], model.mlp_ratio, platform=model.platform),
             (batch, grid // 2, grid // 2, dims[-1]),
             sum(model.layers[1:]),
         ),
         (
             "ClassBlock",
-            ClassBlock(dims[-1], heads[-1], mlp_ratio=model.mlp_ratio),
+            ClassBlock(dims[-1], heads[-1], mlp_ratio=model.mlp_ratio, platform=model.platform),
             (batch, 1 + (grid // 2) ** 2, dims[-1]),
             len(model.post_layers),
         ),
@@ -72,8 +78,7 @@ def block_rows(model_name: str, batch: int, reps: int) -> list[dict[str, Any]]:
     for name, block, shape, count in blocks:
         x = jax.random.normal(key, shape)
         variables = nn.unbox(jax.jit(block.init)(key, x))
-        # As the model runs on this machine's platform (the CPU's kernels on a CPU).
-        apply = jax.jit(for_platform(cpu_kernels(block.apply), jax.devices()[0].platform))
+        apply = jax.jit(block.apply)
         stats, _ = compile_stats(apply, variables, x)
         seconds = _median_seconds(lambda: apply(variables, x), reps)  # noqa: B023
         cost = {"flops": stats["xla_gflops"] * 1e9, "bytes": stats["xla_gbytes_accessed"] * 1e9}

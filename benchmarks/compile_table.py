@@ -32,6 +32,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -48,8 +49,9 @@ from volo_jax.training import aot
 MIB = 2**20
 DEFAULT_MACHINES = ("v5e-1", "v5e-8", "v4-8", "v5p-8", "v6e-8", "h100-8")
 DEFAULT_IMPLS = ("slices", "reference", "pallas")
-#: GELU, softmax and LayerNorm: volo_jax.layers' ("custom VJPs") or `--plain-autodiff`'s.
-LAYERS = "custom VJPs"
+#: GELU, softmax and LayerNorm on the accelerators: autodiff (`platforms.RULES`), or
+#: `--custom-vjps`' ("custom VJPs").
+LAYERS = "autodiff"
 #: Chips an FSDP group spans (`--pod`): divides VOLO's widths 192, 256, 384, 512.
 FSDP_GROUP = 16
 
@@ -120,7 +122,7 @@ def _row(
         "per_device_batch": per_device_batch,
         "compile_s": round(seconds, 1),
         "hbm_mib": acc.hbm_bytes / MIB,
-        **({"layers": LAYERS} if LAYERS != "custom VJPs" else {}),
+        "layers": LAYERS,
     }
 
 
@@ -141,33 +143,19 @@ def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, An
     }
 
 
-def use_plain_autodiff() -> None:
-    """Compiles with flax's and jax's own exact GELU, softmax and LayerNorm (autodiff keeps
-    what it keeps for the backward) instead of `volo_jax.layers`' versions, whose custom
-    VJPs keep only their inputs (or the softmax's output) and recompute the rest: the A/B
-    of those CPU-motivated VJPs on the accelerators. Patches the names the model's modules
-    hold; a benchmark-only switch."""
-    import flax.linen as nn
-
-    from volo_jax import layers
-    from volo_jax.models import volo
-    from volo_jax.ops import attention, outlook
-
-    def exact_gelu(x: jax.Array) -> jax.Array:
-        return nn.gelu(x, approximate=False)
+def use_custom_vjps() -> None:
+    """Compiles the models with `volo_jax.layers`' GELU, softmax and LayerNorm custom VJPs
+    (which keep only their inputs, or the softmax's output, and recompute the rest), as
+    a model built for the CPU has them, instead of the accelerators' own autodiff: the
+    A/B behind `platforms.RULES`' choice. A benchmark-only switch: it changes the rules
+    of this process."""
+    from volo_jax import platforms
 
     global LAYERS
-    LAYERS = "plain autodiff"
-    layers.gelu = layers._ACTIVATIONS["gelu"] = exact_gelu
-    for module in (attention, outlook):
-        module.softmax = jax.nn.softmax
-
-    class LayerNorm(nn.LayerNorm):  # PyTorch's epsilon and the 'norm' axes, flax's own path
-        epsilon: float = 1e-5
-        scale_init: nn.initializers.Initializer = layers.with_axes(nn.initializers.ones, "norm")
-        bias_init: nn.initializers.Initializer = layers.with_axes(nn.initializers.zeros, "norm")
-
-    volo.TorchLayerNorm = LayerNorm
+    LAYERS = "custom VJPs"
+    for name in ("gpu", "tpu"):
+        rules = platforms.RULES[name]
+        platforms.RULES[name] = dataclasses.replace(rules, recompute_in_backward=True)
 
 
 def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dict[str, Any]:
@@ -262,22 +250,23 @@ def _print(row: dict[str, Any]) -> None:
 
 def report(path: Path) -> str:
     """The rows of a results file as a markdown table (the last row of each model,
-    machine, impl, sharding and batch)."""
+    machine, impl, GELU/softmax/LayerNorm backward, sharding and batch)."""
     rows: dict[tuple, dict[str, Any]] = {}
     for row in json.loads(path.read_text())["rows"]:
-        key = (row["model"], row["machine"], row["impl"], row["sharding"], row["per_device_batch"])
-        rows[key] = row
+        key = (row["model"], row["machine"], row["impl"], row.get("layers", "-"))
+        rows[(*key, row["sharding"], row["per_device_batch"])] = row
     lines = [
-        "| model | machine | impl | sharding | images / device | compile | peak / HBM "
-        "| GFLOP / image | XLA MiB / image | FLOP / byte | HLO MiB / image | largest batch "
-        "| collectives |",
-        "|" + "---|" * 13,
+        "| model | machine | impl | backward | sharding | images / device | compile "
+        "| peak / HBM | GFLOP / image | XLA MiB / image | FLOP / byte | HLO MiB / image "
+        "| largest batch | collectives |",
+        "|" + "---|" * 14,
     ]
     for row in rows.values():
         if not row.get("compiled"):
             lines.append(
-                f"| {row['model']} | {row['machine']} | {row['impl']} | {row['sharding']} "
-                f"| {row['per_device_batch']} | fails: {row.get('error', '')[:120]} |" + " |" * 7
+                f"| {row['model']} | {row['machine']} | {row['impl']} "
+                f"| {row.get('layers', '-')} | {row['sharding']} | {row['per_device_batch']} "
+                f"| fails: {row.get('error', '')[:120]} |" + " |" * 7
             )
             continue
         hbm = row["hbm_mib"] / 1024
@@ -285,6 +274,7 @@ def report(path: Path) -> str:
             row["model"],
             row["machine"],
             row["impl"],
+            row.get("layers", "-"),
             row["sharding"],
             str(row["per_device_batch"]),
             f"{row['compile_s']:.0f} s",
@@ -319,17 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         "--pod-shardings", default="replicated,fsdp", help="--pod: the presets to compile"
     )
     parser.add_argument(
-        "--plain-autodiff",
+        "--custom-vjps",
         action="store_true",
-        help="flax/jax's own GELU, softmax and LayerNorm instead of volo_jax.layers' custom VJPs",
+        help="volo_jax.layers' GELU, softmax and LayerNorm custom VJPs (the CPU's) on the "
+        "accelerators too, instead of their autodiff",
     )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
     parser.add_argument(
         "--report", type=Path, default=None, help="print a results file as markdown and stop"
     )
     args = parser.parse_args(argv)
-    if args.plain_autodiff:
-        use_plain_autodiff()
+    if args.custom_vjps:
+        use_custom_vjps()
     if args.report:
         print(report(args.report))
         return

@@ -13,10 +13,10 @@ Two counts per implementation:
   - XLA's cost analysis of the op compiled for this machine's CPU (`xla_counts`), for
     the XLA implementations (reference, slices, planes): XLA:CPU's fusion decisions,
     which are not XLA:TPU's or XLA:GPU's. Each implementation is called by name and
-    traced as written (plain products: the CPU rules of `volo_jax.ops.cpu` apply only
-    under `cpu_kernels`, which is not used here). The Pallas kernel is not counted by
-    XLA: on a CPU host it runs in interpret mode and its count would be the
-    interpreter's loop.
+    traced as written, for no platform in particular (plain products: the CPU rules of
+    `volo_jax.platforms.cpu` apply only to code built for the CPU). The Pallas kernel is
+    not counted by XLA: on a CPU host it runs in interpret mode and its count would be
+    the interpreter's loop.
 
 Times are lower bounds, max(FLOPs / peak, bytes / bandwidth), for the platforms of
 `PLATFORMS` (dense bf16 matrix peaks). Usage (from the repository root):

@@ -7,9 +7,10 @@ ahead of time, never runs it, and reports `compiled.memory_analysis()`: the argu
 arguments, the temporaries (activations, gradients, the optimizer's intermediates) and
 the peak estimate arguments + outputs - aliased + temporaries.
 
-`--program accelerator` (the default) traces the step as it runs on a GPU or TPU (outlook
-attention's `impl="auto"` is the accelerator's 'slices', no CPU product rewrites);
-`--program cpu` as on the CPU (`ops.cpu.cpu_kernels`' branch). Either way the plan is the
+`--program accelerator` (the default) builds the model for no platform in particular
+(outlook attention's `impl="auto"` is 'slices', XLA's own products and autodiff: what a
+GPU or TPU runs, less the Pallas kernel); `--program cpu` builds it for the CPU
+(`volo_jax.platforms.RULES["cpu"]`). Either way the plan is the
 one XLA:CPU makes for that program: compiling for a TPU or a GPU needs that backend, and
 `jax.export` gives the program (StableHLO) for any platform but no memory plan.
 
@@ -66,21 +67,21 @@ def measure(setting: Setting) -> dict[str, Any]:
 
     from configs.common import variant_config
     from volo_jax.models import create_model
-    from volo_jax.ops.cpu import compiler_options, for_platform
+    from volo_jax.platforms.cpu import compiler_options
     from volo_jax.training import train
     from volo_jax.training.config import model_overrides
 
     config = variant_config(setting.variant)
     config.model_overrides.remat = setting.remat
     config.dtype = setting.dtype
-    model = create_model(config.model, **model_overrides(config))
+    platform = "cpu" if setting.program == "cpu" else None
+    model = create_model(config.model, platform=platform, **model_overrides(config))
     state, _ = train.abstract_train_state(config, model, 1000)
     step = functools.partial(
         train.train_step, model=model, teacher=None, opts=train.StepOptions.from_config(config)
     )
-    platform = "cpu" if setting.program == "cpu" else "tpu"
     jitted = jax.jit(
-        for_platform(step, platform),
+        step,
         donate_argnums=(0,) if setting.donate else (),
         compiler_options=compiler_options("cpu", setting.scheduler),  # compiled by XLA:CPU
     )

@@ -22,9 +22,9 @@ from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, DatasetError, UnknownModelError
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
-from volo_jax.platforms.cpu import CPU_SCHEDULERS
 from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
+from volo_jax.platforms.cpu import CPU_SCHEDULERS
 from volo_jax.sharding import mesh_shape, rules_from_config
 from volo_jax.sharding.distributed import distributed_settings
 from volo_jax.weights import is_weights_file, read_metadata, weights_exist
