@@ -163,6 +163,15 @@ def test_unknown_model_override_is_named():
         validate_config(config)
 
 
+def test_the_platform_is_not_a_model_override():
+    """The trainer builds the model for its mesh's platform; an override of it is a
+    config error, not a clash of keyword arguments deep in the trainer."""
+    config = load("default")
+    config.model_overrides.platform = "tpu"
+    with pytest.raises(ConfigError, match=r"model_overrides\.platform.*config\.mesh"):
+        validate_config(config)
+
+
 def _main(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "main.py"), *flags],

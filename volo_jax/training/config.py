@@ -162,6 +162,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "cpu_scheduler",
         f"must be one of {', '.join(CPU_SCHEDULERS)}, got {scheduler!r}",
     )
+    impl = config.model_overrides.get("outlook_impl", "auto")
+    impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)  # create_model resolves 'auto'
+    _require(
+        impl in impls,
+        "model_overrides.outlook_impl",
+        f"must be one of {', '.join(impls)}, got {impl!r}",
+    )
     model = _model(config)
     pixels = _token_pixels(model)
     if hasattr(model, "token_mixer"):  # VOLO's outlooker stage: read when traced
@@ -169,12 +176,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             model.token_mixer in MIXER_NAMES,
             "model_overrides.token_mixer",
             f"must be one of {', '.join(MIXER_NAMES)}, got {model.token_mixer!r}",
-        )
-        impls = ("auto", *OUTLOOK_IMPLEMENTATIONS)
-        _require(
-            model.outlook_impl in impls,
-            "model_overrides.outlook_impl",
-            f"must be one of {', '.join(impls)}, got {model.outlook_impl!r}",
         )
     step = pixels or 1  # a model without a token grid: any positive size
     _require(
@@ -376,8 +377,9 @@ def _validate_token_label(config: ml_collections.ConfigDict) -> None:
 def _model(config: ml_collections.ConfigDict) -> nn.Module:
     """config.model with the config's overrides (the module, not initialised; ConfigError
     for an unknown model or argument)."""
+    overrides = model_overrides(config)
     try:
-        return create_model(config.model, **model_overrides(config))
+        return create_model(config.model, **overrides)
     except UnknownModelError as err:
         raise ConfigError(f"config.model: {err}") from None
     except ConfigError as err:
@@ -413,6 +415,11 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
             f"arguments now, not a string, e.g. {{'block_size': 2}}; got {mixer_kwargs!r}"
         )
     overrides["token_mixer_kwargs"] = dict(mixer_kwargs)
+    if "platform" in overrides:
+        raise ConfigError(
+            "config.model_overrides.platform: the model is built for the platform of the "
+            "devices the run uses (config.mesh); remove this override"
+        )
     overrides.update(img_size=config.img_size, num_classes=config.dataset.num_classes)
     if config.dtype == "bfloat16":
         overrides["dtype"] = jnp.bfloat16
