@@ -80,8 +80,8 @@ RULES: dict[str | None, Rules] = {
         recompute_in_backward=True,
     ),
     # The Pallas kernels; XLA's own autodiff for GELU, softmax and LayerNorm: the custom
-    # VJPs cost a v5e chip 1.3 GiB and 11% more bytes, and on H100s save 1.3 GiB of 80
-    # for 11% more bytes (compiled by benchmarks/compile_table.py --custom-vjps).
+    # VJPs cost a TPU memory and bytes, and a GPU bytes for memory it has to spare
+    # (compiled by benchmarks/compile_table.py --custom-vjps; docs/performance.md).
     "gpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
     "tpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
 }

@@ -370,9 +370,9 @@ def _patch_conv(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
     """A convolution whose stride equals its kernel, unpadded (a patch projection, NHWC /
     HWIO): every output position is one kh x kw x C patch times the kernel, computed as kh
     products over rows of patches, (N, Ho, Wo, kw*C) x (kw*C, O), summed in float32, with
-    this module's precision rule. XLA:CPU's convolution gradients are 2-3x slower at
-    VOLO's patch projections (112 x 112 x 64 -> 28 x 28 x 192, 28 x 28 x 192 -> 14 x 14
-    x 384), in float32 as in bfloat16."""
+    this module's precision rule. XLA:CPU's convolution gradients are slower at VOLO's
+    patch projections (112 x 112 x 64 -> 28 x 28 x 192, 28 x 28 x 192 -> 14 x 14 x 384),
+    in float32 as in bfloat16 (docs/performance.md, the patch-convolution row)."""
     n, h, wd, c = x.shape
     kh, kw, _, o = w.shape
     ho, wo = h // kh, wd // kw

@@ -91,10 +91,9 @@ class Checkpointer:
         is saved as it is. On the CPU the "transfer" is a view of the same buffer, which
         the next step, donated `state`, overwrites while the write still runs: there the
         arrays are copied first (`needs_snapshot`), which costs one more state in memory
-        until the write finishes: `python -m benchmarks.checkpoint_memory` on the 2-core
-        CPU machine, a state of volo_d1's size (parameters and two AdamW moments, 304 MiB),
-        peak RSS +307 MiB with the copy, +1 MiB without (the "host copy" is the buffer
-        itself). On an accelerator the copy would hold a second state in its memory for
+        until the write finishes (`benchmarks/checkpoint_memory.py` measures it;
+        docs/performance.md, "The checkpoint snapshot on the CPU", has the figure and its
+        machine). On an accelerator the copy would hold a second state in its memory for
         nothing, so there the state is handed to orbax as it is.
         """
         if self._unconfirmed:  # orbax would wait for it first, too

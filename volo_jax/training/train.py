@@ -670,7 +670,7 @@ class _Loop:
         bar = _progress(start, last_step)
         say = bar.write if jax.process_index() == 0 else logging.debug
         # On XLA:CPU a queued step waiting for the previous one competes with it for the
-        # same cores (measured 3x slower on 2 cores), so there the host waits for each step.
+        # same cores, so there the host waits for each step.
         wait_each_step = jax.default_backend() == "cpu"
         for step in range(start + 1, last_step + 1):
             self._report_saved(say)  # a failed save stops the run here, before the step
