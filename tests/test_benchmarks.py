@@ -21,7 +21,7 @@ TINY = {**TINY_VOLO, "num_classes": 10}
 
 def test_bench_volo_report_fields(tmp_path):
     cfg = bench_volo.Config(overrides=TINY, batch=2, reps=1, warmup=0, profile_top=3)
-    backends = ["jax_fp32", "torch_eager", "torch_amp"]
+    backends = ["jax_fp32", "jax_plain", "torch_eager", "torch_amp"]
     report = bench_volo.run(cfg, backends, ["infer", "train"], isolate=False, log=lambda _: None)
     json.dumps(report)  # serialisable
     assert report["model"] == "volo_d1_224" and report["img_size"] == 32
@@ -45,8 +45,10 @@ def test_bench_volo_report_fields(tmp_path):
             assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
     for mode in ("infer", "train"):
         assert report["ratios"][mode]["jax_fp32/torch_eager"] > 0
+        assert report["ratios"][mode]["jax_plain/torch_eager"] > 0  # the README's API
     # Same weights and input: float32 logits agree with timm's.
-    assert report["parity_max_abs_logit_diff_vs_torch_eager"]["jax_fp32"] < 1e-3
+    for backend in ("jax_fp32", "jax_plain"):
+        assert report["parity_max_abs_logit_diff_vs_torch_eager"][backend] < 1e-3
     assert "jax_fp32" in bench_volo.format_table(report)
 
 
