@@ -16,9 +16,11 @@ from collections.abc import Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs.smoke import get_config
+from volo_jax import platforms
 from volo_jax.models import create_model
 from volo_jax.platforms import cpu
 from volo_jax.training import train
@@ -110,3 +112,18 @@ def test_train_step_with_the_pallas_kernel_lowers(platform):
     # kernels in the gradient.
     assert text.count(KERNEL_CALLS[platform]) >= 2
     assert CPU_SCOPE not in text
+
+
+def test_platform_of_reads_names_devices_and_meshes():
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",))
+    for where in (None, "cpu", "CPU", devices[0], devices, np.asarray(devices), mesh):
+        assert platforms.platform_of(where) == "cpu", where
+    assert platforms.platform_of("cuda") == platforms.platform_of("rocm") == "gpu"
+    assert platforms.device_kind_of(mesh) == devices[0].device_kind
+    assert platforms.device_kind_of("tpu") is None
+    assert create_model("volo_d1_224", platform=mesh).platform == "cpu"
+    with pytest.raises(ValueError, match="unknown platform 'metal'"):
+        platforms.platform_of("metal")
+    with pytest.raises(ValueError, match="unknown platform"):
+        platforms.rules("metal")

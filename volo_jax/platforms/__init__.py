@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from volo_jax.platforms import cpu
@@ -92,6 +93,8 @@ def _first_device(where: Where) -> jax.Device | None:
         return where.devices.flat[0]
     if isinstance(where, jax.Device):
         return where
+    if isinstance(where, np.ndarray):  # e.g. mesh.devices
+        where = list(where.flat)
     if isinstance(where, Sequence) and not isinstance(where, str):
         devices = list(where)
         if not devices:
