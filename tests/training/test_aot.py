@@ -33,6 +33,30 @@ def test_hlo_bytes_of_a_loop_body_are_counted():
     assert aot.hlo_bytes_accessed(text) >= 2 * 4 * 4096  # the body's read and write
 
 
+def test_hlo_bytes_read_tpu_layouts():
+    """XLA:TPU writes tiled layouts with parentheses of their own (`T(8,128)(2,1)`): the
+    operands are still found, bitcasts and parameters still move nothing, and an async
+    copy to on-chip memory (`S(1)`) counts what it moves once."""
+    tiled = "{3,0,2,1:T(8,128)(2,1)}"
+    text = "\n".join(
+        [
+            "ENTRY %main (p0: bf16[2,4,8,128]) -> bf16[2,4,8,128] {",
+            f"  %p0 = bf16[2,4,8,128]{tiled} parameter(0)",
+            f"  %b = bf16[2,4,8,128]{tiled} bitcast(%p0)",
+            f"  %t = (bf16[2,4,8,128]{tiled}, u32[1]{{0:T(128)}}) fusion(%b), kind=kLoop",
+            f"  %s = (bf16[2,4,8,128]{tiled}, bf16[2,4,8,128]{tiled[:-1]}S(1)}}, u32[]) "
+            "copy-start(%b)",
+            f"  %d = bf16[2,4,8,128]{tiled[:-1]}S(1)}} copy-done(%s)",
+            f"  ROOT %c = bf16[2,4,8,128]{tiled} copy(%d)",
+            "}",
+        ]
+    )
+    size = 2 * 4 * 8 * 128 * 2
+    # The fusion reads b and writes its tuple; the async copy reads b and writes d (its
+    # '-done' moves nothing more); the copy reads d and writes c.
+    assert aot.hlo_bytes_accessed(text) == (size + size + 4) + 2 * (size + 4) + 2 * size
+
+
 def test_unknown_machine_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown accelerator 'v9-8'.*'h100-8'"):
         deviceless.accelerator("v9-8")

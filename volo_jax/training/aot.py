@@ -142,6 +142,16 @@ _NO_TRAFFIC = (
 )
 
 
+#: Async copies and slices (XLA:TPU's moves between HBM and on-chip memory, `S(1)` in a
+#: layout): their result is (source, destination, context), so what moves is the
+#: destination, read and written once.
+_ASYNC_MOVES = ("copy-start", "slice-start")
+#: The opcode and its opening parenthesis: the first lower-case word after a space that
+#: a '(' follows. Result shapes come before it, and TPU layouts carry parentheses of their
+#: own (`{3,0,2,1:T(8,128)(2,1)}`), so the first '(' is not the operand list's.
+_OPCODE = re.compile(r"\s([a-z][\w.-]*)\(")
+
+
 def _shape_bytes(text: str) -> int:
     total = 0
     for dtype, dims in _SHAPE.findall(text):
@@ -171,7 +181,8 @@ def _control_flow_computations(hlo: str) -> set[str]:
 def hlo_bytes_accessed(hlo: str) -> int:
     """Bytes every instruction of a compiled (fused) HLO module's entry and control-flow
     computations reads and writes: each fusion, library call, custom call and collective
-    counted once with its operands and results, the insides of fusions not at all.
+    counted once with its operands and results, an async copy or slice as the bytes it
+    moves (read and written), the insides of fusions not at all.
 
     XLA:TPU's `cost_analysis()` gives its own, larger figure (it also counts what fusions
     read inside); XLA:GPU's compile-only client has none, so this is the measure that
@@ -199,16 +210,22 @@ def hlo_bytes_by_scope(hlo: str, depth: int = 2) -> dict[str, int]:
             continue
         name, rest = stripped.split(" = ", 1)
         name = name.removeprefix("ROOT ").strip()
-        head = rest.split("(", 1)[0]  # the result shape(s) and the opcode
-        words = head.split()
-        result = _shape_bytes(head)
-        shapes[name] = result
-        if not inside or not words or words[-1] in _NO_TRAFFIC:
+        found = _OPCODE.search(rest)
+        if not found:
             continue
-        args = rest[len(head) :].split(")", 1)[0]
-        operands = sum(shapes.get(tok.strip(), 0) for tok in args.strip("(").split(","))
+        result = _shape_bytes(rest[: found.start()])  # the result shape(s)
+        shapes[name] = result
+        opcode = found.group(1)
+        if not inside or opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+            continue  # an async op's '-done' hands over the buffer its '-start' wrote
+        args = rest[found.end() :].split(")", 1)[0]
+        operands = sum(shapes.get(tok.strip(), 0) for tok in args.split(","))
+        if opcode in _ASYNC_MOVES:  # the result holds the source too: read what is written
+            moved = 2 * max(result - operands, 0)
+        else:
+            moved = result + operands
         key = _scope(rest, depth)
-        totals[key] = totals.get(key, 0) + result + operands
+        totals[key] = totals.get(key, 0) + moved
     return totals
 
 
