@@ -220,10 +220,8 @@ def hlo_bytes_by_scope(hlo: str, depth: int = 2) -> dict[str, int]:
             continue  # an async op's '-done' hands over the buffer its '-start' wrote
         args = rest[found.end() :].split(")", 1)[0]
         operands = sum(shapes.get(tok.strip(), 0) for tok in args.split(","))
-        if opcode in _ASYNC_MOVES:  # the result holds the source too: read what is written
-            moved = 2 * max(result - operands, 0)
-        else:
-            moved = result + operands
+        # An async move's result holds its source too: what moves is read and written once.
+        moved = 2 * max(result - operands, 0) if opcode in _ASYNC_MOVES else result + operands
         key = _scope(rest, depth)
         totals[key] = totals.get(key, 0) + moved
     return totals
