@@ -80,10 +80,11 @@ RULES: dict[str | None, Rules] = {
         explicit_attention=True,
         recompute_in_backward=True,
     ),
-    # The Pallas kernels; XLA's own autodiff for GELU, softmax and LayerNorm: the custom
-    # VJPs cost a TPU memory and bytes, and a GPU bytes for memory it has to spare
-    # (compiled by benchmarks/compile_table.py --custom-vjps; docs/performance.md).
-    "gpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
+    # The Pallas kernels. The custom VJPs of GELU, softmax and LayerNorm cost a TPU
+    # memory and bytes (XLA:TPU's autodiff keeps less), and save a GPU memory for the
+    # same bytes: on for GPUs, off for TPUs (compiled by benchmarks/compile_table.py
+    # --custom-vjps; docs/performance.md).
+    "gpu": dataclasses.replace(_XLA, outlook_impl="pallas", recompute_in_backward=True),
     "tpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
 }
 
