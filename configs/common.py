@@ -56,10 +56,13 @@ def get_base_config() -> ml_collections.ConfigDict:
         {
             "drop_path_rate": DROP_PATH["d1"],
             "remat": False,
-            # The outlooker stage's token mixer (the paper's ablation) and how outlook
-            # attention runs ('auto', 'reference', 'slices', 'planes', 'pallas').
+            # The outlooker stage's token mixer (the paper's ablation), how outlook
+            # attention runs ('auto', 'reference', 'slices', 'planes', 'pallas') and how
+            # the transformer stages' self-attention does ('auto', 'xla', 'explicit',
+            # 'pallas'; 'auto': the platform's, volo_jax.platforms.RULES).
             "token_mixer": "outlook",
             "outlook_impl": "auto",
+            "attention_impl": "auto",
         }
     )
     # The token mixer's keyword arguments (e.g. block_size=2 for halo on a small grid; on

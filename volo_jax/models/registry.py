@@ -17,6 +17,7 @@ import flax.linen as nn
 from volo_jax import platforms
 from volo_jax.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from volo_jax.errors import ConfigError, UnknownModelError
+from volo_jax.ops.attention import resolve_attention
 from volo_jax.ops.outlook import resolve_implementation
 
 
@@ -106,8 +107,9 @@ def create_model(name: str, platform: platforms.Where = None, **overrides: Any) 
     will run on ('cpu', 'gpu', 'tpu', a `jax.Device`, a `Mesh`; None: the default
     backend's). It picks the products, outlook attention and backward passes the model
     is traced with (`volo_jax.platforms.RULES`), so `jax.jit(model.apply)` runs that
-    platform's fast path; an outlook attention of 'auto' is resolved here, for the
-    devices' kind where they are given (`ops.outlook.resolve_implementation`).
+    platform's fast path; an outlook attention and a self-attention of 'auto' are
+    resolved here, for the devices' kind where they are given
+    (`ops.outlook.resolve_implementation`, `ops.attention.resolve_attention`).
     """
     entry = _entry(name)
     kwargs = model_kwargs(name, **overrides)
@@ -115,8 +117,11 @@ def create_model(name: str, platform: platforms.Where = None, **overrides: Any) 
     target = platforms.platform_of(platform)
     if "platform" in fields:
         kwargs["platform"] = target
+    kind = platforms.device_kind_of(platform)
     if "outlook_impl" in fields:
         impl = kwargs.get("outlook_impl", fields["outlook_impl"].default)
-        kind = platforms.device_kind_of(platform)
         kwargs["outlook_impl"] = resolve_implementation(impl, target, kind)
+    if "attention_impl" in fields:
+        impl = kwargs.get("attention_impl", fields["attention_impl"].default)
+        kwargs["attention_impl"] = resolve_attention(impl, target, kind)
     return entry.module(**kwargs)

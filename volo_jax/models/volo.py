@@ -36,6 +36,7 @@ Dtype = Any
 JAX_ONLY_FIELDS = (
     "remat",
     "outlook_impl",
+    "attention_impl",
     "token_mixer",
     "token_mixer_kwargs",
     "dtype",
@@ -167,6 +168,7 @@ class Transformer(nn.Module):
     qkv_bias: bool = False
     attn_drop: float = 0.0
     drop_path: float = 0.0
+    attention_impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     platform: str | None = None
@@ -174,7 +176,15 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
-        attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, name="attn", **dt)
+        attn = Attention(
+            self.dim,
+            self.num_heads,
+            self.qkv_bias,
+            self.attn_drop,
+            impl=self.attention_impl,
+            name="attn",
+            **dt,
+        )
         return _mixer_mlp_residuals(self, attn, x, train)
 
 
@@ -358,7 +368,9 @@ class VOLO(nn.Module):
     `platform` is the platform the model is built for (`volo_jax.platforms`; None: none
     in particular), which `create_model` fills from the devices; `outlook_impl` picks
     how outlook attention runs ('auto': the platform's, see
-    `volo_jax.ops.outlook.IMPLEMENTATIONS`); the parameters are the same either way.
+    `volo_jax.ops.outlook.IMPLEMENTATIONS`) and `attention_impl` how the transformer
+    stages' self-attention does ('auto': the platform's, see
+    `volo_jax.ops.attention.ATTENTION`); the parameters are the same either way.
     `token_mixer` swaps outlook attention in the outlooker stage for another local
     operator (`MIXER_NAMES`), the ablation of the paper; `token_mixer_kwargs`
     ((name, value) pairs, or a dict through `create_model`) override its defaults,
@@ -387,6 +399,7 @@ class VOLO(nn.Module):
     pooling_scale: int = 2
     remat: bool = False
     outlook_impl: str = "auto"
+    attention_impl: str = "auto"
     token_mixer: str = "outlook"
     token_mixer_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype | None = None
@@ -439,6 +452,7 @@ class VOLO(nn.Module):
                         self.qkv_bias,
                         self.attn_drop_rate,
                         drop_path=self.drop_path_rate * (start + j) / max(total - 1, 1),
+                        attention_impl=self.attention_impl,
                         **dt,
                     )
                     for j in range(depth)

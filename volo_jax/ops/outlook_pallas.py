@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax.sharding import PartitionSpec as P
 
 from volo_jax.ops.gpu.outlook import (
     TRITON_CHANNEL_BLOCK,
@@ -41,7 +40,7 @@ from volo_jax.ops.gpu.outlook import (
     triton_forward,
     triton_tile_bytes,
 )
-from volo_jax.ops.pallas_common import window_grid
+from volo_jax.ops.pallas_common import per_device, window_grid
 from volo_jax.ops.tpu.outlook import (
     LANES,
     TPU_VMEM_BUDGET,
@@ -52,7 +51,6 @@ from volo_jax.ops.tpu.outlook import (
     tpu_plan,
     tpu_vmem_bytes,
 )
-from volo_jax.sharding.mesh import BATCH_AXES, MODEL_AXIS
 
 __all__ = [
     "LANES",
@@ -135,42 +133,9 @@ _aggregate = _make(softmax=False)
 
 
 def _per_device(fn, v: jax.Array, weights: jax.Array, geometry: tuple[int, int, int]):
-    """`fn(v, weights, *geometry)` on each device's own images.
-
-    Mosaic and Triton calls cannot be partitioned by XLA: on a mesh, GSPMD would gather
-    the global batch onto every device (or, on TPU, refuse to compile). Under the
-    current mesh (`jax.set_mesh`, as the trainer and `volo_jax.sharding` lower steps) the
-    call is a `shard_map` over the batch axes that divide the batch, and over the
-    'model' axis on the heads when it divides them (tensor parallelism), so every
-    device runs the kernel on its own (B / n, H, W, C) block and nothing is gathered.
-    With no mesh, or inside a `shard_map` over those axes already, it is a plain call.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn(v, weights, *geometry)
-    free_all = [a for a in mesh.axis_names if a not in mesh.manual_axes]
-    free = [a for a in free_all if mesh.shape[a] > 1]
-    batch, size = [], 1
-    for axis in BATCH_AXES:
-        if axis in free and v.shape[0] % (size * mesh.shape[axis]) == 0:
-            batch.append(axis)
-            size *= mesh.shape[axis]
-    heads = weights.shape[3]
-    model = MODEL_AXIS if MODEL_AXIS in free and heads % mesh.shape[MODEL_AXIS] == 0 else None
-    if not batch and model is None:
-        return fn(v, weights, *geometry)
-    batch_spec = tuple(batch) or None
-    image = P(batch_spec, None, None, model)
-    return jax.shard_map(
-        lambda v, w: fn(v, w, *geometry),
-        mesh=mesh,
-        in_specs=(image, P(batch_spec, None, None, model, None, None)),
-        out_specs=image,
-        # Every free axis manual, those of size 1 too: a custom call left in a partly
-        # automatic region is one Mosaic refuses.
-        axis_names=frozenset(free_all),
-        check_vma=False,
-    )(v, weights)
+    """`fn(v, weights, *geometry)` on each device's own images, heads split over the
+    'model' axis when it divides them (`pallas_common.per_device`)."""
+    return per_device(lambda v, w: fn(v, w, *geometry), (v, weights), (3, 3), weights.shape[3], 3)
 
 
 def outlook_attention_pallas(

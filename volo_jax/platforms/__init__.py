@@ -11,8 +11,10 @@ what each platform runs:
   `nn.Conv(conv_general_dilated=...)`) and the operators' einsums; TPUs and GPUs keep
   XLA's own;
 - `outlook_impl`: what outlook attention's `impl="auto"` runs;
-- `explicit_attention`: self-attention's weights formed by heads-major products
-  instead of `jax.nn.dot_product_attention`;
+- `attention`: how self-attention runs (`ops.attention.ATTENTION`): 'xla'
+  (`jax.nn.dot_product_attention`, the platform compiler's kernel), 'explicit' (the
+  weights formed by heads-major products) or 'pallas' (one Mosaic kernel from qkv to the
+  output that keeps the logits on the chip, `ops.attention_pallas`);
 - `recompute_in_backward`: GELU, softmax and LayerNorm with custom VJPs that keep only
   their input (the softmax: its output) and recompute the rest (`volo_jax.layers`).
 
@@ -52,7 +54,7 @@ class Rules:
     conv_general_dilated: Callable[..., jax.Array] | None  # for nn.Conv; None: lax's
     einsum: Callable[..., jax.Array]  # (spec, a, b) -> the operators' two-operand products
     outlook_impl: str  # outlook attention's 'auto' (a key of ops.outlook.IMPLEMENTATIONS)
-    explicit_attention: bool
+    attention: str  # 'xla', 'explicit' or 'pallas' (ops.attention.ATTENTION)
     recompute_in_backward: bool
 
 
@@ -61,7 +63,7 @@ _XLA = Rules(
     conv_general_dilated=None,
     einsum=jnp.einsum,
     outlook_impl="slices",
-    explicit_attention=False,
+    attention="xla",
     recompute_in_backward=False,
 )
 
@@ -77,15 +79,16 @@ RULES: dict[str | None, Rules] = {
         conv_general_dilated=cpu.conv_general_dilated,
         einsum=cpu.einsum,
         outlook_impl="planes",
-        explicit_attention=True,
+        attention="explicit",
         recompute_in_backward=True,
     ),
     # The Pallas kernels. The custom VJPs of GELU, softmax and LayerNorm cost a TPU
     # memory and bytes (XLA:TPU's autodiff keeps less), and save a GPU memory for the
     # same bytes: on for GPUs, off for TPUs (compiled by benchmarks/compile_table.py
-    # --custom-vjps; docs/performance.md).
+    # --custom-vjps; docs/performance.md). TPUs run self-attention as a Mosaic kernel:
+    # XLA:TPU's attention moves the float32 logits of every head through HBM.
     "gpu": dataclasses.replace(_XLA, outlook_impl="pallas", recompute_in_backward=True),
-    "tpu": dataclasses.replace(_XLA, outlook_impl="pallas"),
+    "tpu": dataclasses.replace(_XLA, outlook_impl="pallas", attention="pallas"),
 }
 
 

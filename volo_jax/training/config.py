@@ -22,6 +22,7 @@ from volo_jax.data.transforms import parse_randaugment
 from volo_jax.errors import ConfigError, DatasetError, UnknownModelError
 from volo_jax.models import create_model, model_kwargs
 from volo_jax.models.volo import MIXER_NAMES
+from volo_jax.ops.attention import ATTENTION
 from volo_jax.ops.outlook import IMPLEMENTATIONS as OUTLOOK_IMPLEMENTATIONS
 from volo_jax.paths import as_path, is_remote
 from volo_jax.platforms.cpu import CPU_SCHEDULERS
@@ -167,6 +168,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(
         impl in impls,
         "model_overrides.outlook_impl",
+        f"must be one of {', '.join(impls)}, got {impl!r}",
+    )
+    impl = config.model_overrides.get("attention_impl", "auto")
+    impls = ("auto", *ATTENTION)
+    _require(
+        impl in impls,
+        "model_overrides.attention_impl",
         f"must be one of {', '.join(impls)}, got {impl!r}",
     )
     model = _model(config)
