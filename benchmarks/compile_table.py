@@ -52,6 +52,8 @@ DEFAULT_IMPLS = ("slices", "reference", "pallas")
 #: GELU, softmax and LayerNorm on the accelerators: autodiff (`platforms.RULES`), or
 #: `--custom-vjps`' ("custom VJPs").
 LAYERS = "autodiff"
+#: The transformer stages' self-attention (`--attention`; 'auto': the platform's).
+ATTENTION = "auto"
 #: Chips an FSDP group spans (`--pod`): divides VOLO's widths 192, 256, 384, 512.
 FSDP_GROUP = 16
 
@@ -64,6 +66,7 @@ def make_config(model: str, impl: str, per_device_batch: int, devices: int, shar
     config = variant_config(variant) if size == 224 else finetune_config(variant, size)
     config.dtype = "bfloat16"
     config.model_overrides.outlook_impl = impl
+    config.model_overrides.attention_impl = ATTENTION
     config.train.batch_size = per_device_batch * devices
     config.token_label.mix_group_size = per_device_batch
     if sharding == "fsdp":
@@ -123,7 +126,19 @@ def _row(
         "compile_s": round(seconds, 1),
         "hbm_mib": acc.hbm_bytes / MIB,
         "layers": LAYERS,
+        "attention": _attention(acc),
     }
+
+
+def _attention(acc: deviceless.Accelerator) -> str:
+    """How the rows' self-attention runs on `acc` (`ops.attention.resolve_attention`)."""
+    from volo_jax import platforms
+    from volo_jax.ops.attention import resolve_attention
+
+    devices = deviceless.devices(acc.name)
+    return resolve_attention(
+        ATTENTION, platforms.platform_of(devices), platforms.device_kind_of(devices)
+    )
 
 
 def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, Any]:
@@ -204,6 +219,7 @@ def measure_peer(machine: str, per_device_batch: int) -> dict[str, Any]:
         "vit_s16_224 (plain Flax peer)", acc, "-", "replicated", None, per_device_batch, seconds
     )
     row["compiled"] = True
+    row["attention"] = "flax"  # the peer's own nn.MultiHeadDotProductAttention
     row.update(_summary_fields(aot.summary(compiled, per_device_batch * acc.num_devices), acc))
     return row
 
@@ -237,7 +253,8 @@ def _print(row: dict[str, Any]) -> None:
         print(f"{row['model']:14s} {row['machine']:8s} {row['impl']:10s} FAILS: {row['error']}")
         return
     print(
-        f"{row['model']:14s} {row['machine']:8s} {row['impl']:10s} {row['sharding']:10s} "
+        f"{row['model']:14s} {row['machine']:8s} {row['impl']:10s} {row['attention']:8s} "
+        f"{row['sharding']:10s} "
         f"b={row['per_device_batch']:<4d} {row['compile_s']:6.1f}s "
         f"peak {row['peak_mib'] / 1024:6.2f} GiB (temp {row['temp_mib'] / 1024:5.2f}) "
         f"fits={row['fits']!s:5s} GFLOP/img={row['gflop_per_image']} "
@@ -253,18 +270,18 @@ def report(path: Path) -> str:
     machine, impl, GELU/softmax/LayerNorm backward, sharding and batch)."""
     rows: dict[tuple, dict[str, Any]] = {}
     for row in json.loads(path.read_text())["rows"]:
-        key = (row["model"], row["machine"], row["impl"], row.get("layers", "-"))
+        key = (row["model"], row["machine"], row["impl"], row.get("layers", "-"), _attn(row))
         rows[(*key, row["sharding"], row["per_device_batch"])] = row
     lines = [
-        "| model | machine | impl | backward | sharding | images / device | compile "
-        "| peak / HBM | GFLOP / image | XLA MiB / image | FLOP / byte | HLO MiB / image "
-        "| largest batch | collectives |",
-        "|" + "---|" * 14,
+        "| model | machine | impl | attention | backward | sharding | images / device "
+        "| compile | peak / HBM | GFLOP / image | XLA MiB / image | FLOP / byte "
+        "| HLO MiB / image | largest batch | collectives |",
+        "|" + "---|" * 15,
     ]
     for row in rows.values():
         if not row.get("compiled"):
             lines.append(
-                f"| {row['model']} | {row['machine']} | {row['impl']} "
+                f"| {row['model']} | {row['machine']} | {row['impl']} | {_attn(row)} "
                 f"| {row.get('layers', '-')} | {row['sharding']} | {row['per_device_batch']} "
                 f"| fails: {row.get('error', '')[:120]} |" + " |" * 7
             )
@@ -274,6 +291,7 @@ def report(path: Path) -> str:
             row["model"],
             row["machine"],
             row["impl"],
+            _attn(row),
             row.get("layers", "-"),
             row["sharding"],
             str(row["per_device_batch"]),
@@ -288,6 +306,11 @@ def report(path: Path) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _attn(row: dict[str, Any]) -> str:
+    """A row's self-attention; rows from before the field ran XLA's."""
+    return row.get("attention", "xla")
 
 
 def _cell(value: Any, fmt: str = "{:.1f}") -> str:
@@ -314,11 +337,19 @@ def main(argv: list[str] | None = None) -> None:
         help="volo_jax.layers' GELU, softmax and LayerNorm custom VJPs (the CPU's) on the "
         "accelerators too, instead of their autodiff",
     )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="the self-attention implementation (volo_jax.ops.attention.ATTENTION; 'auto': "
+        "the platform's)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
     parser.add_argument(
         "--report", type=Path, default=None, help="print a results file as markdown and stop"
     )
     args = parser.parse_args(argv)
+    global ATTENTION
+    ATTENTION = args.attention
     if args.custom_vjps:
         use_custom_vjps()
     if args.report:
