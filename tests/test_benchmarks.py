@@ -197,3 +197,34 @@ def test_bench_input_all_pipelines(tmp_path):
         "ours_eval/timm_eval",
     }
     assert "ours_train_maps" in bench_input.format_table(report)
+
+
+def test_compile_table_records_and_reports_the_attention(tmp_path, monkeypatch):
+    """`--attention` reaches the config; rows from before the field read as XLA's."""
+    import json
+
+    from benchmarks import compile_table
+
+    monkeypatch.setattr(compile_table, "ATTENTION", "xla")
+    config = compile_table.make_config("volo_d1_224", "pallas", 8, 1, "replicated")
+    assert config.model_overrides.attention_impl == "xla"
+    row = {
+        "model": "volo_d1_224",
+        "machine": "v5e-1",
+        "impl": "pallas",
+        "sharding": "replicated",
+        "per_device_batch": 128,
+        "compiled": True,
+        "compile_s": 1.0,
+        "hbm_mib": 16384,
+        "peak_mib": 5556.1,
+        "fits": True,
+        "flop_per_byte": 76.4,
+    }
+    rows = [dict(row, per_device_batch=64), dict(row, attention="pallas")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"rows": rows}))
+    lines = compile_table.report(path).splitlines()
+    assert "| attention |" in lines[0]
+    assert "| volo_d1_224 | v5e-1 | pallas | xla | - | replicated | 64 |" in lines[2]
+    assert "| volo_d1_224 | v5e-1 | pallas | pallas | - | replicated | 128 |" in lines[3]
