@@ -158,8 +158,32 @@ def test_attention_dropout_keeps_xla_attention():
     assert "self_attention_fwd" in str(jax.make_jaxpr(apply)(params, x))
 
 
-def test_rules_name_an_attention():
+def test_auto_is_the_platforms_attention_and_old_tpus_keep_xla():
+    """'auto' is the platform's entry of `platforms.RULES`, resolved by `create_model`;
+    Mosaic on TPU v2 / v3 has no bf16 products, so there 'auto' is XLA's attention and
+    an explicit 'pallas' a config error naming the chip."""
     from volo_jax import platforms
+    from volo_jax.errors import ConfigError
+    from volo_jax.models import create_model
 
+    resolve = attention_ops.resolve_attention
     assert {r.attention for r in platforms.RULES.values()} <= set(attention_ops.ATTENTION)
-    assert platforms.rules("tpu").attention == "pallas"
+    expected = {None: "xla", "cpu": "explicit", "gpu": "xla", "tpu": "pallas"}
+    assert {p: resolve("auto", p) for p in expected} == expected
+    for where in ("cpu", "tpu", "cuda"):
+        model = create_model("volo_d1_224", platform=where)
+        assert model.attention_impl == expected[platforms.platform_of(where)]
+    assert create_model("volo_d1_224", platform="tpu", attention_impl="xla").attention_impl == "xla"
+    assert resolve("auto", "tpu", "TPU v3") == "xla"
+    assert resolve("auto", "tpu", "TPU v5 lite") == "pallas"
+    with pytest.raises(ConfigError, match="needs TPU v4 or newer: Mosaic on TPU v2"):
+        resolve("pallas", "tpu", "TPU v2")
+    with pytest.raises(ValueError, match="unknown self-attention implementation"):
+        resolve("flash", "tpu")
+
+
+def test_explicit_xla_on_a_tpu_model_skips_the_kernel():
+    module = attention_ops.Attention(384, 12, impl="xla", platform="tpu")
+    x = jnp.zeros((1, 4, 4, 384))
+    params = module.init(jax.random.key(0), x)
+    assert "self_attention_fwd" not in str(jax.make_jaxpr(module.apply)(params, x))

@@ -128,6 +128,7 @@ def test_official_token_labeling_defaults():
         ("token_label.roi_sampling_ratio", 0, "config.token_label.roi_sampling_ratio"),
         ("model_overrides.token_mixer", "outlok", "config.model_overrides.token_mixer"),
         ("model_overrides.outlook_impl", "plane", "config.model_overrides.outlook_impl"),
+        ("model_overrides.attention_impl", "flash", "config.model_overrides.attention_impl"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
