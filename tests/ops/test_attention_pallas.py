@@ -168,7 +168,7 @@ def test_auto_is_the_platforms_attention_and_old_tpus_keep_xla():
 
     resolve = attention_ops.resolve_attention
     assert {r.attention for r in platforms.RULES.values()} <= set(attention_ops.ATTENTION)
-    expected = {None: "xla", "cpu": "explicit", "gpu": "xla", "tpu": "pallas"}
+    expected = {None: "xla", "cpu": "explicit", "gpu": "cudnn", "tpu": "pallas"}
     assert {p: resolve("auto", p) for p in expected} == expected
     for where in ("cpu", "tpu", "cuda"):
         model = create_model("volo_d1_224", platform=where)
@@ -180,6 +180,15 @@ def test_auto_is_the_platforms_attention_and_old_tpus_keep_xla():
         resolve("pallas", "tpu", "TPU v2")
     with pytest.raises(ValueError, match="unknown self-attention implementation"):
         resolve("flash", "tpu")
+    # GPUs before Ampere have no cuDNN flash attention; the TPU kernel is for TPUs.
+    assert resolve("auto", "gpu", "Tesla T4", (7, 5)) == "xla"
+    assert resolve("auto", "gpu", "NVIDIA H100 80GB HBM3", (9, 0)) == "cudnn"
+    with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
+        resolve("cudnn", "gpu", "Tesla V100", (7, 0))
+    with pytest.raises(ConfigError, match="compute capability 8.0 or newer, not tpu"):
+        resolve("cudnn", "tpu")
+    with pytest.raises(ConfigError, match="a TPU kernel"):
+        resolve("pallas", "gpu")
 
 
 def test_explicit_xla_on_a_tpu_model_skips_the_kernel():

@@ -39,13 +39,18 @@ def _host(backend: str | None) -> Iterator[None]:
 
 
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-#: The Triton call of the GPU kernel has no export compatibility guarantee; allowed here.
-TRITON = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
+#: The GPU's custom calls (the Triton outlook kernel, cuDNN's flash attention) have no
+#: export compatibility guarantee; allowed here.
+CUDNN_ATTENTION = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+GPU_CALLS = [
+    jax.export.DisabledSafetyCheck.custom_call(name)
+    for name in (KERNEL_CALLS["cuda"], *CUDNN_ATTENTION)
+]
 
 
 def _module_text(fn, args, platform: str) -> str:
     """`jax.export` of `fn` for `platform` as StableHLO text."""
-    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=TRITON)
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=GPU_CALLS)
     return exported(*args).mlir_module()
 
 
@@ -92,6 +97,8 @@ def test_a_model_built_here_for_an_accelerator_is_what_its_host_builds(case, pla
         as_its_host = _module_text(*CASES[case](None), platform)
     assert CPU_SCOPE not in from_cpu, f"the CPU's rules are in the {platform} program"
     assert _ops(from_cpu) == _ops(as_its_host)
+    if platform == "cuda" and "bf16" in case:  # cuDNN takes bf16 self-attention only
+        assert from_cpu.count(CUDNN_ATTENTION[0]) == 14  # D1's transformer layers
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -71,17 +71,17 @@ def test_pallas_kernels_run_on_each_devices_own_images(machine):
     compiled = _compile(machine, "pallas")
     hlo = compiled.as_text()
     calls = kernel_calls(hlo)
-    attention = [line for line in calls if "self_attention" in line]
-    outlook = [line for line in calls if "self_attention" not in line]
+    attention = [line for line in calls if "self_attention" in line or "__cudnn$fmha" in line]
+    outlook = [line for line in calls if line not in attention]
     # The outlook stage's forward and backward: Mosaic 2 calls, Triton 3 (fold, d_v,
-    # d_logits). On TPU the self-attention kernel too: a forward and a backward for each
-    # of the three transformer blocks; GPUs run XLA's attention.
+    # d_logits). Self-attention (the Mosaic kernel on TPU, cuDNN's flash attention on
+    # GPUs): a forward and a backward for each of the three transformer blocks.
     tpu = machine.startswith("v")
     assert len(outlook) == (2 if tpu else 3), outlook
-    assert len(attention) == (6 if tpu else 0), attention
+    assert len(attention) == 6, attention
     for line in calls:
-        rank = 3 if line in attention else 4  # (B, N, 3C) qkv; (B, H, W, C) images
+        rank = 3 if "self_attention" in line else 4  # (B, N, 3C) qkv; 4-d images, heads
         batches = {shape[0] for shape in call_shapes(line) if len(shape) >= rank}
         assert batches == {PER_DEVICE_BATCH}, line[:400]
-        assert "shard_map" in line
+        assert "shard_map" in line or "__cudnn$fmha" in line  # cuDNN's: XLA partitions it
     assert "all-gather" not in hlo

@@ -15,8 +15,10 @@ from jax.sharding import PartitionSpec as P
 from volo_jax.errors import ConfigError
 from volo_jax.sharding import deviceless
 
-#: The kernels' custom calls in compiled HLO: Mosaic's and Triton's.
-KERNEL_CALL = re.compile(r'custom_call_target="(tpu_custom_call|__gpu\$xla\.gpu\.triton)"')
+#: The kernels' custom calls in compiled HLO: Mosaic's, Triton's and cuDNN's attention.
+KERNEL_CALL = re.compile(
+    r'custom_call_target="(tpu_custom_call|__gpu\$xla\.gpu\.triton|__cudnn\$fmha\w*)"'
+)
 
 
 def require_accelerator(name: str) -> tuple[jax.Device, ...]:
@@ -37,7 +39,7 @@ def one_device(name: str) -> NamedSharding:
 
 
 def kernel_calls(hlo: str) -> list[str]:
-    """The lines of compiled HLO text that call a Mosaic or Triton kernel."""
+    """The lines of compiled HLO text that call a Mosaic, Triton or cuDNN attention kernel."""
     return [line for line in hlo.splitlines() if KERNEL_CALL.search(line)]
 
 

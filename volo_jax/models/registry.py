@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from volo_jax import platforms
 from volo_jax.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -108,8 +109,9 @@ def create_model(name: str, platform: platforms.Where = None, **overrides: Any) 
     backend's). It picks the products, outlook attention and backward passes the model
     is traced with (`volo_jax.platforms.RULES`), so `jax.jit(model.apply)` runs that
     platform's fast path; an outlook attention and a self-attention of 'auto' are
-    resolved here, for the devices' kind where they are given
-    (`ops.outlook.resolve_implementation`, `ops.attention.resolve_attention`).
+    resolved here, for the devices' kind where they are given or the default backend's
+    devices for None (`ops.outlook.resolve_implementation`,
+    `ops.attention.resolve_attention`).
     """
     entry = _entry(name)
     kwargs = model_kwargs(name, **overrides)
@@ -117,11 +119,15 @@ def create_model(name: str, platform: platforms.Where = None, **overrides: Any) 
     target = platforms.platform_of(platform)
     if "platform" in fields:
         kwargs["platform"] = target
-    kind = platforms.device_kind_of(platform)
+    # The devices: those given, or the default backend's (a name says no more than the
+    # platform).
+    devices = jax.devices() if platform is None else platform
+    kind = platforms.device_kind_of(devices)
     if "outlook_impl" in fields:
         impl = kwargs.get("outlook_impl", fields["outlook_impl"].default)
         kwargs["outlook_impl"] = resolve_implementation(impl, target, kind)
     if "attention_impl" in fields:
         impl = kwargs.get("attention_impl", fields["attention_impl"].default)
-        kwargs["attention_impl"] = resolve_attention(impl, target, kind)
+        capability = platforms.compute_capability_of(devices)
+        kwargs["attention_impl"] = resolve_attention(impl, target, kind, capability)
     return entry.module(**kwargs)

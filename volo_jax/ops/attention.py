@@ -2,10 +2,10 @@
 class attention, and the 'self_attention' token mixer of the ablation.
 
 `self_attention` runs it the way the platform's rules say (`Rules.attention`, one of
-`ATTENTION`): XLA's fused kernel (`jax.nn.dot_product_attention`), explicit heads-major
-products (the CPU), or one Pallas kernel from qkv to the output (TPUs,
-`ops.attention_pallas`). `dot_product_attention` is the product on split heads that the
-first two, and class attention, go through.
+`ATTENTION`): XLA's attention (`jax.nn.dot_product_attention`), explicit heads-major
+products (the CPU), cuDNN's fused flash attention (GPUs from Ampere on), or one Pallas
+kernel from qkv to the output (TPUs, `ops.attention_pallas`). `dot_product_attention` is
+the product on split heads that all but the last, and class attention, go through.
 """
 
 from __future__ import annotations
@@ -24,31 +24,58 @@ from volo_jax.ops.attention_pallas import pallas_supported, self_attention_palla
 Dtype = Any
 
 #: How self-attention can run (`platforms.Rules.attention`, `VOLO.attention_impl`).
-ATTENTION = ("xla", "explicit", "pallas")
+ATTENTION = ("xla", "explicit", "cudnn", "pallas")
 #: TPU generations whose Mosaic has no bf16 matrix products (the kernel's): XLA's there.
 MOSAIC_UNSUPPORTED = ("TPU v2", "TPU v3")
+#: cuDNN's flash attention needs an Ampere or newer GPU.
+CUDNN_MIN_CAPABILITY = (8, 0)
 
 
-def resolve_attention(impl: str, platform: str | None, device_kind: str | None = None) -> str:
-    """'auto' -> how a model built for `platform` (and, where known, `device_kind`, e.g.
-    'TPU v3') runs self-attention; anything else is checked (the kernel on a TPU that
-    cannot compile it is a clear error)."""
+def resolve_attention(
+    impl: str,
+    platform: str | None,
+    device_kind: str | None = None,
+    compute_capability: tuple[int, int] | None = None,
+) -> str:
+    """'auto' -> how a model built for `platform` runs self-attention, for its devices
+    where they are known (`device_kind`, e.g. 'TPU v3'; a GPU's `compute_capability`):
+    XLA's on TPU v2 / v3 and on GPUs before Ampere. Anything else is checked: a kernel on
+    a platform or chip that cannot run it is a clear error."""
     old_tpu = (
         platform == "tpu" and device_kind is not None and device_kind.startswith(MOSAIC_UNSUPPORTED)
     )
+    old_gpu = compute_capability is not None and tuple(compute_capability) < CUDNN_MIN_CAPABILITY
     if impl == "auto":
-        return "xla" if old_tpu else platforms.rules(platform).attention
+        impl = platforms.rules(platform).attention
+        return "xla" if (impl == "pallas" and old_tpu) or (impl == "cudnn" and old_gpu) else impl
     if impl not in ATTENTION:
         raise ValueError(
             f"unknown self-attention implementation {impl!r}; choose 'auto' or one of "
             f"{', '.join(ATTENTION)}"
         )
+    field = f"config.model_overrides.attention_impl={impl!r}"
+    if impl == "pallas" and platform not in ("tpu", "cpu", None):
+        raise ConfigError(f"{field} is a TPU kernel; use 'auto' on {platform}")
     if impl == "pallas" and old_tpu:
         raise ConfigError(
-            f"config.model_overrides.attention_impl='pallas' needs TPU v4 or newer: Mosaic on "
-            f"{device_kind} has no bf16 matrix products; use 'auto' (here: 'xla')"
+            f"{field} needs TPU v4 or newer: Mosaic on {device_kind} has no bf16 matrix "
+            f"products; use 'auto' (here: 'xla')"
+        )
+    if impl == "cudnn" and (platform != "gpu" or old_gpu):
+        where = f"compute capability {compute_capability}" if old_gpu else platform
+        raise ConfigError(
+            f"{field} needs an NVIDIA GPU of compute capability 8.0 or newer, not {where}; "
+            f"use 'auto'"
         )
     return impl
+
+
+def cudnn_supported(q: jax.Array, k: jax.Array) -> bool:
+    """Whether cuDNN's flash attention takes these (B, N, heads, d) operands: self-attention
+    (as many queries as keys) in bf16 or fp16, heads of a multiple of 8 up to 128 channels."""
+    d = q.shape[-1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return half and q.shape[1] == k.shape[1] and d % 8 == 0 and d <= 128
 
 
 def dot_product_attention(
@@ -62,16 +89,19 @@ def dot_product_attention(
     """softmax(q k^T / sqrt(d)) v, the softmax in float32.
 
     q: (B, Nq, heads, d); k, v: (B, Nk, heads, d) -> (B, Nq, heads, d). This is
-    `jax.nn.dot_product_attention`, whose kernel the compiler of each platform picks,
-    unless the weights are formed explicitly: where attention weights are dropped out
-    (training with a non-zero rate, which the fused call does not take), and for a
-    platform whose products want heads-major operands (`Rules.attention == 'explicit'`:
-    the CPU's batched products) or `impl='explicit'`, with that platform's products.
+    `jax.nn.dot_product_attention` (with `impl='cudnn'`, cuDNN's flash attention where
+    it takes the operands, `cudnn_supported`), unless the weights are formed explicitly:
+    where attention weights are dropped out (training with a non-zero rate, which the
+    fused call does not take), and for `impl='explicit'` (the CPU's rule: its batched
+    products want heads-major operands), with the platform's products. `impl='auto'`:
+    the platform's (`resolve_attention`).
     """
     rules = platforms.rules(platform)
-    explicit = not (dropout.deterministic or dropout.rate == 0.0)
-    if not explicit and rules.attention != "explicit" and impl != "explicit":
-        return jax.nn.dot_product_attention(q, k, v)
+    impl = resolve_attention(impl, platform)
+    dropped = not (dropout.deterministic or dropout.rate == 0.0)
+    if not dropped and impl != "explicit":
+        cudnn = impl == "cudnn" and cudnn_supported(q, k)
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if cudnn else None)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, N, d)
     logits = rules.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = softmax(logits * q.shape[-1] ** -0.5, -1, platform).astype(v.dtype)
@@ -90,8 +120,8 @@ def self_attention(
 
     qkv: (B, N, 3C), C = heads * hd, laid out as timm's `qkv` layer makes it -> (B, N, C).
     'pallas' runs the kernel where it applies: no attention dropout, a shape it takes
-    (`pallas_supported`), heads not split over a 'model' axis; otherwise, and for 'xla'
-    and 'explicit', `dot_product_attention` on the split heads.
+    (`pallas_supported`), heads not split over a 'model' axis; otherwise, and for 'xla',
+    'explicit' and 'cudnn', `dot_product_attention` on the split heads.
     """
     b, n, c3 = qkv.shape
     c = c3 // 3

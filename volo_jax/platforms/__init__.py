@@ -12,9 +12,9 @@ what each platform runs:
   XLA's own;
 - `outlook_impl`: what outlook attention's `impl="auto"` runs;
 - `attention`: how self-attention runs (`ops.attention.ATTENTION`): 'xla'
-  (`jax.nn.dot_product_attention`, the platform compiler's kernel), 'explicit' (the
-  weights formed by heads-major products) or 'pallas' (one Mosaic kernel from qkv to the
-  output that keeps the logits on the chip, `ops.attention_pallas`);
+  (`jax.nn.dot_product_attention`), 'explicit' (the weights formed by heads-major
+  products), 'cudnn' (cuDNN's flash attention) or 'pallas' (one Mosaic kernel from qkv
+  to the output, `ops.attention_pallas`): the last two keep the logits on the chip;
 - `recompute_in_backward`: GELU, softmax and LayerNorm with custom VJPs that keep only
   their input (the softmax: its output) and recompute the rest (`volo_jax.layers`).
 
@@ -85,9 +85,12 @@ RULES: dict[str | None, Rules] = {
     # The Pallas kernels. The custom VJPs of GELU, softmax and LayerNorm cost a TPU
     # memory and bytes (XLA:TPU's autodiff keeps less), and save a GPU memory for the
     # same bytes: on for GPUs, off for TPUs (compiled by benchmarks/compile_table.py
-    # --custom-vjps; docs/performance.md). TPUs run self-attention as a Mosaic kernel:
-    # XLA:TPU's attention moves the float32 logits of every head through HBM.
-    "gpu": dataclasses.replace(_XLA, outlook_impl="pallas", recompute_in_backward=True),
+    # --custom-vjps; docs/performance.md). Self-attention: XLA's writes the float32
+    # logits of every head to HBM and reads them back; GPUs run cuDNN's flash attention
+    # (from Ampere on; `ops.attention.resolve_attention`), TPUs a Mosaic kernel.
+    "gpu": dataclasses.replace(
+        _XLA, outlook_impl="pallas", attention="cudnn", recompute_in_backward=True
+    ),
     "tpu": dataclasses.replace(_XLA, outlook_impl="pallas", attention="pallas"),
 }
 
@@ -133,6 +136,17 @@ def device_kind_of(where: Where) -> str | None:
     return None if device is None else device.device_kind
 
 
+def compute_capability_of(where: Where) -> tuple[int, int] | None:
+    """A CUDA GPU's compute capability ((9, 0) for an H100) of a device, devices or mesh;
+    None for other devices, a name or None."""
+    device = _first_device(where)
+    capability = getattr(device, "compute_capability", None)
+    if not capability:
+        return None
+    major, minor = str(capability).split(".")[:2]
+    return int(major), int(minor)
+
+
 def rules(platform: str | None) -> Rules:
     """`RULES[platform]`, the platform checked (None: built for no platform)."""
     if platform not in RULES:
@@ -152,6 +166,7 @@ __all__ = [
     "RULES",
     "Rules",
     "Where",
+    "compute_capability_of",
     "cpu",
     "device_kind_of",
     "einsum",
