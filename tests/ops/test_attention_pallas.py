@@ -183,9 +183,9 @@ def test_auto_is_the_platforms_attention_and_old_tpus_keep_xla():
     # GPUs before Ampere have no cuDNN flash attention; the TPU kernel is for TPUs.
     assert resolve("auto", "gpu", "Tesla T4", (7, 5)) == "xla"
     assert resolve("auto", "gpu", "NVIDIA H100 80GB HBM3", (9, 0)) == "cudnn"
-    with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
+    with pytest.raises(ConfigError, match=r"compute capability 8\.0 or newer"):
         resolve("cudnn", "gpu", "Tesla V100", (7, 0))
-    with pytest.raises(ConfigError, match="compute capability 8.0 or newer, not tpu"):
+    with pytest.raises(ConfigError, match=r"compute capability 8\.0 or newer, not tpu"):
         resolve("cudnn", "tpu")
     with pytest.raises(ConfigError, match="a TPU kernel"):
         resolve("pallas", "gpu")

@@ -5,8 +5,10 @@ Window primitives: `geometry.py` (the window geometry every primitive shares),
 (windows as unit-stride slices of stride planes, the CPU's layout). Operators:
 `outlook.py` and `outlook_pallas.py` (outlook attention; its Pallas kernels, whose
 platform code is in `tpu/` (Mosaic) and `gpu/` (Triton)),
-`attention.py` (global self-attention), `halo.py`, `involution.py`, `dwconv.py`,
-`window.py`. Each module takes the `platform` its model is built for
+`attention.py` and `attention_pallas.py` (global self-attention: XLA's, cuDNN's flash
+attention, or its Pallas kernel, whose platform code is `tpu/attention.py`), `halo.py`,
+`involution.py`, `dwconv.py`, `window.py`. `pallas_common.py`: what the kernels share
+(the per-device call under a mesh). Each module takes the `platform` its model is built for
 (`volo_jax.platforms`).
 
 `TOKEN_MIXERS` is the one registry of token mixers: VOLO's outlooker stage builds its
