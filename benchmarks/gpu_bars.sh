@@ -22,8 +22,10 @@
 #      adds float32 torch.compile);
 #   3. ops_torch.json: timm's OutlookAttention and the F.unfold / F.fold aggregate, bf16;
 #   4. volo_infer.json: inference, the same backends;
-#   5. impl_<impl>.json: the whole train step in bf16 with outlook planes and pallas
-#      (the GPU default is slices), if time remains.
+#   5. impl_<impl>.json: the whole train step in bf16 with outlook planes (the GPU
+#      default is pallas, timed in step 2), and attn_xla.json with XLA's self-attention
+#      instead of cuDNN's flash attention (the GPU default from Ampere on): the A/Bs
+#      behind the GPU's 'auto', if time remains.
 # machine.txt records the GPU, the driver and the library versions.
 set -u
 PY=${PY:-python3}
@@ -37,7 +39,7 @@ BACKENDS=${BACKENDS:-jax_bf16,torch_amp,torch_compile_amp}
 IMPLS=${IMPLS:-reference slices planes pallas}
 OPS_ARGS=(--batch "$BATCH" --dtype bfloat16 --reps 20 --warmup 3)
 OPS_ONLY='outlook_aggregate|OutlookAttention layer'
-WHOLE_MODEL_IMPLS=${WHOLE_MODEL_IMPLS:-planes pallas}
+WHOLE_MODEL_IMPLS=${WHOLE_MODEL_IMPLS:-planes}
 if [[ ${SMOKE:-0} == 1 ]]; then  # every step, fewer rows and workers
     BATCH=2 REPS=1 BACKENDS=jax_bf16,torch_eager
     OVERRIDES='{"layers": [1, 1, 1, 1], "img_size": 64}'
@@ -69,9 +71,9 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND under a time limit (at most wh
     tail -n 20 "$OUT/$name.txt"
 }
 
-with_impl() {  # OVERRIDES with outlook_impl set
-    "$PY" -c 'import json, sys; d = json.loads(sys.argv[1]); d["outlook_impl"] = sys.argv[2]
-print(json.dumps(d))' "$OVERRIDES" "$1"
+with_override() {  # with_override FIELD VALUE: OVERRIDES with FIELD set
+    "$PY" -c 'import json, sys; d = json.loads(sys.argv[1]); d[sys.argv[2]] = sys.argv[3]
+print(json.dumps(d))' "$OVERRIDES" "$1" "$2"
 }
 
 {
@@ -106,11 +108,17 @@ step volo_infer "$(s 210)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
     --overrides "$OVERRIDES" --batch "$BATCH" --reps "$REPS" --warmup 3 --modes infer \
     --backends "$BACKENDS" --timeout "$(s 65)" --json "$OUT/volo_infer.json"
 
-# 5. The whole train step with the other implementations (the default here is slices).
+# 5. The whole train step with the other choices: outlook implementations (the default
+#    here is pallas) and XLA's self-attention (the default here is cuDNN's).
 for impl in $WHOLE_MODEL_IMPLS; do
     step "impl_$impl" "$(s 80)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
-        --overrides "$(with_impl "$impl")" --batch "$BATCH" --reps "$REPS" --warmup 2 \
-        --modes train --backends jax_bf16 --timeout "$(s 60)" --json "$OUT/impl_$impl.json"
+        --overrides "$(with_override outlook_impl "$impl")" --batch "$BATCH" --reps "$REPS" \
+        --warmup 2 --modes train --backends jax_bf16 --timeout "$(s 60)" \
+        --json "$OUT/impl_$impl.json"
 done
+step attn_xla "$(s 80)" "$PY" -m benchmarks.bench_volo --model "$MODEL" \
+    --overrides "$(with_override attention_impl xla)" --batch "$BATCH" --reps "$REPS" \
+    --warmup 2 --modes train --backends jax_bf16 --timeout "$(s 60)" \
+    --json "$OUT/attn_xla.json"
 
 echo "[gpu_bars] done in $((SECONDS - started))s; results in $OUT"
