@@ -6,11 +6,11 @@ and `tpu_attention_backward(qkv, g, heads)` -> d_qkv (B, N, 3C).
 Why a kernel of its own: XLA's attention writes each head's float32 logits and
 softmax, (heads, N, N) per image, to HBM and reads them back in the backward. For VOLO's
 transformer stages that was most of the train step's memory traffic (docs/performance.md,
-"A self-attention kernel for VOLO's heads"). Here every key of an image stays in VMEM (N is 196 at 224,
-1024 at 512), so the logits never leave the chip: HBM sees qkv, the output and, in the
-backward, the output's cotangent and d_qkv. jax's flash attention kernels are built for
-heads of 128+ channels and token blocks of 128; VOLO's 32-channel heads and 196 tokens
-would be padded 4x on the lanes and to 256 tokens.
+"A self-attention kernel for VOLO's heads"). Here every key of an image stays in VMEM
+(N is 196 at 224, 1024 at 512), so the logits never leave the chip: HBM sees qkv, the
+output and, in the backward, the output's cotangent and d_qkv. jax's flash attention
+kernels are built for heads of 128+ channels and token blocks of 128; VOLO's 32-channel
+heads and 196 tokens would be padded 4x on the lanes and to 256 tokens.
 
 Layout: qkv is the qkv projection's output as timm lays it out, (B, N, 3C) with
 C = heads * hd on the lanes ([q | k | v], each [head 0 | head 1 | ...]). The heads are
