@@ -131,13 +131,17 @@ def _row(
 
 
 def _attention(acc: deviceless.Accelerator) -> str:
-    """How the rows' self-attention runs on `acc` (`ops.attention.resolve_attention`)."""
+    """How the rows' self-attention runs on `acc`, resolved as `create_model` resolves it
+    (`ops.attention.resolve_attention`)."""
     from volo_jax import platforms
     from volo_jax.ops.attention import resolve_attention
 
     devices = deviceless.devices(acc.name)
     return resolve_attention(
-        ATTENTION, platforms.platform_of(devices), platforms.device_kind_of(devices)
+        ATTENTION,
+        platforms.platform_of(devices),
+        platforms.device_kind_of(devices),
+        platforms.compute_capability_of(devices),
     )
 
 

@@ -59,7 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             # The outlooker stage's token mixer (the paper's ablation), how outlook
             # attention runs ('auto', 'reference', 'slices', 'planes', 'pallas') and how
             # the transformer stages' self-attention does ('auto', 'xla', 'explicit',
-            # 'pallas'; 'auto': the platform's, volo_jax.platforms.RULES).
+            # 'cudnn', 'pallas'; 'auto': the platform's, volo_jax.platforms.RULES).
             "token_mixer": "outlook",
             "outlook_impl": "auto",
             "attention_impl": "auto",

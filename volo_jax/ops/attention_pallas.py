@@ -24,6 +24,7 @@ import jax
 from volo_jax.ops.pallas_common import per_device
 from volo_jax.ops.tpu.attention import (
     attention_plan,
+    check_qkv,
     tpu_attention_backward,
     tpu_attention_forward,
 )
@@ -94,8 +95,7 @@ def self_attention_pallas(qkv: jax.Array, heads: int) -> jax.Array:
     Returns:
       (B, N, C) in qkv's dtype, heads side by side (timm's `transpose(1, 2).reshape`).
     """
-    if qkv.ndim != 3 or qkv.shape[-1] % 3:
-        raise ValueError(f"expected qkv of shape (B, N, 3C); got {qkv.shape}")
+    check_qkv(qkv)
     return per_device(lambda x: _attention(x, heads), (qkv,), (None,), None, None)
 
 

@@ -28,9 +28,10 @@ def per_device(
     the global batch onto every device (or, on TPU, refuse to compile). Under the
     current mesh (`jax.set_mesh`, as the trainer and `volo_jax.sharding` lower steps) the
     call is a `shard_map` over the batch axes that divide the batch (axis 0 of every
-    argument and of the result), and over the 'model' axis on the heads when it divides
-    `heads` (tensor parallelism): argument i's axis `heads_axes[i]` and the result's
-    `out_heads_axis` (None: not split; `heads=None`: nothing is). So every device runs
+    argument and of the result, which has the first argument's rank), and over the
+    'model' axis on the heads when it divides `heads` (tensor parallelism): argument i's
+    axis `heads_axes[i]` and the result's `out_heads_axis` (None: not split;
+    `heads=None`: nothing is). So every device runs
     the kernel on its own block and nothing is gathered. With no mesh, or inside a
     `shard_map` over those axes already, it is a plain call.
     """
@@ -56,12 +57,11 @@ def per_device(
         return P(*dims)
 
     in_specs = tuple(spec(a.ndim, h) for a, h in zip(args, heads_axes, strict=True))
-    out_ndim = jax.eval_shape(fn, *args).ndim
     return jax.shard_map(
         fn,
         mesh=mesh,
         in_specs=in_specs,
-        out_specs=spec(out_ndim, out_heads_axis),
+        out_specs=spec(args[0].ndim, out_heads_axis),
         # Every free axis manual, those of size 1 too: a custom call left in a partly
         # automatic region is one Mosaic refuses.
         axis_names=frozenset(free_all),

@@ -54,7 +54,7 @@ class Rules:
     conv_general_dilated: Callable[..., jax.Array] | None  # for nn.Conv; None: lax's
     einsum: Callable[..., jax.Array]  # (spec, a, b) -> the operators' two-operand products
     outlook_impl: str  # outlook attention's 'auto' (a key of ops.outlook.IMPLEMENTATIONS)
-    attention: str  # 'xla', 'explicit' or 'pallas' (ops.attention.ATTENTION)
+    attention: str  # 'xla', 'explicit', 'cudnn' or 'pallas' (ops.attention.ATTENTION)
     recompute_in_backward: bool
 
 

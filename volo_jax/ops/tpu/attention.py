@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from volo_jax.ops.pallas_common import round_up
+from volo_jax.ops.tpu import MOSAIC_INTERPRETERS
 
 #: Lanes of a TPU vector register: heads are read in windows of whole 128-lane tiles.
 LANES = 128
@@ -262,12 +263,8 @@ def _cost(plan: AttentionPlan, batch: int, backward: bool) -> pl.CostEstimate:
     )
 
 
-#: interpret= values: False (compile for TPU), True (Pallas' generic interpreter, the
-#: CPU tests) or "tpu" (Pallas' TPU interpreter: memory spaces and DMAs as on the chip).
-_INTERPRETERS = {False: False, True: True, "generic": True, "tpu": pltpu.InterpretParams()}
-
-
-def _check(qkv: jax.Array) -> tuple[int, int, int]:
+def check_qkv(qkv: jax.Array) -> tuple[int, int, int]:
+    """(B, N, C) of qkv (B, N, 3C); a ValueError naming the shape otherwise."""
     if qkv.ndim != 3 or qkv.shape[-1] % 3:
         raise ValueError(f"expected qkv of shape (B, N, 3C); got {qkv.shape}")
     b, n, c3 = qkv.shape
@@ -304,7 +301,7 @@ def _call(plan: AttentionPlan, batch: int, backward: bool, interpret, out_shape)
             dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_LIMIT
         ),
         cost_estimate=_cost(plan, batch, backward),
-        interpret=_INTERPRETERS[interpret],
+        interpret=MOSAIC_INTERPRETERS[interpret],
         name="self_attention_bwd" if backward else "self_attention_fwd",
     )
 
@@ -314,7 +311,7 @@ def tpu_attention_forward(
 ) -> jax.Array:
     """qkv (B, N, 3C) -> softmax(q k^T / sqrt(hd)) v per head, (B, N, C) in qkv's dtype.
     `images` and `tile` override the plan's (`attention_plan`)."""
-    b, n, c = _check(qkv)
+    b, n, c = check_qkv(qkv)
     plan = attention_plan(b, n, c, heads, qkv.dtype, images, tile)
     out_shape = jax.ShapeDtypeStruct((b, n, c), qkv.dtype)
     return _call(plan, b, False, interpret, out_shape)(qkv, qkv, qkv)
@@ -330,7 +327,7 @@ def tpu_attention_backward(
     tile: int | None = None,
 ) -> jax.Array:
     """d_qkv (B, N, 3C) for the output cotangent g (B, N, C)."""
-    b, n, c = _check(qkv)
+    b, n, c = check_qkv(qkv)
     plan = attention_plan(b, n, c, heads, qkv.dtype, images, tile)
     out_shape = [jax.ShapeDtypeStruct((b, n, c), qkv.dtype)] * 3
     dq, dk, dv = _call(plan, b, True, interpret, out_shape)(qkv, qkv, qkv, g.astype(qkv.dtype))

@@ -57,6 +57,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from volo_jax.ops.pallas_common import divmod_, round_up, softmax_vjp, window_grid
 from volo_jax.ops.pallas_common import softmax as softmax_list
+from volo_jax.ops.tpu import MOSAIC_INTERPRETERS
 
 #: Backward VMEM footprint a TPU band may use, and the scoped VMEM limit requested.
 TPU_VMEM_BUDGET = 12 * 2**20
@@ -554,10 +555,8 @@ def _tpu_cost(plan: TpuPlan, batch: int, backward: bool) -> pl.CostEstimate:
     )
 
 
-#: interpret= values of the Mosaic kernels: False (compile), "generic" (Pallas'
-#: interpreter, strided accesses as slices of contiguous spans: the CPU default) or
-#: "tpu" (Pallas' TPU interpreter, which runs the strided accesses themselves; slow).
-_INTERPRETERS = {False: False, "generic": True, "tpu": pltpu.InterpretParams()}
+# interpret= (`MOSAIC_INTERPRETERS`): under "generic" (the CPU default) the strided
+# accesses run as slices of contiguous spans; "tpu" runs them as they are (slow).
 
 
 def _tpu_call(plan: TpuPlan, batch: int, backward: bool, softmax: bool, interpret):
@@ -583,7 +582,7 @@ def _tpu_call(plan: TpuPlan, batch: int, backward: bool, softmax: bool, interpre
                 dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=TPU_VMEM_LIMIT
             ),
             cost_estimate=_tpu_cost(plan, batch, backward),
-            interpret=_INTERPRETERS[interpret],
+            interpret=MOSAIC_INTERPRETERS[interpret],
             name="outlook_attention_bwd" if backward else "outlook_attention_fwd",
         ),
         image_specs[0],
