@@ -7,7 +7,10 @@ add up to, whether that fits the device's HBM, XLA:TPU's FLOPs and bytes accesse
 image (`cost_analysis()`; XLA:GPU's compile-only client has none), the HLO's own count of
 bytes moved per image (`aot.hlo_bytes_accessed`, every platform) and the collectives.
 `--fit` adds the largest per-device batch that fits (a line through two compiles,
-checked by a third). `--peer` compiles a plain Flax ViT-S/16 step the same way.
+checked by a third); `--reuse FILE` takes a row already in a results file (same model,
+machine, implementation, sharding, batch, backward and attention) instead of compiling it
+again, so a fit can start from a measured row. `--peer` compiles a plain Flax ViT-S/16
+step the same way.
 `--pod` compiles the models for a 256-chip v5e pod, data parallel and FSDP.
 
   python -m benchmarks.compile_table --models volo_d1_224 --machines v5e-1,h100-8 \\
@@ -54,6 +57,8 @@ DEFAULT_IMPLS = ("slices", "reference", "pallas")
 LAYERS = "autodiff"
 #: The transformer stages' self-attention (`--attention`; 'auto': the platform's).
 ATTENTION = "auto"
+#: Rows measured before (`--reuse`), which `measure` returns instead of compiling again.
+REUSE: list[dict[str, Any]] = []
 #: Chips an FSDP group spans (`--pod`): divides VOLO's widths 192, 256, 384, 512.
 FSDP_GROUP = 16
 
@@ -82,6 +87,9 @@ def measure(
     model: str, machine: str, impl: str, per_device_batch: int, sharding: str = "replicated"
 ) -> dict[str, Any]:
     acc = deviceless.accelerator(machine)
+    known = _reused(_row(model, acc, impl, sharding, None, per_device_batch, 0.0))
+    if known is not None:
+        return known
     config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     compiled, seconds, error = aot.timed_compile(config, machine)
     row = _row(model, acc, impl, sharding, dict(config.mesh), per_device_batch, seconds)
@@ -92,6 +100,21 @@ def measure(
     row.update(_summary_fields(aot.summary(compiled, config.train.batch_size), acc))
     row["hlo_mib_per_image_by_scope"] = _top_scopes(compiled, per_device_batch)
     return row
+
+
+#: The fields that say what a row compiled: a reused row must match all of them.
+IDENTITY = ("model", "machine", "impl", "sharding", "per_device_batch", "layers", "attention")
+
+
+def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The last row in `REUSE` that compiled what `wanted` names, or that ran out of the
+    device's memory doing so (any other failure is compiled again), marked as reused."""
+    for row in reversed(REUSE):
+        if all(row.get(k) == wanted[k] for k in IDENTITY) and (
+            row.get("compiled") or "RESOURCE_EXHAUSTED" in row.get("error", "")
+        ):
+            return {k: v for k, v in row.items() if k != "fit_rows"} | {"reused": True}
+    return None
 
 
 def _top_scopes(compiled: jax.stages.Compiled, per_device_batch: int, top: int = 12):
@@ -349,6 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="append rows to this file")
     parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a results file whose matching rows are taken instead of compiled again",
+    )
+    parser.add_argument(
         "--report", type=Path, default=None, help="print a results file as markdown and stop"
     )
     args = parser.parse_args(argv)
@@ -356,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     ATTENTION = args.attention
     if args.custom_vjps:
         use_custom_vjps()
+    if args.reuse:
+        REUSE[:] = json.loads(args.reuse.read_text())["rows"]
     if args.report:
         print(report(args.report))
         return

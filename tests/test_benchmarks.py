@@ -228,3 +228,45 @@ def test_compile_table_records_and_reports_the_attention(tmp_path, monkeypatch):
     assert "| attention |" in lines[0]
     assert "| volo_d1_224 | v5e-1 | pallas | xla | - | replicated | 64 |" in lines[2]
     assert "| volo_d1_224 | v5e-1 | pallas | pallas | - | replicated | 128 |" in lines[3]
+
+
+def test_compile_table_reuses_a_measured_row_and_compiles_what_differs(monkeypatch):
+    """`--reuse`: a row that names the same compile (or ran out of HBM) is taken as it is;
+    one that differs in any identity field, or failed otherwise, is compiled again."""
+    from benchmarks import compile_table
+    from volo_jax.training import aot
+
+    compiles: list[str] = []
+
+    def fake_compile(config, machine):
+        compiles.append(machine)
+        return None, 0.0, "not compiled in this test"
+
+    monkeypatch.setattr(aot, "timed_compile", fake_compile)
+    monkeypatch.setattr(compile_table, "ATTENTION", "auto")
+    monkeypatch.setattr(compile_table, "LAYERS", "autodiff")
+    known = {
+        "model": "volo_d1_224",
+        "machine": "v5e-1",
+        "impl": "pallas",
+        "sharding": "replicated",
+        "per_device_batch": 64,
+        "layers": "autodiff",
+        "attention": "pallas",
+        "compiled": True,
+        "peak_mib": 3405.0,
+        "fit_rows": [{"per_device_batch": 32}],
+    }
+    oom = dict(known, per_device_batch=512, compiled=False, error="RESOURCE_EXHAUSTED: 20G")
+    broken = dict(known, per_device_batch=256, compiled=False, error="Mosaic said no")
+    monkeypatch.setattr(compile_table, "REUSE", [known, oom, broken])
+
+    row = compile_table.measure("volo_d1_224", "v5e-1", "pallas", 64)
+    assert row["reused"] and row["peak_mib"] == 3405.0 and "fit_rows" not in row
+    assert compile_table.measure("volo_d1_224", "v5e-1", "pallas", 512)["reused"]
+    assert compiles == []
+    assert "reused" not in compile_table.measure("volo_d1_224", "v5e-1", "pallas", 256)
+    assert "reused" not in compile_table.measure("volo_d1_224", "v5e-1", "pallas", 32)
+    monkeypatch.setattr(compile_table, "ATTENTION", "xla")
+    assert "reused" not in compile_table.measure("volo_d1_224", "v5e-1", "pallas", 64)
+    assert compiles == ["v5e-1"] * 3
