@@ -200,12 +200,19 @@ def use_custom_vjps() -> None:
         platforms.RULES[name] = dataclasses.replace(rules, recompute_in_backward=True)
 
 
-def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dict[str, Any]:
-    """The largest per-device batch (a multiple of 8) whose peak fits the device: the
-    peak is linear in the batch, so two compiles at halved batches (halving again while
-    a compile runs out of HBM) give the line, and a third checks the batch it predicts
-    (stepping down 10% if that fails)."""
-    acc = deviceless.accelerator(machine)
+def fit_batch(
+    model: str, machine: str, impl: str, first: dict[str, Any], checks: int = 4
+) -> dict[str, Any]:
+    """The largest per-device batch (a multiple of 8) whose peak fits the device, found
+    by up to `checks` compiles past the first two. Two compiles at halved batches (halving
+    again while one runs out of HBM) give a line through the peak; each check compiles
+    the batch where the line through the two largest batches measured meets the HBM, or
+    halfway to the smallest batch that did not fit once the line points past it. A
+    plan that grows slower than the line (XLA:GPU's at large batches, XLA:TPU's, which
+    recomputes activations to fit HBM, for more FLOPs an image: the row's GFLOP / image
+    says what fitting cost) moves the next check up; the search stops when the next
+    batch is within 5% of the largest that fit."""
+    hbm = deviceless.accelerator(machine).hbm_bytes / MIB
     rows: list[dict[str, Any]] = []
     points = [first] if first.get("compiled") else []
     batch = first["per_device_batch"]
@@ -219,19 +226,30 @@ def fit_batch(model: str, machine: str, impl: str, first: dict[str, Any]) -> dic
             return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
     if len(points) < 2:
         return {"max_batch": None, "fit_note": "fewer than 2 batches compile", "fit_rows": rows}
-    (b1, p1), (b2, p2) = ((r["per_device_batch"], r["peak_mib"]) for r in points[:2])
-    slope = (p1 - p2) / (b1 - b2)
-    base = p1 - slope * b1
-    guess = int((acc.hbm_bytes / MIB - base) / slope) // 8 * 8 if slope > 0 else b1
-    for _ in range(3):
-        if guess < 8:
+    line = sorted((r["per_device_batch"], r["peak_mib"]) for r in points)
+    best = max((r["per_device_batch"] for r in points if r["fits"]), default=None)
+    over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
+    slope = 0.0
+    for _ in range(checks):
+        (b1, p1), (b2, p2) = line[-2:]
+        slope = (p2 - p1) / (b2 - b1)
+        guess = int(b2 + (hbm - p2) / slope) // 8 * 8 if slope > 0 else 2 * b2
+        if over is not None and guess >= over:
+            guess = ((best or 0) + over) // 16 * 8
+        if guess < 8 or (best is not None and guess <= best * 1.05):
             break
         check = measure(model, machine, impl, guess)
         rows.append(check)
         if check.get("compiled") and check["fits"]:
-            return {"max_batch": guess, "fit_rows": rows, "mib_per_image": round(slope, 1)}
-        guess = int(guess * 0.9) // 8 * 8
-    return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
+            best = max(best or 0, guess)
+            line = sorted([*line, (guess, check["peak_mib"])])
+        elif check.get("compiled") or "RESOURCE_EXHAUSTED" in check.get("error", ""):
+            over = guess if over is None else min(over, guess)
+        else:
+            return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
+    if best is None:
+        return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
+    return {"max_batch": best, "fit_rows": rows, "mib_per_image": round(slope, 1)}
 
 
 def measure_peer(machine: str, per_device_batch: int) -> dict[str, Any]:

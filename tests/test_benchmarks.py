@@ -270,3 +270,35 @@ def test_compile_table_reuses_a_measured_row_and_compiles_what_differs(monkeypat
     monkeypatch.setattr(compile_table, "ATTENTION", "xla")
     assert "reused" not in compile_table.measure("volo_d1_224", "v5e-1", "pallas", 64)
     assert compiles == ["v5e-1"] * 3
+
+
+def _plan(batch: int, hbm_mib: float, knee: int, limit: int | None = None) -> dict:
+    """A compile's row for a made-up plan: 60 MiB an image up to `knee` images, 35 past it
+    (a plan that grows slower than its line); past `limit` the compiler runs out of HBM."""
+    if limit is not None and batch > limit:
+        return {"per_device_batch": batch, "compiled": False, "error": "RESOURCE_EXHAUSTED"}
+    peak = 400 + 60 * min(batch, knee) + 35 * max(batch - knee, 0)
+    return {"per_device_batch": batch, "compiled": True, "peak_mib": peak, "fits": peak <= hbm_mib}
+
+
+@pytest.mark.parametrize("knee, limit", [(10_000, None), (400, None), (400, 900)])
+def test_compile_table_fit_finds_the_largest_batch_past_a_bending_line(monkeypatch, knee, limit):
+    """`--fit` ends within 5% of the largest batch that fits, when the plan is the line,
+    when it grows slower past a knee (where one check at the line's batch stops short),
+    and when the compiler refuses batches below where the plan says they fit."""
+    from benchmarks import compile_table
+    from volo_jax.sharding import deviceless
+
+    hbm = deviceless.accelerator("h100-8").hbm_bytes / 2**20
+    measured: list[int] = []
+
+    def measure(model, machine, impl, batch):
+        measured.append(batch)
+        return _plan(batch, hbm, knee, limit)
+
+    monkeypatch.setattr(compile_table, "measure", measure)
+    result = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", _plan(128, hbm, knee))
+    fitting = [b for b in range(8, 4000, 8) if _plan(b, hbm, knee, limit).get("fits")]
+    assert result["max_batch"] in fitting
+    assert result["max_batch"] >= 0.95 * max(fitting) - 8
+    assert len(measured) <= 5
