@@ -404,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.custom_vjps:
         use_custom_vjps()
     if args.reuse:
-        REUSE[:] = json.loads(args.reuse.read_text())["rows"]
+        # A fit's own compiles (`fit_rows`) are rows to reuse too.
+        rows = json.loads(args.reuse.read_text())["rows"]
+        REUSE[:] = [r for row in rows for r in (*row.get("fit_rows", ()), row)]
     if args.report:
         print(report(args.report))
         return

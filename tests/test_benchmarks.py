@@ -302,3 +302,20 @@ def test_compile_table_fit_finds_the_largest_batch_past_a_bending_line(monkeypat
     assert result["max_batch"] in fitting
     assert result["max_batch"] >= 0.95 * max(fitting) - 8
     assert len(measured) <= 5
+
+
+def test_compile_table_reuse_takes_a_fits_own_compiles(tmp_path, monkeypatch):
+    """`--reuse` reads the compiles inside a fit (`fit_rows`) as rows too, so a new fit
+    starts where an earlier one stopped."""
+    import json
+
+    from benchmarks import compile_table
+
+    monkeypatch.setattr(compile_table, "REUSE", [])
+    names = {"model": "volo_d1_224", "machine": "h100-8", "impl": "pallas", "sharding": "-"}
+    inner = dict(names, per_device_batch=1408, compiled=False, error="RESOURCE_EXHAUSTED")
+    row = dict(names, per_device_batch=128, compiled=False, error="-", fit_rows=[inner])
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    compile_table.main(["--reuse", str(path), "--report", str(path)])
+    assert [r["per_device_batch"] for r in compile_table.REUSE] == [1408, 128]
