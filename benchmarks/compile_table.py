@@ -87,12 +87,13 @@ def measure(
     model: str, machine: str, impl: str, per_device_batch: int, sharding: str = "replicated"
 ) -> dict[str, Any]:
     acc = deviceless.accelerator(machine)
-    known = _reused(_row(model, acc, impl, sharding, None, per_device_batch, 0.0))
+    row = _row(model, acc, impl, sharding, None, per_device_batch, 0.0)
+    known = _reused(row)
     if known is not None:
         return known
     config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     compiled, seconds, error = aot.timed_compile(config, machine)
-    row = _row(model, acc, impl, sharding, dict(config.mesh), per_device_batch, seconds)
+    row.update(mesh=dict(config.mesh), compile_s=round(seconds, 1))
     row["compiled"] = compiled is not None
     if compiled is None:
         row["error"] = error
@@ -111,10 +112,15 @@ def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
     device's memory doing so (any other failure is compiled again), marked as reused."""
     for row in reversed(REUSE):
         if all(row.get(k) == wanted[k] for k in IDENTITY) and (
-            row.get("compiled") or "RESOURCE_EXHAUSTED" in row.get("error", "")
+            row.get("compiled") or _out_of_hbm(row)
         ):
             return {k: v for k, v in row.items() if k != "fit_rows"} | {"reused": True}
     return None
+
+
+def _out_of_hbm(row: dict[str, Any]) -> bool:
+    """Whether a row's compile failed because the program does not fit the device."""
+    return "RESOURCE_EXHAUSTED" in row.get("error", "")
 
 
 def _top_scopes(compiled: jax.stages.Compiled, per_device_batch: int, top: int = 12):
@@ -222,7 +228,7 @@ def fit_batch(
         rows.append(row)
         if row.get("compiled"):
             points.append(row)
-        elif "RESOURCE_EXHAUSTED" not in row.get("error", ""):
+        elif not _out_of_hbm(row):
             return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
     if len(points) < 2:
         return {"max_batch": None, "fit_note": "fewer than 2 batches compile", "fit_rows": rows}
@@ -243,7 +249,7 @@ def fit_batch(
         if check.get("compiled") and check["fits"]:
             best = max(best or 0, guess)
             line = sorted([*line, (guess, check["peak_mib"])])
-        elif check.get("compiled") or "RESOURCE_EXHAUSTED" in check.get("error", ""):
+        elif check.get("compiled") or _out_of_hbm(check):
             over = guess if over is None else min(over, guess)
         else:
             return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
