@@ -52,9 +52,6 @@ from volo_jax.training import aot
 MIB = 2**20
 DEFAULT_MACHINES = ("v5e-1", "v5e-8", "v4-8", "v5p-8", "v6e-8", "h100-8")
 DEFAULT_IMPLS = ("slices", "reference", "pallas")
-#: GELU, softmax and LayerNorm on the accelerators: autodiff (`platforms.RULES`), or
-#: `--custom-vjps`' ("custom VJPs").
-LAYERS = "autodiff"
 #: The transformer stages' self-attention (`--attention`; 'auto': the platform's).
 ATTENTION = "auto"
 #: Rows measured before (`--reuse`), which `measure` returns instead of compiling again.
@@ -154,7 +151,7 @@ def _row(
         "per_device_batch": per_device_batch,
         "compile_s": round(seconds, 1),
         "hbm_mib": acc.hbm_bytes / MIB,
-        "layers": LAYERS,
+        "layers": _backward(acc),
         "attention": _attention(acc),
     }
 
@@ -172,6 +169,16 @@ def _attention(acc: deviceless.Accelerator) -> str:
         platforms.device_kind_of(devices),
         platforms.compute_capability_of(devices),
     )
+
+
+def _backward(acc: deviceless.Accelerator) -> str:
+    """How the rows' GELU, softmax and LayerNorm are differentiated on `acc`: "custom VJPs"
+    where the platform's rules recompute in the backward (GPUs; every platform with
+    `--custom-vjps`), "autodiff" where XLA differentiates them (TPUs)."""
+    from volo_jax import platforms
+
+    rules = platforms.RULES[platforms.platform_of(deviceless.devices(acc.name))]
+    return "custom VJPs" if rules.recompute_in_backward else "autodiff"
 
 
 def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, Any]:
@@ -199,8 +206,6 @@ def use_custom_vjps() -> None:
     of this process."""
     from volo_jax import platforms
 
-    global LAYERS
-    LAYERS = "custom VJPs"
     for name in ("gpu", "tpu"):
         rules = platforms.RULES[name]
         platforms.RULES[name] = dataclasses.replace(rules, recompute_in_backward=True)

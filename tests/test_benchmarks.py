@@ -244,7 +244,6 @@ def test_compile_table_reuses_a_measured_row_and_compiles_what_differs(monkeypat
 
     monkeypatch.setattr(aot, "timed_compile", fake_compile)
     monkeypatch.setattr(compile_table, "ATTENTION", "auto")
-    monkeypatch.setattr(compile_table, "LAYERS", "autodiff")
     known = {
         "model": "volo_d1_224",
         "machine": "v5e-1",
@@ -319,3 +318,18 @@ def test_compile_table_reuse_takes_a_fits_own_compiles(tmp_path, monkeypatch):
     path.write_text(json.dumps({"rows": [row]}))
     compile_table.main(["--reuse", str(path), "--report", str(path)])
     assert [r["per_device_batch"] for r in compile_table.REUSE] == [1408, 128]
+
+
+def test_compile_table_rows_name_the_backward_the_platform_runs(monkeypatch):
+    """A row's "layers" is what the compile ran: a GPU model's custom VJPs, a TPU model's
+    autodiff, and the custom VJPs on both with `--custom-vjps` (which changes the rules)."""
+    from benchmarks import compile_table
+    from volo_jax import platforms
+    from volo_jax.sharding import deviceless
+
+    gpu, tpu = deviceless.accelerator("h100-8"), deviceless.accelerator("v5e-1")
+    assert compile_table._backward(gpu) == "custom VJPs"
+    assert compile_table._backward(tpu) == "autodiff"
+    monkeypatch.setattr(platforms, "RULES", dict(platforms.RULES))
+    compile_table.use_custom_vjps()
+    assert compile_table._backward(tpu) == "custom VJPs"
