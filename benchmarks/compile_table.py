@@ -10,7 +10,8 @@ bytes moved per image (`aot.hlo_bytes_accessed`, every platform) and the collect
 checked by a third); `--reuse FILE` takes a row already in a results file (same model,
 machine, implementation, sharding, batch, backward and attention) instead of compiling it
 again, so a fit can start from a measured row. `--peer` compiles a plain Flax ViT-S/16
-step the same way.
+step the same way. `--coverage FILE` shows which model x machine cells a results file
+holds for the program a model built for each machine runs today.
 `--pod` compiles the models for a 256-chip v5e pod, data parallel and FSDP.
 
   python -m benchmarks.compile_table --models volo_d1_224 --machines v5e-1,h100-8 \\
@@ -364,6 +365,66 @@ def report(path: Path) -> str:
     return "\n".join(lines)
 
 
+#: The models of the table: D1-D5 at 224 and the fine-tuning resolutions.
+TABLE_MODELS = (
+    *(f"volo_d{i}_224" for i in range(1, 6)),
+    "volo_d1_384",
+    "volo_d2_384",
+    "volo_d3_448",
+    "volo_d4_448",
+    "volo_d5_448",
+    "volo_d5_512",
+)
+
+
+def coverage(path: Path, impl: str = "pallas") -> str:
+    """Which cells of model x machine a results file holds for `impl` as a model built
+    for the machine runs it today (the platform's self-attention and backward): per cell
+    the batches compiled ("128: 8.9" GiB, "over" past the HBM) and the largest batch
+    `--fit` found ("max 448"); "-" where nothing is compiled yet."""
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    largest: dict[tuple[str, str], int] = {}
+    today = {m: (_attention(a), _backward(a)) for m, a in _table_machines().items()}
+    for top in json.loads(path.read_text())["rows"]:
+        for row in (*top.get("fit_rows", ()), top):
+            key = (row["model"], row["machine"])
+            if (
+                row["machine"] not in today
+                or row["impl"] != impl
+                or row.get("sharding") != ("replicated")
+            ):
+                continue
+            if (_attn(row), row.get("layers")) != today[row["machine"]]:
+                continue
+            batch = row["per_device_batch"]
+            if row.get("compiled"):
+                peak = f"{row['peak_mib'] / 1024:.1f}"
+                cells.setdefault(key, {})[batch] = peak if row["fits"] else f"over ({peak})"
+            elif _out_of_hbm(row):
+                cells.setdefault(key, {})[batch] = "over"
+            if row.get("max_batch"):
+                largest[key] = row["max_batch"]
+    machines = list(today)
+    lines = [
+        "| model | " + " | ".join(machines) + " |",
+        "|---|" + "---|" * len(machines),
+    ]
+    for model in TABLE_MODELS:
+        row_cells = []
+        for machine in machines:
+            got = cells.get((model, machine), {})
+            text = "; ".join(f"{b}: {got[b]}" for b in sorted(got)) or "-"
+            if (model, machine) in largest:
+                text += f"; max {largest[model, machine]}"
+            row_cells.append(text)
+        lines.append(f"| {model} | " + " | ".join(row_cells) + " |")
+    return "\n".join(lines)
+
+
+def _table_machines() -> dict[str, deviceless.Accelerator]:
+    return {m: deviceless.accelerator(m) for m in DEFAULT_MACHINES}
+
+
 def _attn(row: dict[str, Any]) -> str:
     """A row's self-attention; rows from before the field ran XLA's."""
     return row.get("attention", "xla")
@@ -409,6 +470,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report", type=Path, default=None, help="print a results file as markdown and stop"
     )
+    parser.add_argument(
+        "--coverage",
+        type=Path,
+        default=None,
+        help="print which model x machine cells a results file holds for today's program "
+        "(--impls' first) and stop",
+    )
     args = parser.parse_args(argv)
     global ATTENTION
     ATTENTION = args.attention
@@ -420,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
         REUSE[:] = [r for row in rows for r in (*row.get("fit_rows", ()), row)]
     if args.report:
         print(report(args.report))
+        return
+    if args.coverage:
+        print(coverage(args.coverage, args.impls.split(",")[0]))
         return
 
     if args.pod:

@@ -333,3 +333,42 @@ def test_compile_table_rows_name_the_backward_the_platform_runs(monkeypatch):
     monkeypatch.setattr(platforms, "RULES", dict(platforms.RULES))
     compile_table.use_custom_vjps()
     assert compile_table._backward(tpu) == "custom VJPs"
+
+
+def test_compile_table_coverage_shows_todays_program_per_model_and_machine(tmp_path):
+    """`--coverage`: a cell lists the batches compiled with the machine's own attention
+    and backward (a fit's compiles included), "over" past the HBM, and the largest batch;
+    a row of another program (XLA's attention on a TPU) or implementation is left out."""
+    from benchmarks import compile_table
+
+    base = {"model": "volo_d2_224", "impl": "pallas", "sharding": "replicated"}
+    tpu = dict(base, machine="v5e-1", attention="pallas", layers="autodiff")
+    gpu = dict(base, machine="h100-8", attention="cudnn", layers="custom VJPs")
+    rows = [
+        dict(tpu, per_device_batch=128, compiled=True, peak_mib=9134.0, fits=True),
+        dict(tpu, per_device_batch=64, attention="xla", compiled=True, peak_mib=1.0, fits=True),
+        dict(tpu, per_device_batch=32, impl="reference", compiled=True, peak_mib=1.0, fits=True),
+        dict(
+            gpu,
+            per_device_batch=128,
+            compiled=True,
+            peak_mib=12800.0,
+            fits=True,
+            max_batch=1160,
+            fit_rows=[
+                dict(gpu, per_device_batch=1384, compiled=False, error="RESOURCE_EXHAUSTED"),
+                dict(gpu, per_device_batch=1160, compiled=True, peak_mib=69222.0, fits=True),
+            ],
+        ),
+    ]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"meta": {}, "rows": rows}))
+    table = compile_table.coverage(path).splitlines()
+    assert table[0] == "| model | " + " | ".join(compile_table.DEFAULT_MACHINES) + " |"
+    d2 = next(line for line in table if line.startswith("| volo_d2_224 |")).split(" | ")
+    cells = dict(zip(compile_table.DEFAULT_MACHINES, d2[1:], strict=True))
+    assert cells["v5e-1"] == "128: 8.9"
+    assert cells["h100-8"] == "128: 12.5; 1160: 67.6; 1384: over; max 1160 |"
+    assert cells["v5e-8"] == "-"
+    empty = "| - | - | - | - | - | - |"
+    assert all(line.endswith(empty) for line in table[2:] if "d2_224" not in line)
