@@ -216,8 +216,9 @@ def fit_batch(
     model: str, machine: str, impl: str, first: dict[str, Any], checks: int = 4
 ) -> dict[str, Any]:
     """The largest per-device batch (a multiple of 8) whose peak fits the device, found
-    by up to `checks` compiles past the first two. Two compiles at halved batches (halving
-    again while one runs out of HBM) give a line through the peak; each check compiles
+    by up to `checks` compiles past the first two (a row taken from `--reuse` is not a
+    compile). Two compiles at halved batches (halving again while one runs out of HBM)
+    give a line through the peak; each check compiles
     the batch where the line through the two largest batches measured meets the HBM, or
     halfway to the smallest batch that did not fit once the line points past it. A
     plan that grows slower than the line (XLA:GPU's at large batches, XLA:TPU's, which
@@ -241,8 +242,8 @@ def fit_batch(
     line = sorted((r["per_device_batch"], r["peak_mib"]) for r in points)
     best = max((r["per_device_batch"] for r in points if r["fits"]), default=None)
     over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
-    slope = 0.0
-    for _ in range(checks):
+    slope, compiled = 0.0, 0
+    while compiled < checks:
         (b1, p1), (b2, p2) = line[-2:]
         slope = (p2 - p1) / (b2 - b1)
         guess = int(b2 + (hbm - p2) / slope) // 8 * 8 if slope > 0 else 2 * b2
@@ -252,6 +253,7 @@ def fit_batch(
             break
         check = measure(model, machine, impl, guess)
         rows.append(check)
+        compiled += not check.get("reused")
         if check.get("compiled") and check["fits"]:
             best = max(best or 0, guess)
             line = sorted([*line, (guess, check["peak_mib"])])

@@ -303,6 +303,34 @@ def test_compile_table_fit_finds_the_largest_batch_past_a_bending_line(monkeypat
     assert len(measured) <= 5
 
 
+def test_compile_table_fit_does_not_count_reused_rows_as_compiles(monkeypatch):
+    """A check taken from `--reuse` costs no compile, so it does not use up the fit's
+    compiles: given every compile of an earlier fit, a fit allowed one compile retraces
+    the whole search without compiling."""
+    from benchmarks import compile_table
+    from volo_jax.sharding import deviceless
+
+    hbm = deviceless.accelerator("h100-8").hbm_bytes / 2**20
+    earlier: set[int] = set()
+    compiled: list[int] = []
+
+    def measure(model, machine, impl, batch):
+        row = _plan(batch, hbm, knee=400)
+        if batch in earlier:
+            return row | {"reused": True}
+        compiled.append(batch)
+        return row
+
+    monkeypatch.setattr(compile_table, "measure", measure)
+    first = _plan(128, hbm, knee=400)
+    full = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=4)
+    assert len(compiled) > 2  # the halved batch and more than one check
+    earlier.update(compiled)
+    compiled.clear()
+    again = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=1)
+    assert compiled == [] and again["max_batch"] == full["max_batch"]
+
+
 def test_compile_table_reuse_takes_a_fits_own_compiles(tmp_path, monkeypatch):
     """`--reuse` reads the compiles inside a fit (`fit_rows`) as rows too, so a new fit
     starts where an earlier one stopped."""
