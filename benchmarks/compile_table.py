@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=None,
         help="print which model x machine cells a results file holds for today's program "
-        "(--impls' first) and stop",
+        "(a table for each of --impls) and stop",
     )
     args = parser.parse_args(argv)
     global ATTENTION
@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         print(report(args.report))
         return
     if args.coverage:
-        print(coverage(args.coverage, args.impls.split(",")[0]))
+        for impl in args.impls.split(","):
+            print(f"\noutlook impl `{impl}`:\n\n{coverage(args.coverage, impl)}")
         return
 
     if args.pod:
