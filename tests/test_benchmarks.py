@@ -400,3 +400,35 @@ def test_compile_table_coverage_shows_todays_program_per_model_and_machine(tmp_p
     assert cells["v5e-8"] == "-"
     empty = "| - | - | - | - | - | - |"
     assert all(line.endswith(empty) for line in table[2:] if "d2_224" not in line)
+
+
+@pytest.mark.parametrize("machine", ["v5e-1", "h100-8"])
+def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
+    """`outlook_impl="auto"` on a TPU and a GPU is, of the implementations whose D1 train
+    step (224, 128 images a device) compiled with the platform's own self-attention and
+    backward, the one that moves the fewest bytes an image in the recorded compile table
+    (XLA's cost model on a TPU, the HLO's count on a GPU): new rows that say otherwise
+    fail here until `platforms.RULES` follows them."""
+    from pathlib import Path
+
+    from benchmarks import compile_table
+    from volo_jax import platforms
+    from volo_jax.ops.outlook import resolve_implementation
+    from volo_jax.sharding import deviceless
+
+    acc = deviceless.accelerator(machine)
+    platform = "gpu" if acc.platform == "cuda" else acc.platform
+    rules = platforms.RULES[platform]
+    today = (rules.attention, "custom VJPs" if rules.recompute_in_backward else "autodiff")
+    results = Path(compile_table.__file__).parent / "results" / "compile_table.json"
+    latest: dict[str, float] = {}
+    for row in json.loads(results.read_text())["rows"]:
+        if (
+            (row["model"], row["machine"], row["per_device_batch"], row["sharding"])
+            == ("volo_d1_224", machine, 128, "replicated")
+            and row.get("compiled")
+            and (row.get("attention"), row.get("layers")) == today
+        ):
+            latest[row["impl"]] = row.get("xla_mib_per_image") or row["hlo_mib_per_image"]
+    assert len(latest) >= 2, f"{machine}: fewer than two implementations compiled: {latest}"
+    assert resolve_implementation("auto", platform) == min(latest, key=latest.get), latest
