@@ -390,13 +390,8 @@ def coverage(path: Path, impl: str = "pallas") -> str:
     for top in json.loads(path.read_text())["rows"]:
         for row in (*top.get("fit_rows", ()), top):
             key = (row["model"], row["machine"])
-            if (
-                row["machine"] not in today
-                or row["impl"] != impl
-                or row.get("sharding") != ("replicated")
-            ):
-                continue
-            if (_attn(row), row.get("layers")) != today[row["machine"]]:
+            program = (row["impl"], row.get("sharding"), _attn(row), row.get("layers"))
+            if row["machine"] not in today or program != (impl, "replicated", *today[key[1]]):
                 continue
             batch = row["per_device_batch"]
             if row.get("compiled"):
