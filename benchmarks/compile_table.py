@@ -116,6 +116,11 @@ def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _with_fit_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A results file's rows with each fit's own compiles (`fit_rows`) before its row."""
+    return [r for row in rows for r in (*row.get("fit_rows", ()), row)]
+
+
 def _out_of_hbm(row: dict[str, Any]) -> bool:
     """Whether a row's compile failed because the program does not fit the device."""
     return "RESOURCE_EXHAUSTED" in row.get("error", "")
@@ -180,6 +185,13 @@ def _backward(acc: deviceless.Accelerator) -> str:
 
     rules = platforms.RULES[platforms.platform_of(deviceless.devices(acc.name))]
     return "custom VJPs" if rules.recompute_in_backward else "autodiff"
+
+
+def todays_program(machine: str) -> tuple[str, str]:
+    """(self-attention, backward) of a model built for `machine` today: what a row must
+    name to describe the program `auto` runs there."""
+    acc = deviceless.accelerator(machine)
+    return _attention(acc), _backward(acc)
 
 
 def _summary_fields(s: aot.Summary, acc: deviceless.Accelerator) -> dict[str, Any]:
@@ -386,21 +398,20 @@ def coverage(path: Path, impl: str = "pallas") -> str:
     `--fit` found ("max 448"); "-" where nothing is compiled yet."""
     cells: dict[tuple[str, str], dict[int, str]] = {}
     largest: dict[tuple[str, str], int] = {}
-    today = {m: (_attention(a), _backward(a)) for m, a in _table_machines().items()}
-    for top in json.loads(path.read_text())["rows"]:
-        for row in (*top.get("fit_rows", ()), top):
-            key = (row["model"], row["machine"])
-            program = (row["impl"], row.get("sharding"), _attn(row), row.get("layers"))
-            if row["machine"] not in today or program != (impl, "replicated", *today[key[1]]):
-                continue
-            batch = row["per_device_batch"]
-            if row.get("compiled"):
-                peak = f"{row['peak_mib'] / 1024:.1f}"
-                cells.setdefault(key, {})[batch] = peak if row["fits"] else f"over ({peak})"
-            elif _out_of_hbm(row):
-                cells.setdefault(key, {})[batch] = "over"
-            if row.get("max_batch"):
-                largest[key] = row["max_batch"]
+    today = {m: todays_program(m) for m in DEFAULT_MACHINES}
+    for row in _with_fit_rows(json.loads(path.read_text())["rows"]):
+        key = (row["model"], row["machine"])
+        program = (row["impl"], row.get("sharding"), _attn(row), row.get("layers"))
+        if row["machine"] not in today or program != (impl, "replicated", *today[key[1]]):
+            continue
+        batch = row["per_device_batch"]
+        if row.get("compiled"):
+            peak = f"{row['peak_mib'] / 1024:.1f}"
+            cells.setdefault(key, {})[batch] = peak if row["fits"] else f"over ({peak})"
+        elif _out_of_hbm(row):
+            cells.setdefault(key, {})[batch] = "over"
+        if row.get("max_batch"):
+            largest[key] = row["max_batch"]
     machines = list(today)
     lines = [
         "| model | " + " | ".join(machines) + " |",
@@ -416,10 +427,6 @@ def coverage(path: Path, impl: str = "pallas") -> str:
             row_cells.append(text)
         lines.append(f"| {model} | " + " | ".join(row_cells) + " |")
     return "\n".join(lines)
-
-
-def _table_machines() -> dict[str, deviceless.Accelerator]:
-    return {m: deviceless.accelerator(m) for m in DEFAULT_MACHINES}
 
 
 def _attn(row: dict[str, Any]) -> str:
@@ -481,8 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         use_custom_vjps()
     if args.reuse:
         # A fit's own compiles (`fit_rows`) are rows to reuse too.
-        rows = json.loads(args.reuse.read_text())["rows"]
-        REUSE[:] = [r for row in rows for r in (*row.get("fit_rows", ()), row)]
+        REUSE[:] = _with_fit_rows(json.loads(args.reuse.read_text())["rows"])
     if args.report:
         print(report(args.report))
         return

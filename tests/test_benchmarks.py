@@ -416,10 +416,9 @@ def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
     from volo_jax.ops.outlook import resolve_implementation
     from volo_jax.sharding import deviceless
 
-    acc = deviceless.accelerator(machine)
-    platform = "gpu" if acc.platform == "cuda" else acc.platform
-    rules = platforms.RULES[platform]
-    today = (rules.attention, "custom VJPs" if rules.recompute_in_backward else "autodiff")
+    devices = deviceless.devices(machine)
+    platform = platforms.platform_of(devices)
+    today = compile_table.todays_program(machine)
     results = Path(compile_table.__file__).parent / "results" / "compile_table.json"
     latest: dict[str, float] = {}
     for row in json.loads(results.read_text())["rows"]:
@@ -431,4 +430,5 @@ def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
         ):
             latest[row["impl"]] = row.get("xla_mib_per_image") or row["hlo_mib_per_image"]
     assert len(latest) >= 2, f"{machine}: fewer than two implementations compiled: {latest}"
-    assert resolve_implementation("auto", platform) == min(latest, key=latest.get), latest
+    auto = resolve_implementation("auto", platform, platforms.device_kind_of(devices))
+    assert auto == min(latest, key=latest.get), latest
