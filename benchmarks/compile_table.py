@@ -38,9 +38,14 @@ os.environ["XLA_FLAGS"] = (
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import re
+import signal
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,12 @@ DEFAULT_IMPLS = ("slices", "reference", "pallas")
 ATTENTION = "auto"
 #: Rows measured before (`--reuse`), which `measure` returns instead of compiling again.
 REUSE: list[dict[str, Any]] = []
+#: Whether `measure` compiles in a child process (`main` sets it): a compiler that crashes
+#: the process (libtpu overflowing a thread's stack, say) then leaves a row that says so,
+#: and the run goes on.
+ISOLATE = False
+#: Whether `use_custom_vjps` switched this process's rules (a child is told to as well).
+CUSTOM_VJPS = False
 #: Chips an FSDP group spans (`--pod`): divides VOLO's widths 192, 256, 384, 512.
 FSDP_GROUP = 16
 
@@ -89,6 +100,16 @@ def measure(
     known = _reused(row)
     if known is not None:
         return known
+    if ISOLATE:
+        args = (ATTENTION, CUSTOM_VJPS, model, machine, impl, per_device_batch, sharding)
+        result, crash, seconds = run_in_child(_measure_in_child, *args)
+        mesh = make_config(model, impl, per_device_batch, acc.num_devices, sharding).mesh
+        return result or row | {
+            "mesh": dict(mesh),
+            "compile_s": round(seconds, 1),
+            "compiled": False,
+            "error": crash,
+        }
     config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     compiled, seconds, error = aot.timed_compile(config, machine)
     row.update(mesh=dict(config.mesh), compile_s=round(seconds, 1))
@@ -103,6 +124,59 @@ def measure(
 
 #: The fields that say what a row compiled: a reused row must match all of them.
 IDENTITY = ("model", "machine", "impl", "sharding", "per_device_batch", "layers", "attention")
+
+
+def _measure_in_child(attention: str, custom_vjps: bool, *args: Any) -> dict[str, Any]:
+    """`measure(*args)` in a child process, under the parent's switches."""
+    global ATTENTION
+    ATTENTION = attention
+    if custom_vjps:
+        use_custom_vjps()
+    return measure(*args)
+
+
+def run_in_child(target: Callable[..., Any], *args: Any) -> tuple[Any, str | None, float]:
+    """(`target(*args)`, None, seconds) run in a fresh process, or (None, how the process
+    died, seconds) where it died: a compiler's crash (a signal, with the frame it died in
+    from the child's stderr) or an exception. The child's stderr is passed on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "stderr"
+        child = multiprocessing.get_context("spawn").Process(
+            target=_child_main, args=(str(result), str(log), target, args)
+        )
+        start = time.perf_counter()
+        child.start()
+        child.join()
+        seconds = time.perf_counter() - start
+        stderr = log.read_text(errors="replace") if log.exists() else ""
+        sys.stderr.write(stderr)
+        if child.exitcode == 0 and result.exists():
+            return json.loads(result.read_text()), None, seconds
+        return None, _death(child.exitcode, stderr), seconds
+
+
+def _child_main(result: str, log: str, target: Callable[..., Any], args: tuple) -> None:
+    """The child's body: stderr to `log` (a crash's trace is written there), the result
+    as JSON to `result`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    Path(result).write_text(json.dumps(target(*args)))
+
+
+def _death(exitcode: int | None, stderr: str) -> str:
+    """What ended a child: 'CompilerCrash: SIGSEGV (stack overflow) in <frame>', with the
+    frame of the crash report that absl's failure handler writes, or the last line of a
+    Python traceback."""
+    if exitcode is not None and exitcode < 0:
+        how = signal.Signals(-exitcode).name
+        if "STACK OVERFLOW" in stderr:
+            how += " (stack overflow)"
+        if -exitcode == signal.SIGKILL:
+            how += " (killed: the host's memory?)"
+        frame = re.search(r"PC: @\s+\S+\s+\S+\s+(.+)", stderr)
+        return f"CompilerCrash: {how}" + (f" in {frame.group(1).strip()}" if frame else "")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return f"ChildFailed: exit status {exitcode}" + (f": {lines[-1][:300]}" if lines else "")
 
 
 def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
@@ -219,6 +293,8 @@ def use_custom_vjps() -> None:
     of this process."""
     from volo_jax import platforms
 
+    global CUSTOM_VJPS
+    CUSTOM_VJPS = True
     for name in ("gpu", "tpu"):
         rules = platforms.RULES[name]
         platforms.RULES[name] = dataclasses.replace(rules, recompute_in_backward=True)
@@ -394,8 +470,9 @@ TABLE_MODELS = (
 def coverage(path: Path, impl: str = "pallas") -> str:
     """Which cells of model x machine a results file holds for `impl` as a model built
     for the machine runs it today (the platform's self-attention and backward): per cell
-    the batches compiled ("128: 8.9" GiB, "over" past the HBM) and the largest batch
-    `--fit` found ("max 448"); "-" where nothing is compiled yet."""
+    the batches compiled ("128: 8.9" GiB, "over" past the HBM, "fails" where the compiler
+    failed otherwise) and the largest batch `--fit` found ("max 448"); "-" where nothing
+    is compiled yet."""
     cells: dict[tuple[str, str], dict[int, str]] = {}
     largest: dict[tuple[str, str], int] = {}
     today = {m: todays_program(m) for m in DEFAULT_MACHINES}
@@ -410,6 +487,8 @@ def coverage(path: Path, impl: str = "pallas") -> str:
             cells.setdefault(key, {})[batch] = peak if row["fits"] else f"over ({peak})"
         elif _out_of_hbm(row):
             cells.setdefault(key, {})[batch] = "over"
+        else:
+            cells.setdefault(key, {})[batch] = "fails"
         if row.get("max_batch"):
             largest[key] = row["max_batch"]
     machines = list(today)
@@ -481,9 +560,16 @@ def main(argv: list[str] | None = None) -> None:
         help="print which model x machine cells a results file holds for today's program "
         "(a table for each of --impls) and stop",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="compile in this process, not a child process a row (a compiler crash then "
+        "ends the run, and leaves no row)",
+    )
     args = parser.parse_args(argv)
-    global ATTENTION
+    global ATTENTION, ISOLATE
     ATTENTION = args.attention
+    ISOLATE = not args.in_process
     if args.custom_vjps:
         use_custom_vjps()
     if args.reuse:

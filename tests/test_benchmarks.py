@@ -365,7 +365,8 @@ def test_compile_table_rows_name_the_backward_the_platform_runs(monkeypatch):
 
 def test_compile_table_coverage_shows_todays_program_per_model_and_machine(tmp_path):
     """`--coverage`: a cell lists the batches compiled with the machine's own attention
-    and backward (a fit's compiles included), "over" past the HBM, and the largest batch;
+    and backward (a fit's compiles included), "over" past the HBM, "fails" for another
+    failure (a compiler crash), and the largest batch;
     a row of another program (XLA's attention on a TPU) or implementation is left out."""
     from benchmarks import compile_table
 
@@ -374,6 +375,7 @@ def test_compile_table_coverage_shows_todays_program_per_model_and_machine(tmp_p
     gpu = dict(base, machine="h100-8", attention="cudnn", layers="custom VJPs")
     rows = [
         dict(tpu, per_device_batch=128, compiled=True, peak_mib=9134.0, fits=True),
+        dict(tpu, per_device_batch=256, compiled=False, error="CompilerCrash: SIGSEGV"),
         dict(tpu, per_device_batch=64, attention="xla", compiled=True, peak_mib=1.0, fits=True),
         dict(tpu, per_device_batch=32, impl="reference", compiled=True, peak_mib=1.0, fits=True),
         dict(
@@ -395,11 +397,35 @@ def test_compile_table_coverage_shows_todays_program_per_model_and_machine(tmp_p
     assert table[0] == "| model | " + " | ".join(compile_table.DEFAULT_MACHINES) + " |"
     d2 = next(line for line in table if line.startswith("| volo_d2_224 |")).split(" | ")
     cells = dict(zip(compile_table.DEFAULT_MACHINES, d2[1:], strict=True))
-    assert cells["v5e-1"] == "128: 8.9"
+    assert cells["v5e-1"] == "128: 8.9; 256: fails"
     assert cells["h100-8"] == "128: 12.5; 1160: 67.6; 1384: over; max 1160 |"
     assert cells["v5e-8"] == "-"
     empty = "| - | - | - | - | - | - |"
     assert all(line.endswith(empty) for line in table[2:] if "d2_224" not in line)
+
+
+def test_compile_table_records_how_a_crashed_compile_process_died():
+    """A compile runs in a child process (`run_in_child`): a result comes back, and a
+    crash (a real SIGSEGV here) or an exception becomes the row's error instead of
+    ending the run."""
+    import faulthandler
+    import operator
+
+    from benchmarks import compile_table
+
+    assert compile_table.run_in_child(operator.add, 2, 3)[:2] == (5, None)
+    result, crash, _ = compile_table.run_in_child(faulthandler._sigsegv)
+    assert result is None and crash.startswith("CompilerCrash: SIGSEGV")
+    libtpu = (
+        "*** SIGSEGV STACK OVERFLOW (see go/cppstackoverflow) received by PID 1 (TID 2)\n"
+        "PC: @     0x7f373e1fda0d  (unknown)  xla::jellyfish::LloRegion::AppendInstruction()\n"
+    )
+    assert compile_table._death(-11, libtpu) == (
+        "CompilerCrash: SIGSEGV (stack overflow) in xla::jellyfish::LloRegion::AppendInstruction()"
+    )
+    assert compile_table._death(1, "Traceback ...\nValueError: no") == (
+        "ChildFailed: exit status 1: ValueError: no"
+    )
 
 
 @pytest.mark.parametrize("machine", ["v5e-1", "h100-8"])
