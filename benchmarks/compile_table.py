@@ -41,6 +41,7 @@ import json
 import multiprocessing
 import platform
 import re
+import resource
 import signal
 import sys
 import tempfile
@@ -233,7 +234,15 @@ def _row(
         "hbm_mib": acc.hbm_bytes / MIB,
         "layers": _backward(acc),
         "attention": _attention(acc),
+        "stack_limit_kib": _stack_limit_kib(),
     }
+
+
+def _stack_limit_kib() -> int | None:
+    """`ulimit -s`, None where unlimited: the stack glibc gives each of the compiler's
+    threads (2 MiB where unlimited). A compile that overflows one crashes the process."""
+    soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return None if soft == resource.RLIM_INFINITY else soft // 1024
 
 
 def _attention(acc: deviceless.Accelerator) -> str:
