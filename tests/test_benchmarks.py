@@ -458,3 +458,39 @@ def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
     assert len(latest) >= 2, f"{machine}: fewer than two implementations compiled: {latest}"
     auto = resolve_implementation("auto", platform, platforms.device_kind_of(devices))
     assert auto == min(latest, key=latest.get), latest
+
+
+def test_known_compiler_crashes_are_the_compile_tables():
+    """Each of `platforms.COMPILER_CRASHES` (the training run's warning) is what the
+    recorded compile table saw: the model's steps for that chip, today's program, crashed
+    the compiler and none compiled. `known_compiler_crash` finds it for that model and chip
+    only, and only with the compiler's version installed."""
+    from importlib import metadata
+    from pathlib import Path
+
+    from benchmarks import compile_table
+    from volo_jax import platforms
+    from volo_jax.sharding import deviceless
+
+    results = Path(compile_table.__file__).parent / "results" / "compile_table.json"
+    rows = compile_table._with_fit_rows(json.loads(results.read_text())["rows"])
+    kinds = {m: deviceless.devices(m)[0].device_kind for m in compile_table.DEFAULT_MACHINES}
+    for crash in platforms.COMPILER_CRASHES:
+        machines = [m for m, kind in kinds.items() if kind == crash.device_kind]
+        ours = [
+            row
+            for row in rows
+            if row["model"].startswith(crash.model_prefix)
+            and row["machine"] in machines
+            and (row.get("attention"), row.get("layers"))
+            == compile_table.todays_program(row["machine"])
+        ]
+        assert ours, f"no rows of {crash.model_prefix} on {crash.device_kind}"
+        assert all(r.get("error", "").startswith("CompilerCrash") for r in ours), ours
+        devices = deviceless.devices(machines[0])
+        if metadata.version(crash.compiler) == crash.version:
+            assert platforms.known_compiler_crash(f"{crash.model_prefix}_224", devices) == crash
+        other = next(m for m, kind in kinds.items() if kind != crash.device_kind)
+        model = f"{crash.model_prefix}_224"
+        assert platforms.known_compiler_crash(model, deviceless.devices(other)) is None
+        assert platforms.known_compiler_crash("volo_d1_224", devices) is None

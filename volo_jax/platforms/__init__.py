@@ -147,6 +147,47 @@ def compute_capability_of(where: Where) -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompilerCrash:
+    """A train step that crashed a compiler when `benchmarks/compile_table.py` compiled it
+    for a chip (results in docs/performance.md)."""
+
+    model_prefix: str  # the models it holds for ('volo_d5': D5 at every resolution)
+    device_kind: str  # `jax.Device.device_kind` of the chip compiled for
+    compiler: str  # the distribution that crashed
+    version: str  # its version then
+    what: str
+
+
+#: The train steps known to crash a compiler, each at the compiler's version that did.
+COMPILER_CRASHES = (
+    CompilerCrash(
+        "volo_d5",
+        "TPU v6 lite",
+        "libtpu",
+        "0.0.42.1",
+        "a compiler thread overflows its stack (SIGSEGV STACK OVERFLOW in XLA:TPU's LLO) about "
+        "20 minutes into compiling the train step for 64 and for 128 images a chip",
+    ),
+)
+
+
+def known_compiler_crash(model: str, where: Where) -> CompilerCrash | None:
+    """The entry of `COMPILER_CRASHES` for `model` on the devices of `where` with the
+    compiler installed here, or None."""
+    from importlib import metadata
+
+    kind = device_kind_of(where)
+    for crash in COMPILER_CRASHES:
+        if model.startswith(crash.model_prefix) and kind == crash.device_kind:
+            try:
+                if metadata.version(crash.compiler) == crash.version:
+                    return crash
+            except metadata.PackageNotFoundError:
+                continue
+    return None
+
+
 def rules(platform: str | None) -> Rules:
     """`RULES[platform]`, the platform checked (None: built for no platform)."""
     if platform not in RULES:

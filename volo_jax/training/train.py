@@ -525,6 +525,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_step = min(total_steps, config.max_steps or total_steps)
 
     model = create_model(config.model, platform=mesh, **model_overrides(config))
+    crash = platforms.known_compiler_crash(config.model, mesh)
+    if crash is not None:
+        logging.warning(
+            "%s on %s with %s %s: %s (docs/performance.md). If this run dies with that "
+            "signal, train it on another chip or with another %s.",
+            config.model,
+            crash.device_kind,
+            crash.compiler,
+            crash.version,
+            crash.what,
+            crash.compiler,
+        )
     ckpt = Checkpointer(join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     # Where the train state comes from: the first of these that applies (the order matters).
     # 1. The newest checkpoint in WORKDIR/checkpoints that restores: the same run resumed
