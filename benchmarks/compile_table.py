@@ -101,17 +101,16 @@ def measure(
     known = _reused(row)
     if known is not None:
         return known
+    config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     if ISOLATE:
         args = (ATTENTION, CUSTOM_VJPS, model, machine, impl, per_device_batch, sharding)
         result, crash, seconds = run_in_child(_measure_in_child, *args)
-        mesh = make_config(model, impl, per_device_batch, acc.num_devices, sharding).mesh
         return result or row | {
-            "mesh": dict(mesh),
+            "mesh": dict(config.mesh),
             "compile_s": round(seconds, 1),
             "compiled": False,
             "error": crash,
         }
-    config = make_config(model, impl, per_device_batch, acc.num_devices, sharding)
     compiled, seconds, error = aot.timed_compile(config, machine)
     row.update(mesh=dict(config.mesh), compile_s=round(seconds, 1))
     row["compiled"] = compiled is not None

@@ -488,9 +488,9 @@ def test_known_compiler_crashes_are_the_compile_tables():
         assert ours, f"no rows of {crash.model_prefix} on {crash.device_kind}"
         assert all(r.get("error", "").startswith("CompilerCrash") for r in ours), ours
         devices = deviceless.devices(machines[0])
-        if metadata.version(crash.compiler) == crash.version:
-            assert platforms.known_compiler_crash(f"{crash.model_prefix}_224", devices) == crash
-        other = next(m for m, kind in kinds.items() if kind != crash.device_kind)
         model = f"{crash.model_prefix}_224"
+        if metadata.version(crash.compiler) == crash.version:
+            assert platforms.known_compiler_crash(model, devices) == crash
+        other = next(m for m, kind in kinds.items() if kind != crash.device_kind)
         assert platforms.known_compiler_crash(model, deviceless.devices(other)) is None
         assert platforms.known_compiler_crash("volo_d1_224", devices) is None
