@@ -319,8 +319,10 @@ def fit_batch(
     halfway to the smallest batch that did not fit once the line points past it. A
     plan that grows slower than the line (XLA:GPU's at large batches, XLA:TPU's, which
     recomputes activations to fit HBM, for more FLOPs an image: the row's GFLOP / image
-    says what fitting cost) moves the next check up; the search stops when the next
-    batch is within 5% of the largest that fit."""
+    says what fitting cost) moves the next check up; once the line's slope is under half
+    the first line's (a plan gone nearly flat, whose line points far past the limit),
+    at most to twice the largest batch that fit. The search stops when the next batch is
+    within 5% of the largest that fit."""
     hbm = deviceless.accelerator(machine).hbm_bytes / MIB
     rows: list[dict[str, Any]] = []
     points = [first] if first.get("compiled") else []
@@ -338,11 +340,14 @@ def fit_batch(
     line = sorted((r["per_device_batch"], r["peak_mib"]) for r in points)
     best = max((r["per_device_batch"] for r in points if r["fits"]), default=None)
     over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
-    slope, compiled = 0.0, 0
+    slope, first_slope, compiled = 0.0, 0.0, 0
     while compiled < checks:
         (b1, p1), (b2, p2) = line[-2:]
         slope = (p2 - p1) / (b2 - b1)
+        first_slope = first_slope or slope
         guess = int(b2 + (hbm - p2) / slope) // 8 * 8 if slope > 0 else 2 * b2
+        if best is not None and slope < first_slope / 2:
+            guess = min(guess, 2 * best)
         if over is not None and guess >= over:
             guess = ((best or 0) + over) // 16 * 8
         if guess < 8 or (best is not None and guess <= best * 1.05):

@@ -303,6 +303,30 @@ def test_compile_table_fit_finds_the_largest_batch_past_a_bending_line(monkeypat
     assert len(measured) <= 5
 
 
+def test_compile_table_fit_steps_at_most_doubling_once_the_plan_goes_flat(monkeypatch):
+    """A plan that goes nearly flat and then jumps past the HBM (XLA:GPU's for D5 at 448:
+    60.3 GiB at 56 images, 60.4 at 72, 101 past that) makes the line through the last two
+    batches point thousands of images out. The search steps at most to twice the largest
+    batch that fit there, and so ends within 5% of the limit within six checks."""
+    from benchmarks import compile_table
+    from volo_jax.sharding import deviceless
+
+    hbm = deviceless.accelerator("h100-8").hbm_bytes / 2**20
+
+    def plan(batch: int) -> dict:
+        flat = 400 + 1200 * min(batch, 50) + 5 * max(batch - 50, 0)
+        peak = flat if batch <= 120 else 1200 * batch
+        return {"per_device_batch": batch, "compiled": True, "peak_mib": peak, "fits": peak <= hbm}
+
+    measured: list[int] = []
+    monkeypatch.setattr(
+        compile_table, "measure", lambda m, mc, i, batch: measured.append(batch) or plan(batch)
+    )
+    result = compile_table.fit_batch("volo_d5_448", "h100-8", "pallas", plan(30), checks=6)
+    assert 0.95 * 120 - 8 <= result["max_batch"] <= 120
+    assert max(measured) <= 2 * 120
+
+
 def test_compile_table_fit_does_not_count_reused_rows_as_compiles(monkeypatch):
     """A check taken from `--reuse` costs no compile, so it does not use up the fit's
     compiles: given every compile of an earlier fit, a fit allowed one compile retraces
