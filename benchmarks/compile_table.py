@@ -190,6 +190,17 @@ def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _reused_batches(wanted: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row in `REUSE` that compiled what `wanted` names at any batch, or ran out of
+    the device's memory doing so: what an earlier fit learned, wherever its path went."""
+    keys = [k for k in IDENTITY if k != "per_device_batch"]
+    return [
+        row
+        for row in REUSE
+        if all(row.get(k) == wanted[k] for k in keys) and (row.get("compiled") or _out_of_hbm(row))
+    ]
+
+
 def _with_fit_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A results file's rows with each fit's own compiles (`fit_rows`) before its row."""
     return [r for row in rows for r in (*row.get("fit_rows", ()), row)]
@@ -322,7 +333,8 @@ def fit_batch(
     says what fitting cost) moves the next check up; once the line's slope is under half
     the first line's (a plan gone nearly flat, whose line points far past the limit),
     at most to twice the largest batch that fit. The search stops when the next batch is
-    within 5% of the largest that fit."""
+    within 5% of the largest that fit. Every batch an earlier fit compiled (`--reuse`)
+    bounds the search from its start."""
     hbm = deviceless.accelerator(machine).hbm_bytes / MIB
     rows: list[dict[str, Any]] = []
     points = [first] if first.get("compiled") else []
@@ -340,6 +352,16 @@ def fit_batch(
     line = sorted((r["per_device_batch"], r["peak_mib"]) for r in points)
     best = max((r["per_device_batch"] for r in points if r["fits"]), default=None)
     over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
+    # An earlier fit's compiles (`--reuse`) bound this search from the start.
+    acc = deviceless.accelerator(machine)
+    for known in _reused_batches(_row(model, acc, impl, "replicated", None, batch, 0.0)):
+        b = known["per_device_batch"]
+        if known.get("compiled") and known["fits"]:
+            best = max(best or 0, b)
+            if b not in dict(line):
+                line = sorted([*line, (b, known["peak_mib"])])
+        else:
+            over = b if over is None else min(over, b)
     slope, first_slope, compiled = 0.0, 0.0, 0
     while compiled < checks:
         (b1, p1), (b2, p2) = line[-2:]

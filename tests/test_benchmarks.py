@@ -355,6 +355,39 @@ def test_compile_table_fit_does_not_count_reused_rows_as_compiles(monkeypatch):
     assert compiled == [] and again["max_batch"] == full["max_batch"]
 
 
+def test_compile_table_fit_starts_from_every_batch_an_earlier_fit_compiled(monkeypatch):
+    """With `--reuse`, every batch an earlier fit compiled bounds the new search, not only
+    those on its own path: given 280 images fit and 376 did not, every compile past the
+    halved batch is between them."""
+    from benchmarks import compile_table
+    from volo_jax.sharding import deviceless
+
+    acc = deviceless.accelerator("h100-8")
+    hbm = acc.hbm_bytes / 2**20
+
+    def earlier(batch: int, peak: float) -> dict:
+        row = compile_table._row("volo_d2_384", acc, "pallas", "replicated", None, batch, 1.0)
+        return row | {"compiled": True, "peak_mib": peak, "fits": peak <= hbm}
+
+    monkeypatch.setattr(
+        compile_table,
+        "REUSE",
+        [earlier(200, 0.7 * hbm), earlier(280, 0.76 * hbm), earlier(376, 1.1 * hbm)],
+    )
+    compiled: list[int] = []
+
+    def measure(model, machine, impl, batch):
+        compiled.append(batch)
+        return {"per_device_batch": batch, "compiled": True, "peak_mib": 0.9 * hbm, "fits": True}
+
+    monkeypatch.setattr(compile_table, "measure", measure)
+    first = measure("volo_d2_384", "h100-8", "pallas", 48) | {"peak_mib": 0.1 * hbm}
+    compiled.clear()
+    result = compile_table.fit_batch("volo_d2_384", "h100-8", "pallas", first)
+    assert compiled[1:] and all(280 < b < 376 for b in compiled[1:])  # [0]: the halved batch
+    assert result["max_batch"] == max(compiled[1:])
+
+
 def test_compile_table_reuse_takes_a_fits_own_compiles(tmp_path, monkeypatch):
     """`--reuse` reads the compiles inside a fit (`fit_rows`) as rows too, so a new fit
     starts where an earlier one stopped."""
