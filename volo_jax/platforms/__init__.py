@@ -169,6 +169,14 @@ COMPILER_CRASHES = (
         "a compiler thread overflows its stack (SIGSEGV STACK OVERFLOW in XLA:TPU's LLO) about "
         "20 minutes into compiling the train step for 64 and for 128 images a chip",
     ),
+    CompilerCrash(
+        "volo_d4_448",
+        "TPU v6 lite",
+        "libtpu",
+        "0.0.42.1",
+        "the same stack overflow in XLA:TPU's LLO, about 18 minutes into compiling the "
+        "fine-tuning step at 448 for 30 images a chip (D4 at 224 compiles)",
+    ),
 )
 
 
