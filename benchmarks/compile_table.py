@@ -352,7 +352,8 @@ def fit_batch(
     line = sorted((r["per_device_batch"], r["peak_mib"]) for r in points)
     best = max((r["per_device_batch"] for r in points if r["fits"]), default=None)
     over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
-    # An earlier fit's compiles (`--reuse`) bound this search from the start.
+    (b1, p1), (b2, p2) = line[:2]
+    first_slope = (p2 - p1) / (b2 - b1)
     acc = deviceless.accelerator(machine)
     for known in _reused_batches(_row(model, acc, impl, "replicated", None, batch, 0.0)):
         b = known["per_device_batch"]
@@ -362,11 +363,10 @@ def fit_batch(
                 line = sorted([*line, (b, known["peak_mib"])])
         else:
             over = b if over is None else min(over, b)
-    slope, first_slope, compiled = 0.0, 0.0, 0
+    slope, compiled = 0.0, 0
     while compiled < checks:
         (b1, p1), (b2, p2) = line[-2:]
         slope = (p2 - p1) / (b2 - b1)
-        first_slope = first_slope or slope
         guess = int(b2 + (hbm - p2) / slope) // 8 * 8 if slope > 0 else 2 * b2
         if best is not None and slope < first_slope / 2:
             guess = min(guess, 2 * best)

@@ -174,8 +174,9 @@ COMPILER_CRASHES = (
         "TPU v6 lite",
         "libtpu",
         "0.0.42.1",
-        "the same stack overflow in XLA:TPU's LLO, about 18 minutes into compiling the "
-        "fine-tuning step at 448 for 30 images a chip (D4 at 224 compiles)",
+        "a compiler thread overflows its stack (SIGSEGV STACK OVERFLOW in XLA:TPU's LLO) about "
+        "18 minutes into compiling the train step at 448 for 30 images a chip (D4 at 224 "
+        "compiles)",
     ),
 )
 
