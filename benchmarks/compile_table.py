@@ -182,10 +182,8 @@ def _death(exitcode: int | None, stderr: str) -> str:
 def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The last row in `REUSE` that compiled what `wanted` names, or that ran out of the
     device's memory doing so (any other failure is compiled again), marked as reused."""
-    for row in reversed(REUSE):
-        if all(row.get(k) == wanted[k] for k in IDENTITY) and (
-            row.get("compiled") or _out_of_hbm(row)
-        ):
+    for row in reversed(_reused_batches(wanted)):
+        if row.get("per_device_batch") == wanted["per_device_batch"]:
             return {k: v for k, v in row.items() if k != "fit_rows"} | {"reused": True}
     return None
 
@@ -335,7 +333,8 @@ def fit_batch(
     at most to twice the largest batch that fit. The search stops when the next batch is
     within 5% of the largest that fit. Every batch an earlier fit compiled (`--reuse`)
     bounds the search from its start."""
-    hbm = deviceless.accelerator(machine).hbm_bytes / MIB
+    acc = deviceless.accelerator(machine)
+    hbm = acc.hbm_bytes / MIB
     rows: list[dict[str, Any]] = []
     points = [first] if first.get("compiled") else []
     batch = first["per_device_batch"]
@@ -354,15 +353,20 @@ def fit_batch(
     over = min((r["per_device_batch"] for r in points if not r["fits"]), default=None)
     (b1, p1), (b2, p2) = line[:2]
     first_slope = (p2 - p1) / (b2 - b1)
-    acc = deviceless.accelerator(machine)
-    for known in _reused_batches(_row(model, acc, impl, "replicated", None, batch, 0.0)):
-        b = known["per_device_batch"]
-        if known.get("compiled") and known["fits"]:
+
+    def learn(row: dict[str, Any]) -> None:
+        """Take a compile that fit (a point of the line) or did not (a bound)."""
+        nonlocal line, best, over
+        b = row["per_device_batch"]
+        if row.get("compiled") and row["fits"]:
             best = max(best or 0, b)
             if b not in dict(line):
-                line = sorted([*line, (b, known["peak_mib"])])
+                line = sorted([*line, (b, row["peak_mib"])])
         else:
             over = b if over is None else min(over, b)
+
+    for known in _reused_batches(_row(model, acc, impl, "replicated", None, batch, 0.0)):
+        learn(known)
     slope, compiled = 0.0, 0
     while compiled < checks:
         (b1, p1), (b2, p2) = line[-2:]
@@ -377,13 +381,9 @@ def fit_batch(
         check = measure(model, machine, impl, guess)
         rows.append(check)
         compiled += not check.get("reused")
-        if check.get("compiled") and check["fits"]:
-            best = max(best or 0, guess)
-            line = sorted([*line, (guess, check["peak_mib"])])
-        elif check.get("compiled") or _out_of_hbm(check):
-            over = guess if over is None else min(over, guess)
-        else:
+        if not (check.get("compiled") or _out_of_hbm(check)):
             return {"max_batch": None, "fit_note": "a compile failed", "fit_rows": rows}
+        learn(check)
     if best is None:
         return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
     return {"max_batch": best, "fit_rows": rows, "mib_per_image": round(slope, 1)}
