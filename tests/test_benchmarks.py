@@ -485,7 +485,7 @@ def test_compile_table_records_how_a_crashed_compile_process_died():
     )
 
 
-@pytest.mark.parametrize("machine", ["v5e-1", "h100-8"])
+@pytest.mark.parametrize("machine", ["v5e-1", "v4-8", "v5p-8", "h100-8"])
 def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
     """`outlook_impl="auto"` on a TPU and a GPU is, of the implementations whose D1 train
     step (224, 128 images a device) compiled with the platform's own self-attention and
