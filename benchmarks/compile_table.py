@@ -331,8 +331,9 @@ def fit_batch(
     says what fitting cost) moves the next check up; once the line's slope is under half
     the first line's (a plan gone nearly flat, whose line points far past the limit),
     at most to twice the largest batch that fit. The search stops when the next batch is
-    within 5% of the largest that fit. Every batch an earlier fit compiled (`--reuse`)
-    bounds the search from its start."""
+    within 5% of the largest that fit, or when its compiles run out (`fit_note` then says
+    between which batches the largest lies). Every batch an earlier fit compiled
+    (`--reuse`) bounds the search from its start."""
     acc = deviceless.accelerator(machine)
     hbm = acc.hbm_bytes / MIB
     rows: list[dict[str, Any]] = []
@@ -386,7 +387,13 @@ def fit_batch(
         learn(check)
     if best is None:
         return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
-    return {"max_batch": best, "fit_rows": rows, "mib_per_image": round(slope, 1)}
+    result = {"max_batch": best, "fit_rows": rows, "mib_per_image": round(slope, 1)}
+    if compiled >= checks and over is not None and over > best * 1.05:
+        result["fit_note"] = (
+            f"the compiles ran out between {best} (fits) and {over} (does not): "
+            "rerun with --reuse to go on"
+        )
+    return result
 
 
 def measure_peer(machine: str, per_device_batch: int) -> dict[str, Any]:
@@ -442,7 +449,8 @@ def _print(row: dict[str, Any]) -> None:
         f"fits={row['fits']!s:5s} GFLOP/img={row['gflop_per_image']} "
         f"XLA MiB/img={row['xla_mib_per_image']} F/B={row['flop_per_byte']} "
         f"HLO MiB/img={row['hlo_mib_per_image']} {row['collectives']}"
-        + (f" max_batch={row['max_batch']}" if "max_batch" in row else ""),
+        + (f" max_batch={row['max_batch']}" if "max_batch" in row else "")
+        + (f" ({row['fit_note']})" if row.get("fit_note") else ""),
         flush=True,
     )
 

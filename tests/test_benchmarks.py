@@ -327,6 +327,24 @@ def test_compile_table_fit_steps_at_most_doubling_once_the_plan_goes_flat(monkey
     assert max(measured) <= 2 * 120
 
 
+def test_compile_table_fit_says_when_its_compiles_run_out(monkeypatch):
+    """A search whose compiles run out before it ends within 5% says between which
+    batches the largest lies; one that ends by its own rule says nothing."""
+    from benchmarks import compile_table
+    from volo_jax.sharding import deviceless
+
+    hbm = deviceless.accelerator("h100-8").hbm_bytes / 2**20
+    monkeypatch.setattr(
+        compile_table, "measure", lambda m, mc, i, batch: _plan(batch, hbm, 400, 900)
+    )
+    first = _plan(128, hbm, 400, 900)
+    short = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=1)
+    over = min(r["per_device_batch"] for r in short["fit_rows"] if not r.get("compiled"))
+    assert f"between {short['max_batch']} (fits) and {over} (does not)" in short["fit_note"]
+    done = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=8)
+    assert "fit_note" not in done and done["max_batch"] > short["max_batch"]
+
+
 def test_compile_table_fit_does_not_count_reused_rows_as_compiles(monkeypatch):
     """A check taken from `--reuse` costs no compile, so it does not use up the fit's
     compiles: given every compile of an earlier fit, a fit allowed one compile retraces
@@ -485,7 +503,7 @@ def test_compile_table_records_how_a_crashed_compile_process_died():
     )
 
 
-@pytest.mark.parametrize("machine", ["v5e-1", "v4-8", "v5p-8", "h100-8"])
+@pytest.mark.parametrize("machine", ["v5e-1", "v4-8", "v5p-8", "v6e-8", "h100-8"])
 def test_auto_runs_the_outlook_impl_the_compile_table_found_cheapest(machine):
     """`outlook_impl="auto"` on a TPU and a GPU is, of the implementations whose D1 train
     step (224, 128 images a device) compiled with the platform's own self-attention and
