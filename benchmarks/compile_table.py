@@ -368,8 +368,8 @@ def fit_batch(
 
     for known in _reused_batches(_row(model, acc, impl, "replicated", None, batch, 0.0)):
         learn(known)
-    slope, compiled = 0.0, 0
-    while compiled < checks:
+    slope, compiled, ended = 0.0, 0, False
+    while True:
         (b1, p1), (b2, p2) = line[-2:]
         slope = (p2 - p1) / (b2 - b1)
         guess = int(b2 + (hbm - p2) / slope) // 8 * 8 if slope > 0 else 2 * b2
@@ -378,6 +378,9 @@ def fit_batch(
         if over is not None and guess >= over:
             guess = ((best or 0) + over) // 16 * 8
         if guess < 8 or (best is not None and guess <= best * 1.05):
+            ended = True
+            break
+        if compiled >= checks:
             break
         check = measure(model, machine, impl, guess)
         rows.append(check)
@@ -388,10 +391,10 @@ def fit_batch(
     if best is None:
         return {"max_batch": None, "fit_note": "no batch checked fits", "fit_rows": rows}
     result = {"max_batch": best, "fit_rows": rows, "mib_per_image": round(slope, 1)}
-    if compiled >= checks and over is not None and over > best * 1.05:
+    if not ended:
+        above = f"{over} (does not)" if over is not None else "no batch found that does not"
         result["fit_note"] = (
-            f"the compiles ran out between {best} (fits) and {over} (does not): "
-            "rerun with --reuse to go on"
+            f"the compiles ran out between {best} (fits) and {above}: rerun with --reuse to go on"
         )
     return result
 

@@ -329,7 +329,8 @@ def test_compile_table_fit_steps_at_most_doubling_once_the_plan_goes_flat(monkey
 
 def test_compile_table_fit_says_when_its_compiles_run_out(monkeypatch):
     """A search whose compiles run out before it ends within 5% says between which
-    batches the largest lies; one that ends by its own rule says nothing."""
+    batches the largest lies; one that ends by its own rule says nothing, even when its
+    last allowed compile was the one that ended it."""
     from benchmarks import compile_table
     from volo_jax.sharding import deviceless
 
@@ -343,6 +344,9 @@ def test_compile_table_fit_says_when_its_compiles_run_out(monkeypatch):
     assert f"between {short['max_batch']} (fits) and {over} (does not)" in short["fit_note"]
     done = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=8)
     assert "fit_note" not in done and done["max_batch"] > short["max_batch"]
+    needed = len(done["fit_rows"]) - 1  # past the halved batch
+    exact = compile_table.fit_batch("volo_d1_224", "h100-8", "pallas", first, checks=needed)
+    assert "fit_note" not in exact and exact["max_batch"] == done["max_batch"]
 
 
 def test_compile_table_fit_does_not_count_reused_rows_as_compiles(monkeypatch):
