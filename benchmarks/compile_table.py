@@ -179,12 +179,17 @@ def _death(exitcode: int | None, stderr: str) -> str:
     return f"ChildFailed: exit status {exitcode}" + (f": {lines[-1][:300]}" if lines else "")
 
 
+#: What a `--fit` adds to the row it starts from (`fit_batch`): the old fit's, not the
+#: compile's, so a reused row leaves them behind.
+FIT_FIELDS = ("max_batch", "fit_note", "fit_rows", "mib_per_image")
+
+
 def _reused(wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The last row in `REUSE` that compiled what `wanted` names, or that ran out of the
     device's memory doing so (any other failure is compiled again), marked as reused."""
     for row in reversed(_reused_batches(wanted)):
         if row.get("per_device_batch") == wanted["per_device_batch"]:
-            return {k: v for k, v in row.items() if k != "fit_rows"} | {"reused": True}
+            return {k: v for k, v in row.items() if k not in FIT_FIELDS} | {"reused": True}
     return None
 
 
